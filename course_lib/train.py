@@ -118,8 +118,7 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 2, batch_size: 
     steps_per_epoch = math.ceil(len(data) / batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True,
                                 weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
-                                                   steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    schedule = _one_cycle(optimizer, lr, epochs * steps_per_epoch)
     history, start = History(), time.perf_counter()
     images, labels = data.images.to(device), data.labels.to(device)
     bar = tqdm(total=epochs * steps_per_epoch, desc="train", disable=not progress, leave=False)
@@ -152,6 +151,14 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 2, batch_size: 
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _one_cycle(optimizer, lr: float, total_steps: int):
+    """One-cycle schedule: warm up over the first quarter, then anneal (at least 2 warm-up steps)."""
+    if total_steps < 4:  # too short to warm up and anneal: keep the rate constant
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                               pct_start=max(0.25, 2 / total_steps))
 
 
 def _check_train_args(model, data, epochs, batch_size, lr):
