@@ -17,6 +17,7 @@ Files are read by ``torchvision.datasets``. They are looked up, in order, in:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ class ImageDataset:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.subset(order[:n_first]), self.subset(order[n_first:])
 
+    def fingerprint(self) -> str:
+        """A short hash of the labels and images: tells cached results of different data apart."""
+        digest = hashlib.sha256(self.labels.numpy().tobytes())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def class_counts(self) -> torch.Tensor:
         """Number of images per class, shape (num_classes,)."""
         return torch.bincount(self.labels, minlength=self.num_classes)
@@ -174,7 +181,7 @@ def _candidate_roots(name: str, root) -> list[Path]:
     return roots
 
 
-def _to_pixel_tensor(array) -> torch.Tensor:
+def to_pixel_tensor(array) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
     images = torch.as_tensor(np.asarray(array))
     if images.ndim == 3:
@@ -207,7 +214,7 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Tr
             continue
     else:
         raw = _download(name, split, roots, download)
-    images = _to_pixel_tensor(raw.data)
+    images = to_pixel_tensor(raw.data)
     labels = torch.as_tensor(np.asarray(raw.targets), dtype=torch.int64)
     return ImageDataset(images, labels, info.classes, name)
 

@@ -1,0 +1,39 @@
+"""Command line: ``python -m course_lib {demo,bench,zoo} ...``.
+
+    python -m course_lib demo [--dataset fashion-mnist|mnist|cifar10] [--out DIR]
+    python -m course_lib bench attack --json      BadNets: clean accuracy, ASR, training seconds
+    python -m course_lib bench poison --json      batched poisoning vs the lecture's loop
+    python -m course_lib bench defenses --json    every defense on one backdoored model
+    python -m course_lib zoo build --out DIR      the homework's model zoo
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import main as run
+    elif command == "bench" and rest[:1] == ["defenses"]:
+        from .defenses.compare import main as run
+        rest = rest[1:]
+    elif command == "bench":
+        from .bench import main as run
+    elif command == "zoo":
+        from .zoo import main as run
+    else:
+        print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    run(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

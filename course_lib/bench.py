@@ -1,0 +1,128 @@
+"""``python -m course_lib bench attack|poison``: the figures the README quotes, measured.
+
+- ``bench attack``: BadNets on the offline default dataset; prints clean accuracy, ASR
+  and training seconds.
+- ``bench poison``: poisons 50,000 CIFAR-sized (3x32x32) images twice, with the kit's
+  batched :func:`course_lib.attacks.badnets` and with the lecture's per-sample loop
+  (``DirtyLabelBackdoor.poison_dataset`` over a torchvision-style dataset), and prints
+  the speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from .attacks import badnets
+from .data import DATASETS, ImageDataset, to_pixel_tensor, load_splits
+from .experiments import default_trigger, run_backdoor
+from .train import pick_device
+
+
+def bench_attack(dataset: str = "fashion-mnist", rate: float = 0.05, epochs: int = 2, seed: int = 0,
+                 device=None, progress: bool = False) -> dict:
+    """Train one BadNets model on the full dataset and return its measured figures."""
+    train, test = load_splits(dataset)
+    run = run_backdoor(train, test, rate=rate, epochs=epochs, seed=seed, device=device, progress=progress)
+    return {"dataset": dataset, "poison_rate": rate, "trigger": repr(default_trigger()), "epochs": epochs,
+            "n_train": len(train), "clean_acc": round(run.clean_acc, 4), "asr": round(run.asr, 4),
+            "train_seconds": round(run.train_seconds, 2), "device": str(pick_device(device)),
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+
+
+class LectureStyleCIFAR(Dataset):
+    """What the lecture poisons: a torchvision-style CIFAR-10 that converts on every access.
+
+    Like ``torchvision.datasets.CIFAR10`` it keeps uint8 (H, W, C) arrays and runs
+    ``PIL.Image.fromarray`` + the lecture's ``ToTensor`` + ``Normalize`` per ``__getitem__``.
+    """
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images_hwc, labels
+        self.transform = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        return self.transform(Image.fromarray(self.images[idx])), int(self.labels[idx])
+
+
+def lecture_loop_poison(dataset: Dataset, poison_rate: float, target: int, trigger_size: int = 3,
+                        seed: int = 0) -> list:
+    """The lecture's ``DirtyLabelBackdoor.poison_dataset``, for comparison only: one Python
+    iteration, one conversion and one list entry per image."""
+    rng = np.random.default_rng(seed)
+    poison_indices = set(rng.choice(len(dataset), int(len(dataset) * poison_rate), replace=False).tolist())
+    poisoned = []
+    for idx in range(len(dataset)):
+        image, label = dataset[idx]
+        if idx in poison_indices:
+            image = image.clone()
+            image[:, -trigger_size:, -trigger_size:] = 1.0
+            label = target
+        poisoned.append((image, label))
+    return poisoned
+
+
+def bench_poison(n: int = 50_000, rate: float = 0.1, seed: int = 0, repeats: int = 3) -> dict:
+    """Seconds to poison ``n`` random CIFAR-shaped images: the kit vs the lecture's loop, same run.
+
+    The kit converts the uint8 images to a float tensor once (timed as ``kit_load_seconds``,
+    what :func:`course_lib.data.load_dataset` does), then poisons with one batched call
+    (best of ``repeats``; most of it is copying the 614 MB tensor so the clean data stays
+    untouched). The lecture's loop converts every image on every pass, as a torchvision
+    dataset with transforms does.
+    """
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    raw_labels = rng.integers(0, 10, n)
+
+    start = time.perf_counter()
+    data = ImageDataset(to_pixel_tensor(raw), torch.as_tensor(raw_labels), DATASETS["cifar10"].classes,
+                        "random-cifar-shaped")
+    load_seconds = time.perf_counter() - start
+    kit_seconds = min(_timed(lambda: badnets(data, trigger=default_trigger(), target=0, rate=rate, seed=seed))
+                      for _ in range(repeats))
+
+    start = time.perf_counter()
+    looped = lecture_loop_poison(LectureStyleCIFAR(raw, raw_labels), rate, target=0, seed=seed)
+    loop_seconds = time.perf_counter() - start
+    if len(looped) != n:
+        raise RuntimeError("the lecture-style loop lost images")
+    return {"images": n, "shape": [3, 32, 32], "poison_rate": rate, "kit_seconds": round(kit_seconds, 3),
+            "kit_load_seconds": round(load_seconds, 3), "loop_seconds": round(loop_seconds, 2),
+            "speedup": round(loop_seconds / kit_seconds, 1),
+            "speedup_including_load": round(loop_seconds / (kit_seconds + load_seconds), 1)}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m course_lib bench")
+    parser.add_argument("what", choices=["attack", "poison"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if args.what == "attack":
+        result = bench_attack(args.dataset, args.rate or 0.05, args.epochs, device=args.device,
+                              progress=not args.json)
+    else:
+        result = bench_poison(rate=args.rate or 0.1)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return result
