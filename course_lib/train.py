@@ -58,8 +58,11 @@ def pick_device(device=None) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device the model's parameters live on."""
-    return next(model.parameters()).device
+    """The device the model's parameters (or buffers) live on; the CPU for a stateless module."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def autocast(device: torch.device):
@@ -148,6 +151,7 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 2, batch_size: 
             model.train()
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", acc=f"{history.accuracy[-1]:.3f}")
     bar.close()
+    optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the trained model
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
@@ -186,6 +190,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = model_device(model) if device is None else pick_device(device)
     was_training = model.training
     model.eval()
