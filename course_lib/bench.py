@@ -118,11 +118,12 @@ def main(argv) -> dict:
     parser.add_argument("--rate", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--n", type=int, default=50_000, help="images to poison (bench poison)")
     args = parser.parse_args(argv)
     if args.what == "attack":
         result = bench_attack(args.dataset, args.rate or 0.05, args.epochs, device=args.device,
                               progress=not args.json)
     else:
-        result = bench_poison(rate=args.rate or 0.1)
+        result = bench_poison(n=args.n, rate=args.rate or 0.1)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return result
