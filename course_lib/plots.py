@@ -13,11 +13,11 @@ from .train import History
 
 def _show(ax, image: torch.Tensor, title: str = "") -> None:
     """Draw one (C, H, W) image in [0, 1] on ``ax``, grayscale for one channel."""
-    img = image.detach().cpu()
+    img = image.detach().cpu().float()
     if img.shape[0] == 1:
-        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
-        ax.imshow(img.permute(1, 2, 0).clamp(0, 1))
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
