@@ -6,6 +6,8 @@
   batched :func:`course_lib.attacks.badnets` and with the lecture's per-sample loop
   (``DirtyLabelBackdoor.poison_dataset`` over a torchvision-style dataset), and prints
   the speedup.
+- ``bench throughput [--arch airbench|resnet18]``: training images per second on random
+  CIFAR-shaped tensors (meant for a GPU; runs on the CPU too).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from torchvision import transforms
 from .attacks import badnets
 from .data import DATASETS, ImageDataset, to_pixel_tensor, load_splits
 from .experiments import default_trigger, run_backdoor
-from .train import pick_device
+from .models import model_for
+from .train import pick_device, train
 
 
 def bench_attack(dataset: str = "fashion-mnist", rate: float = 0.05, epochs: int = 2, seed: int = 0,
@@ -104,6 +107,25 @@ def bench_poison(n: int = 50_000, rate: float = 0.1, seed: int = 0, repeats: int
             "speedup_including_load": round(loop_seconds / (kit_seconds + load_seconds), 1)}
 
 
+def bench_throughput(arch: str = "airbench", batch_size: int = 512, steps: int = 20, device=None,
+                     seed: int = 0) -> dict:
+    """Training images per second of ``arch`` on random CIFAR-shaped tensors.
+
+    Runs :func:`course_lib.train.train` (channels_last, bf16 autocast on CUDA) for two
+    epochs of ``steps`` batches and times the second, so start-up costs (cuDNN autotuning,
+    memory allocation) are left out. Also reports the implied seconds per 50,000-image epoch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = batch_size * steps
+    data = ImageDataset(torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen),
+                        DATASETS["cifar10"].classes, "cifar10")
+    model = model_for("cifar10", arch=arch, seed=seed)
+    train(model, data, epochs=1, batch_size=batch_size, progress=False, device=device)  # warm-up
+    seconds = train(model, data, epochs=1, batch_size=batch_size, progress=False, device=device).seconds
+    return {"arch": arch, "device": str(pick_device(device)), "batch_size": batch_size,
+            "images_per_second": round(n / seconds, 1), "seconds_per_50k_epoch": round(50_000 * seconds / n, 1)}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -112,7 +134,9 @@ def _timed(fn) -> float:
 
 def main(argv) -> dict:
     parser = argparse.ArgumentParser(prog="python -m course_lib bench")
-    parser.add_argument("what", choices=["attack", "poison"])
+    parser.add_argument("what", choices=["attack", "poison", "throughput"])
+    parser.add_argument("--arch", default="airbench", help="architecture for bench throughput")
+    parser.add_argument("--steps", type=int, default=20, help="batches per timed epoch (bench throughput)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     parser.add_argument("--rate", type=float, default=None)
@@ -123,6 +147,8 @@ def main(argv) -> dict:
     if args.what == "attack":
         result = bench_attack(args.dataset, args.rate or 0.05, args.epochs, device=args.device,
                               progress=not args.json)
+    elif args.what == "throughput":
+        result = bench_throughput(args.arch, steps=args.steps, device=args.device)
     else:
         result = bench_poison(n=args.n, rate=args.rate or 0.1)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

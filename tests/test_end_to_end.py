@@ -56,3 +56,9 @@ def test_cli_rejects_unknown_commands(capsys):
     assert cli(["train-everything"]) == 2
     with pytest.raises(SystemExit):
         cli(["demo", "--dataset", "imagenet"])
+
+
+def test_bench_throughput_reports_images_per_second():
+    from course_lib.bench import bench_throughput
+    result = bench_throughput("resnet18", batch_size=4, steps=2)
+    assert result["images_per_second"] > 0 and result["device"] == "cpu"
