@@ -1,0 +1,279 @@
+"""The model zoo of the Week 4 homework: models to run a backdoor detector on.
+
+Part 2 of the homework asks students to implement Activation Clustering (Chen et al.
+2018) and to find out which models of a zoo are backdoored and which training samples
+were poisoned. ``python -m course_lib zoo build --out DIR`` trains that zoo:
+
+- a few clean models and a few backdoored ones: dirty-label BadNets (Gu et al. 2017)
+  with different triggers, targets and poisoning rates, and one clean-label backdoor
+  (Turner et al. 2019, :func:`course_lib.attacks.label_consistent`);
+- each model is trained on its own random part of the training split, stored with it.
+
+It writes two folders that must never be confused:
+
+``--public`` (default ``DIR/public``): what students get. ``index.json``, and for each
+    model ``<name>.safetensors`` + ``<name>.json`` (a safe checkpoint) and
+    ``<name>-train.safetensors`` (its training set, uint8 images and labels). One extra
+    *practice* model comes with its answer, so students can measure their detector.
+``DIR`` itself: the instructor's answer key, never released. ``answer_key.json`` (which
+    models are backdoored, targets, poisoned indices, measured CA/ASR), a clean
+    ``reference.safetensors`` (the Part 1 autograder checks that a student's trigger does
+    not fool a clean model on its own) and ``activations/<name>.safetensors`` (each model's
+    penultimate activations on its training set: the Part 2 autograder feeds them to the
+    student's detector without recomputing them).
+
+Which recipe becomes ``model_1``, ``model_2``..., every target class and every training
+subset are drawn from ``seed``. The recipes below are public, so an instructor must pass
+a seed of their own: with the default seed a student could rebuild the answer key.
+
+Every poisoned training set is rounded to 8-bit pixels *before* training, so the stored
+training set is exactly what the model saw.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attacks import PoisonResult, badnets, label_consistent
+from .checkpoints import load_checkpoint, save_checkpoint
+from .data import DATASETS, ImageDataset, load_splits
+from .defenses.activations import extract_features
+from .metrics import attack_success_rate, clean_accuracy
+from .models import model_for
+from .train import train
+from .triggers import make_trigger
+
+FORMAT = "course_lib.zoo/1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to make one zoo model.
+
+    ``attack`` is None (clean), ``"badnets"`` (``rate`` = fraction of the whole training
+    set) or ``"label_consistent"`` (``rate`` = fraction of the target class);
+    ``trigger`` is a :func:`course_lib.triggers.make_trigger` name and its arguments.
+    """
+
+    label: str
+    attack: str | None = None
+    trigger: tuple[str, dict] | None = None
+    rate: float = 0.0
+
+
+DEFAULT_RECIPES = (
+    Recipe("clean"),
+    Recipe("clean"),
+    Recipe("badnets-patch", "badnets", ("patch", {"size": 3, "pattern": "checkerboard"}), 0.05),
+    Recipe("badnets-blend", "badnets", ("blend", {"alpha": 0.2, "seed": 7}), 0.08),
+    Recipe("badnets-distributed", "badnets", ("distributed", {"patch_size": 2}), 0.03),
+    Recipe("label-consistent", "label_consistent", ("distributed", {"patch_size": 3}), 0.5),
+)
+SMALL_RECIPES = DEFAULT_RECIPES[1:4]
+PRACTICE = Recipe("practice", "badnets", ("patch", {"size": 4, "pattern": "solid", "location": "top-left"}), 0.05)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Training-set size and epochs of every zoo model."""
+
+    num_train: int
+    epochs: int
+
+
+DEFAULT_SETTINGS = Settings(num_train=15_000, epochs=3)
+SMALL_SETTINGS = Settings(num_train=6_000, epochs=2)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of the zoo and the training set it was trained on.
+
+    ``poisoned`` and ``target`` are known only for the practice model (None otherwise).
+    """
+
+    name: str
+    model: nn.Module
+    data: ImageDataset
+    poisoned: torch.Tensor | None = None
+    target: int | None = None
+
+
+def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool = False, seed: int = 0,
+              device=None, progress: bool = True, data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
+    """Train the zoo and write it (see the module docstring). Returns the answer key.
+
+    ``data`` is an optional (train, test) pair to use instead of loading ``dataset``.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    out = Path(out)
+    public = out / "public" if public is None else Path(public)
+    if public.resolve() == out.resolve():
+        raise ValueError("public must be a different folder from out: out holds the answer key")
+    train_split, test_split = data if data is not None else load_splits(dataset)
+    recipes, settings = (SMALL_RECIPES, SMALL_SETTINGS) if small else (DEFAULT_RECIPES, DEFAULT_SETTINGS)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+
+    def fit(recipe, name, surrogate=None):
+        subset_seed, model_seed, target = (int(v) for v in rng.integers(0, 2**31 - 1, size=3))
+        subset, _ = train_split.split(min(settings.num_train, len(train_split) - 1), seed=subset_seed)
+        target %= subset.num_classes
+        poison = _poison(recipe, subset, target, surrogate, model_seed, device, progress)
+        trained = _quantized(poison.dataset if poison else subset)
+        model = model_for(trained, seed=model_seed)
+        train(model, trained, epochs=settings.epochs, seed=model_seed, device=device, progress=progress)
+        if progress:
+            print(f"zoo: trained {name} ({recipe.label})", flush=True)
+        return model.cpu().eval(), trained, poison
+
+    reference, _, _ = fit(Recipe("reference"), "reference")
+    save_checkpoint(reference, out / "reference.safetensors", dataset=dataset, classes=train_split.classes)
+    practice_model, practice_data, practice_poison = fit(PRACTICE, "practice", reference)
+    order = rng.permutation(len(recipes))
+    names = [f"model_{i + 1}" for i in range(len(recipes))]
+    key = {"format": FORMAT, "dataset": dataset, "seed": seed, "small": small,
+           "num_train": settings.num_train, "epochs": settings.epochs, "models": {}}
+    for name, recipe_index in zip(names, order):
+        recipe = recipes[recipe_index]
+        model, trained, poison = fit(recipe, name, reference)
+        _write_model(public, name, model, trained)
+        activations = extract_features(model, trained.images, progress=False)
+        (out / "activations").mkdir(parents=True, exist_ok=True)
+        save_file({"activations": activations.contiguous(), "labels": trained.labels.contiguous()},
+                  str(out / "activations" / f"{name}.safetensors"))
+        key["models"][name] = _answer(recipe, model, poison, test_split)
+    _write_model(public, "practice", practice_model, practice_data)
+    index = {"format": FORMAT, "dataset": dataset, "classes": list(train_split.classes),
+             "models": [_files(name) for name in names],
+             "practice": {**_files("practice"), "target": practice_poison.target,
+                          "trigger": repr(practice_poison.trigger),
+                          "poisoned_indices": practice_poison.indices.tolist()}}
+    (public / "index.json").write_text(json.dumps(index, indent=1))
+    key["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "answer_key.json").write_text(json.dumps(key, indent=1))
+    return key
+
+
+def _poison(recipe: Recipe, data: ImageDataset, target: int, surrogate, seed: int, device,
+            progress: bool) -> PoisonResult | None:
+    """Apply ``recipe``'s attack to ``data`` (None for a clean recipe)."""
+    if recipe.attack is None:
+        return None
+    name, kwargs = recipe.trigger
+    trigger = make_trigger(name, **kwargs)
+    if recipe.attack == "badnets":
+        return badnets(data, trigger=trigger, target=target, rate=recipe.rate, seed=seed)
+    return label_consistent(data, trigger=trigger, target=target, rate=recipe.rate, surrogate=surrogate,
+                            seed=seed, device=device, progress=progress)
+
+
+def _quantized(data: ImageDataset) -> ImageDataset:
+    """``data`` with its pixels rounded to 8 bits: exactly what the stored uint8 file holds."""
+    return data.replace(images=_to_uint8(data.images).float() / 255)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _files(name: str) -> dict:
+    return {"name": name, "checkpoint": f"{name}.safetensors", "training_set": f"{name}-train.safetensors"}
+
+
+def _write_model(folder: Path, name: str, model: nn.Module, data: ImageDataset) -> None:
+    """A zoo model's checkpoint (no hint of its answer in the metadata) and its training set."""
+    files = _files(name)
+    save_checkpoint(model, folder / files["checkpoint"], dataset=data.name, classes=data.classes)
+    save_file({"images": _to_uint8(data.images).contiguous(), "labels": data.labels.contiguous()},
+              str(folder / files["training_set"]))
+
+
+def _answer(recipe: Recipe, model: nn.Module, poison: PoisonResult | None, test: ImageDataset) -> dict:
+    """The answer-key entry of one model: what was done to it and how well it works."""
+    entry = {"recipe": recipe.label, "backdoored": poison is not None, "attack": recipe.attack,
+             "clean_accuracy": round(clean_accuracy(model, test), 4)}
+    if poison is not None:
+        entry.update(trigger=repr(poison.trigger), target=poison.target, rate=recipe.rate,
+                     num_poisoned=len(poison.indices), poisoned_indices=poison.indices.tolist(),
+                     asr=round(attack_success_rate(model, test, poison.trigger, poison.target), 4))
+    return entry
+
+
+def load_zoo(folder) -> list[ZooModel]:
+    """The graded models of a zoo folder (what students get), in name order, loaded safely."""
+    index = _read_index(folder)
+    return [_load_entry(Path(folder), entry, index) for entry in index["models"]]
+
+
+def load_practice(folder) -> ZooModel:
+    """The practice model, with its poisoned indices and target: the one model whose answer is public."""
+    index = _read_index(folder)
+    entry = index["practice"]
+    loaded = _load_entry(Path(folder), entry, index)
+    return ZooModel(loaded.name, loaded.model, loaded.data,
+                    torch.tensor(entry["poisoned_indices"], dtype=torch.int64), int(entry["target"]))
+
+
+def _read_index(folder) -> dict:
+    path = Path(folder) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"folder: {path} does not exist; build the zoo with "
+                                f"`python -m course_lib zoo build --out DIR` or ask your instructor for it")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"folder: {path} is not a course_lib zoo index (format {FORMAT})")
+    return index
+
+
+def _load_entry(folder: Path, entry: dict, index: dict) -> ZooModel:
+    model, _ = load_checkpoint(folder / entry["checkpoint"], expected_dataset=index["dataset"])
+    return ZooModel(entry["name"], model, load_training_set(folder / entry["training_set"], index))
+
+
+def load_training_set(path, index: dict) -> ImageDataset:
+    """A zoo training set file (uint8 images + int64 labels) as a float ImageDataset."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"path: {path} is not a readable zoo training set ({err})") from err
+    images, labels = tensors.get("images"), tensors.get("labels")
+    if images is None or labels is None or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"path: {path} must hold uint8 'images' (N, C, H, W) and int64 'labels'")
+    return ImageDataset(images.float() / 255, labels, tuple(index["classes"]), index["dataset"])
+
+
+def main(argv=None) -> None:
+    """``python -m course_lib zoo build --out DIR [--public DIR] [--dataset D] [--small] [--seed N]``."""
+    parser = argparse.ArgumentParser(prog="python -m course_lib zoo", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="train the zoo and write it with its answer key")
+    build.add_argument("--out", required=True, type=Path,
+                       help="instructor-only folder: answer key, reference model, activations")
+    build.add_argument("--public", type=Path, default=None,
+                       help="student-facing folder (default OUT/public), e.g. assignments/source/week4/zoo")
+    build.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    build.add_argument("--small", action="store_true", help="three small models, for tests (about a minute)")
+    build.add_argument("--seed", type=int, default=0,
+                       help="choose your own: the recipes are public, the seed keeps the answer secret")
+    build.add_argument("--device", default=None, help="cpu, cuda, mps (default: the fastest present)")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    key = build_zoo(args.out, public=args.public, dataset=args.dataset, small=args.small, seed=args.seed,
+                    device=args.device, progress=not args.quiet)
+    print(f"zoo: {len(key['models'])} models in {key['seconds']} s; answer key in {args.out / 'answer_key.json'}")
+    for name, entry in key["models"].items():
+        asr = f"ASR {entry['asr']:.3f} (target {entry['target']})" if entry["backdoored"] else "clean"
+        print(f"  {name}: {entry['recipe']:<20} CA {entry['clean_accuracy']:.3f}  {asr}")
