@@ -1,0 +1,210 @@
+"""Small helpers shared by the lecture notebooks (``notebooks/``), so that no notebook copies code.
+
+Every notebook starts the same way: its parameters cell names the dataset, the device and
+the ``FAST`` flag, and :func:`start` turns them into a :class:`Lab`: the training and test
+data, the device, where trained models are cached and where the measured numbers go.
+
+- Trained models are cached on disk (:func:`course_lib.experiments.run_backdoor` with
+  ``cache_dir``), so two cells, or two notebooks, that need the same model train it once.
+- :meth:`Lab.record` writes the numbers a notebook measured to ``<results_dir>/<name>.json``.
+  The summary notebook gathers them with :func:`load_results`; the notebook tests read them.
+- :func:`versus` shows a number the lecture states next to the one measured just now: the
+  kit never types a result in (DESIGN.md, "Numbers are measured, never typed in").
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from IPython.display import Markdown
+
+from .data import DATASETS, ImageDataset, load_splits
+from .experiments import BackdoorRun, run_backdoor, run_clean
+from .train import pick_device
+
+#: Training images used when ``fast=True``: a small CNN learns Fashion-MNIST to ~89% from
+#: 20,000 images in two epochs (about 8 s on two CPU cores).
+FAST_TRAIN_SIZE = 20_000
+#: Training images held back from the victim when ``fast=False``: clean data that the
+#: attacker (for a surrogate model) or the defender (for a clean validation set) owns.
+SPARE_SIZE = 10_000
+
+
+@dataclass
+class Lab:
+    """Everything a lecture notebook needs: data, device, cache and the results it measured.
+
+    ``train`` is the victim's (clean) training set, ``spare`` clean training images the
+    victim never sees, ``test`` the test set. ``epochs`` is the training length every
+    notebook uses, so that models trained in different notebooks match (and are cached).
+    """
+
+    name: str
+    dataset: str
+    device: torch.device
+    fast: bool
+    train: ImageDataset
+    spare: ImageDataset
+    test: ImageDataset
+    epochs: int
+    seed: int
+    cache_dir: Path
+    results_dir: Path
+    results: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+    def run_backdoor(self, *, train: ImageDataset | None = None, **kwargs) -> BackdoorRun:
+        """:func:`~course_lib.experiments.run_backdoor` on this lab's data, device and cache."""
+        kwargs.setdefault("epochs", self.epochs)
+        kwargs.setdefault("seed", self.seed)
+        kwargs.setdefault("progress", False)
+        return run_backdoor(self.train if train is None else train, self.test, device=self.device,
+                            cache_dir=self.cache_dir, **kwargs)
+
+    def run_clean(self, *, train: ImageDataset | None = None, **kwargs) -> BackdoorRun:
+        """:func:`~course_lib.experiments.run_clean` on this lab's data (or ``train``), device and cache."""
+        kwargs.setdefault("epochs", self.epochs)
+        kwargs.setdefault("seed", self.seed)
+        kwargs.setdefault("progress", False)
+        return run_clean(self.train if train is None else train, self.test, device=self.device,
+                         cache_dir=self.cache_dir, **kwargs)
+
+    def record(self, **values) -> None:
+        """Add measured numbers to this notebook's results and rewrite its JSON file.
+
+        Values must be JSON-able (numbers, strings, lists, dicts); floats are kept as they are.
+        """
+        for key, value in values.items():
+            try:
+                json.dumps(value, allow_nan=True)
+            except TypeError as err:
+                raise TypeError(f"value of {key!r} must be JSON-able (numbers, strings, lists, dicts), "
+                                f"got {type(value).__name__}") from err
+        self.results.update(values)
+        self._write()
+
+    def finish(self) -> dict:
+        """Record the notebook's wall time and print every result as one JSON line.
+
+        The line starts with ``RESULTS`` so that a test (or a student) can parse it.
+        """
+        self.results["wall_seconds"] = round(time.perf_counter() - self.started, 1)
+        path = self._write()
+        print(f"results written to {path}")
+        print("RESULTS " + json.dumps(self.results, sort_keys=True, default=_jsonable))
+        return dict(self.results)
+
+    def _write(self) -> Path:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        path = self.results_dir / f"{self.name}.json"
+        record = {"notebook": self.name, "dataset": self.dataset, "fast": self.fast,
+                  "n_train": len(self.train), "n_test": len(self.test), "epochs": self.epochs,
+                  "device": str(self.device), "results": self.results}
+        tmp = path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=_jsonable))
+        os.replace(tmp, path)
+        return path
+
+
+def start(name: str, *, dataset: str = "fashion-mnist", device=None, fast: bool = True, seed: int = 0,
+          results_dir="../artifacts/results", cache_dir="../artifacts/models",
+          epochs: int | None = None) -> Lab:
+    """Load ``dataset`` and set up a :class:`Lab` for the notebook called ``name``.
+
+    With ``fast=True`` the victim trains on a random 20,000-image subset (the rest is the
+    ``spare`` clean set) for 2 epochs; with ``fast=False`` on all but 10,000 images for 4
+    epochs. ``device=None`` picks the GPU when there is one (:func:`~course_lib.train.pick_device`).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string (the notebook's name), got {name!r}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be True or False, got {fast!r}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+    device = pick_device(device)
+    full_train, test = load_splits(dataset)
+    size = FAST_TRAIN_SIZE if fast else len(full_train) - SPARE_SIZE
+    train, spare = full_train.split(min(size, len(full_train) - 1), seed=seed)
+    lab = Lab(name=name, dataset=dataset, device=device, fast=fast, train=train, spare=spare, test=test,
+              epochs=epochs or (2 if fast else 4), seed=seed, cache_dir=Path(cache_dir),
+              results_dir=Path(results_dir))
+    print(f"{dataset}: training on {len(train):,} of {len(full_train):,} images ({len(spare):,} held back), "
+          f"testing on {len(test):,}; {lab.epochs} epochs; device {device} "
+          f"({torch.get_num_threads()} CPU threads); FAST={fast}")
+    return lab
+
+
+def load_results(results_dir="../artifacts/results") -> dict[str, dict]:
+    """Every notebook's saved record in ``results_dir``, keyed by notebook name (may be empty)."""
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        return {}
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def rate_sweep(lab: Lab, rates, *, trigger=None, target: int = 0) -> dict[float, BackdoorRun]:
+    """One BadNets model per poisoning rate (cached), for ASR-versus-rate curves and the rate explorer."""
+    rates = list(rates)
+    if not rates or any(not 0 < r <= 1 for r in rates):
+        raise ValueError(f"rates must be a non-empty list of numbers in (0, 1], got {rates!r}")
+    runs = {}
+    for rate in _progress(rates, "poisoning rates"):
+        runs[rate] = lab.run_backdoor(trigger=trigger, target=target, rate=rate)
+    return runs
+
+
+def pct(value, digits: int = 1) -> str:
+    """``0.9123`` -> ``"91.2%"``; None or NaN -> ``"n/a"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.{digits}f}%"
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> Markdown:
+    """A list of dicts as a Markdown table (rendered in a notebook, readable as plain text).
+
+    Floats in [0, 1] are not reformatted: format them (e.g. with :func:`pct`) before.
+    """
+    if not rows:
+        raise ValueError("rows must hold at least one row")
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return Markdown("\n".join(lines))
+
+
+def versus(rows: list[tuple[str, str, str]]) -> Markdown:
+    """A "lecture says / measured now" table from (quantity, lecture's number, measured) triples."""
+    return table([{"quantity": q, "the lecture says": said, "measured in this run": got}
+                  for q, said, got in rows])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _progress(items, desc):
+    from tqdm.auto import tqdm
+    return tqdm(items, desc=desc, leave=False)
