@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from IPython.display import Markdown
 
+from .attacks import PoisonResult
 from .data import DATASETS, ImageDataset, load_splits
 from .experiments import BackdoorRun, run_backdoor, run_clean
+from .metrics import attack_success_rate
 from .train import pick_device
 
 #: Training images used when ``fast=True``: a small CNN learns Fashion-MNIST to ~89% from
@@ -77,6 +79,17 @@ class Lab:
         kwargs.setdefault("progress", False)
         return run_clean(self.train if train is None else train, self.test, device=self.device,
                          cache_dir=self.cache_dir, **kwargs)
+
+    def run_poisoned(self, poison: PoisonResult, **kwargs) -> BackdoorRun:
+        """Train a fresh model on the training set of any attack's :class:`~course_lib.attacks.PoisonResult`.
+
+        Cached by the poisoned data itself, so it suits attacks that
+        :func:`~course_lib.experiments.run_backdoor` does not cover (clean-label attacks, an
+        optimized patch). Returns clean accuracy and the ASR of ``poison.trigger``.
+        """
+        run = self.run_clean(train=poison.dataset, **kwargs)
+        asr = attack_success_rate(run.model, self.test, poison.trigger, poison.target)
+        return BackdoorRun(run.model, poison, run.history, run.clean_acc, asr, run.train_seconds)
 
     def record(self, **values) -> None:
         """Add measured numbers to this notebook's results and rewrite its JSON file.
