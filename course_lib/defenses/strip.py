@@ -1,0 +1,106 @@
+"""STRIP: catch triggered inputs at run time by how stubborn the prediction is.
+
+Gao et al. (2019), "STRIP: A Defence Against Trojan Attacks on Deep Neural Networks"
+(ACSAC). Idea: superimpose an incoming image on a handful of random clean images. For a
+clean input the blends are ambiguous and the predictions scatter over the classes: high
+entropy. For a triggered input the trigger survives the blending and keeps winning: every
+blend goes to the target class, low entropy. An input whose mean prediction entropy over
+the blends is below a threshold is rejected as trojaned.
+
+The threshold comes from clean inputs only (the defender has no triggered examples): it
+is the ``frr`` quantile of the entropies of held-out clean images, so that a share
+``frr`` of clean inputs is falsely rejected (false rejection rate, FRR). The price of a
+low FRR is the false acceptance rate (FAR): the share of triggered inputs let through.
+
+Superimposition follows Gao et al.: the two images are added pixel by pixel and clipped
+to the valid range, so a bright trigger on a dark corner is left intact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import torch
+
+from ..data import ImageDataset
+from ..train import predict_logits
+from ._checks import check_budget, check_dataset, check_int, check_model, check_number
+
+
+def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_overlays: int = 16,
+                  seed: int = 0) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the predictions on ``n_overlays`` blends of each image, (N,).
+
+    Each image is blended with ``n_overlays`` images drawn (with ``seed``) from ``overlays``.
+    """
+    check_model(model, "forward")
+    for name, tensor in (("images", images), ("overlays", overlays)):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or len(tensor) == 0:
+            raise ValueError(f"{name} must be a non-empty 4-D tensor (N, C, H, W), got "
+                             f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+    check_int("n_overlays", n_overlays)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(overlays), (len(images), n_overlays), generator=gen)
+    blends = (images.unsqueeze(1) + overlays[picks]).clamp(0, 1).flatten(0, 1)      # (N * n, C, H, W)
+    log_probs = predict_logits(model, blends).log_softmax(1)
+    entropy = -(log_probs.exp() * log_probs).sum(1)
+    return entropy.view(len(images), n_overlays).mean(1)
+
+
+@dataclass
+class StripDetector:
+    """A fitted STRIP detector: inputs with entropy below ``threshold`` are rejected."""
+
+    model: torch.nn.Module
+    overlays: torch.Tensor
+    threshold: float
+    frr: float
+    calibration_entropy: torch.Tensor
+    n_overlays: int
+    seed: int
+
+    def entropy(self, images: torch.Tensor) -> torch.Tensor:
+        """STRIP entropy of each image, (N,)."""
+        return strip_entropy(self.model, images, self.overlays, n_overlays=self.n_overlays, seed=self.seed + 1)
+
+    def rejects(self, images: torch.Tensor) -> torch.Tensor:
+        """Boolean (N,): True for inputs judged trojaned."""
+        return self.entropy(images) < self.threshold
+
+
+def fit_strip(model, clean_data: ImageDataset, *, frr: float = 0.01, n_calibration: int = 1000,
+              n_overlays: int = 16, seed: int = 0) -> StripDetector:
+    """Calibrate STRIP on ``clean_data``: ``n_calibration`` images set the threshold at the
+    ``frr`` quantile of their entropy; the rest serve as the pool of overlay images."""
+    check_model(model, "forward")
+    check_dataset("clean_data", clean_data, min_size=2)
+    check_number("frr", frr, 0.0, 1.0, low_open=True, high_open=True)
+    check_budget("n_calibration", n_calibration, clean_data.subset(range(len(clean_data) - 1)), "clean_data minus one")
+    order = torch.randperm(len(clean_data), generator=torch.Generator().manual_seed(seed))
+    calibration, overlays = clean_data.images[order[:n_calibration]], clean_data.images[order[n_calibration:]]
+    entropy = strip_entropy(model, calibration, overlays, n_overlays=n_overlays, seed=seed)
+    threshold = torch.quantile(entropy, frr).item()
+    return StripDetector(model, overlays, threshold, frr, entropy, n_overlays, seed)
+
+
+def strip_rates(detector: StripDetector, clean_images: torch.Tensor, triggered_images: torch.Tensor
+                ) -> dict[str, float]:
+    """FRR on held-out clean inputs and FAR (triggered inputs accepted) on triggered ones."""
+    return {"frr": detector.rejects(clean_images).float().mean().item(),
+            "far": 1.0 - detector.rejects(triggered_images).float().mean().item()}
+
+
+def plot_strip_entropy(clean_entropy: torch.Tensor, triggered_entropy: torch.Tensor, threshold: float):
+    """Histograms of STRIP entropy for clean and triggered inputs, with the threshold."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    top = max(clean_entropy.max().item(), triggered_entropy.max().item())
+    bins = torch.linspace(0, top + 1e-6, 40).tolist()
+    ax.hist(clean_entropy.tolist(), bins=bins, alpha=0.6, label="clean inputs")
+    ax.hist(triggered_entropy.tolist(), bins=bins, alpha=0.6, label="triggered inputs")
+    ax.axvline(threshold, color="black", linestyle="--", label="threshold (reject below)")
+    ax.set_xlabel("mean prediction entropy over blends (nats)")
+    ax.set_ylabel("inputs")
+    ax.legend(fontsize=8)
+    ax.set_title("STRIP: entropy of superimposed inputs", fontsize=9)
+    fig.tight_layout()
+    return fig
