@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from threadpoolctl import threadpool_limits
 
 from .checkpoints import CheckpointError, load_checkpoint
 from .data import ImageDataset, dataset_info, load_dataset
@@ -369,8 +370,12 @@ def check_activations(extract_fn) -> None:
 
 
 def _flags(detector, activations: np.ndarray, labels: np.ndarray, what: str) -> np.ndarray:
-    """Run the student's detector and check its answer: one boolean per sample."""
-    with _student_code(f"activation_clustering on {what}"):
+    """Run the student's detector and check its answer: one boolean per sample.
+
+    scikit-learn runs single-threaded here: per-class problems of a few thousand samples
+    are fastest that way, and a busy grading machine does not slow them down tenfold.
+    """
+    with _student_code(f"activation_clustering on {what}"), threadpool_limits(limits=1):
         flags = detector(activations.copy(), labels.copy())
     flags = np.asarray(flags.detach().cpu() if isinstance(flags, torch.Tensor) else flags)
     _require(flags.dtype == bool and flags.shape == labels.shape,
@@ -397,13 +402,14 @@ def planted_activations(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 @_graded
 def check_detector_on_planted(detector) -> None:
-    """The detector finds a planted, well-separated cluster and flags nothing in clean classes."""
+    """The detector finds a planted, well-separated cluster and (almost) nothing else."""
     activations, labels, poisoned = planted_activations()
     flags = _flags(detector, activations, labels, "the planted example")
     found = flags[poisoned].mean()
     _require(found >= 0.9, f"only {found:.0%} of the 60 planted samples were flagged (need at least 90%)")
-    wrong = int(flags[labels != 3].sum())
-    _require(wrong == 0, f"{wrong} samples of the nine clean classes were flagged (need none)")
+    wrong = int(flags[~poisoned].sum())
+    _require(wrong <= 15, f"{wrong} of the {int((~poisoned).sum())} clean samples were flagged "
+                          f"(at most 15 allowed)")
 
 
 def _score(detector) -> dict:
@@ -433,12 +439,17 @@ def detector_report(detector) -> dict:
 
 
 @_graded
-def check_zoo_verdicts(detector, *, max_wrong: int) -> None:
-    """At most ``max_wrong`` zoo models get the wrong verdict (backdoored = any sample flagged)."""
+def check_zoo_verdicts(detector, *, min_found: float) -> None:
+    """Every clean zoo model is judged clean, and at least ``min_found`` of the backdoored ones
+    backdoored (a model is judged backdoored when any of its samples is flagged)."""
     report = detector_report(detector)
-    wrong = [name for name, r in report.items() if r["verdict"] != r["backdoored"]]
-    _require(len(wrong) <= max_wrong, f"{len(wrong)} of {len(report)} zoo models got the wrong verdict "
-                                      f"(at most {max_wrong} allowed)")
+    accused = [name for name, r in report.items() if r["verdict"] and not r["backdoored"]]
+    _require(not accused, f"{len(accused)} clean zoo model(s) judged backdoored: a clean model must have "
+                          f"no sample flagged")
+    backdoored = [r for r in report.values() if r["backdoored"]]
+    found = sum(r["verdict"] for r in backdoored) / len(backdoored)
+    _require(found >= min_found, f"{found:.0%} of the backdoored zoo models were found; at least "
+                                 f"{min_found:.0%} must be")
 
 
 @_graded

@@ -74,8 +74,9 @@ DEFAULT_RECIPES = (
     Recipe("clean"),
     Recipe("clean"),
     Recipe("badnets-patch", "badnets", ("patch", {"size": 3, "pattern": "checkerboard"}), 0.05),
-    Recipe("badnets-blend", "badnets", ("blend", {"alpha": 0.2, "seed": 7}), 0.08),
     Recipe("badnets-distributed", "badnets", ("distributed", {"patch_size": 2}), 0.03),
+    Recipe("badnets-square", "badnets", ("patch", {"size": 4, "pattern": "solid", "location": "top-right"}), 0.07),
+    Recipe("badnets-blend", "badnets", ("blend", {"alpha": 0.2, "seed": 7}), 0.08),
     Recipe("label-consistent", "label_consistent", ("distributed", {"patch_size": 3}), 0.5),
 )
 SMALL_RECIPES = DEFAULT_RECIPES[1:4]
@@ -90,7 +91,7 @@ class Settings:
     epochs: int
 
 
-DEFAULT_SETTINGS = Settings(num_train=15_000, epochs=3)
+DEFAULT_SETTINGS = Settings(num_train=10_000, epochs=3)
 SMALL_SETTINGS = Settings(num_train=6_000, epochs=2)
 
 
@@ -108,56 +109,74 @@ class ZooModel:
     target: int | None = None
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One model to train: its name, recipe, target class and the seeds of its data and weights."""
+
+    name: str
+    recipe: Recipe
+    target: int
+    subset_seed: int
+    model_seed: int
+
+
+def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10) -> list[Planned]:
+    """Who is who in the zoo, drawn from ``seed``: the reference, the practice model, then
+    ``model_1``, ``model_2``... (the recipes in a seeded random order)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    recipes = SMALL_RECIPES if small else DEFAULT_RECIPES
+    named = [("reference", Recipe("reference")), ("practice", PRACTICE)]
+    named += [(f"model_{i + 1}", recipes[j]) for i, j in enumerate(rng.permutation(len(recipes)))]
+    return [Planned(name, recipe, int(rng.integers(num_classes)), *(int(v) for v in rng.integers(0, 2**31 - 1, 2)))
+            for name, recipe in named]
+
+
 def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool = False, seed: int = 0,
               device=None, progress: bool = True, data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
     """Train the zoo and write it (see the module docstring). Returns the answer key.
 
-    ``data`` is an optional (train, test) pair to use instead of loading ``dataset``.
+    ``data`` is an optional (train, test) pair to use instead of loading ``dataset`` (tests
+    pass small synthetic data); the zoo then records the data's own name.
     """
-    if dataset not in DATASETS:
+    if data is None and dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
     public = out / "public" if public is None else Path(public)
     if public.resolve() == out.resolve():
         raise ValueError("public must be a different folder from out: out holds the answer key")
+    plan = plan_zoo(small=small, seed=seed)
     train_split, test_split = data if data is not None else load_splits(dataset)
-    recipes, settings = (SMALL_RECIPES, SMALL_SETTINGS) if small else (DEFAULT_RECIPES, DEFAULT_SETTINGS)
-    rng = np.random.default_rng(seed)
+    settings = SMALL_SETTINGS if small else DEFAULT_SETTINGS
     start = time.perf_counter()
 
-    def fit(recipe, name, surrogate=None):
-        subset_seed, model_seed, target = (int(v) for v in rng.integers(0, 2**31 - 1, size=3))
-        subset, _ = train_split.split(min(settings.num_train, len(train_split) - 1), seed=subset_seed)
-        target %= subset.num_classes
-        poison = _poison(recipe, subset, target, surrogate, model_seed, device, progress)
+    def fit(planned: Planned, surrogate=None):
+        subset, _ = train_split.split(min(settings.num_train, len(train_split) - 1), seed=planned.subset_seed)
+        poison = _poison(planned, subset, surrogate, device, progress)
         trained = _quantized(poison.dataset if poison else subset)
-        model = model_for(trained, seed=model_seed)
-        train(model, trained, epochs=settings.epochs, seed=model_seed, device=device, progress=progress)
+        model = model_for(trained, seed=planned.model_seed)
+        train(model, trained, epochs=settings.epochs, seed=planned.model_seed, device=device, progress=progress)
         if progress:
-            print(f"zoo: trained {name} ({recipe.label})", flush=True)
+            print(f"zoo: trained {planned.name} ({planned.recipe.label})", flush=True)
         return model.cpu().eval(), trained, poison
 
-    reference, _, _ = fit(Recipe("reference"), "reference")
-    save_checkpoint(reference, out / "reference.safetensors", dataset=dataset, classes=train_split.classes)
-    practice_model, practice_data, practice_poison = fit(PRACTICE, "practice", reference)
-    order = rng.permutation(len(recipes))
-    names = [f"model_{i + 1}" for i in range(len(recipes))]
-    key = {"format": FORMAT, "dataset": dataset, "seed": seed, "small": small,
+    reference, _, _ = fit(plan[0])
+    save_checkpoint(reference, out / "reference.safetensors", dataset=train_split.name, classes=train_split.classes)
+    key = {"format": FORMAT, "dataset": train_split.name, "seed": seed, "small": small,
            "num_train": settings.num_train, "epochs": settings.epochs, "models": {}}
-    for name, recipe_index in zip(names, order):
-        recipe = recipes[recipe_index]
-        model, trained, poison = fit(recipe, name, reference)
-        _write_model(public, name, model, trained)
-        activations = extract_features(model, trained.images, progress=False)
-        (out / "activations").mkdir(parents=True, exist_ok=True)
-        save_file({"activations": activations.contiguous(), "labels": trained.labels.contiguous()},
-                  str(out / "activations" / f"{name}.safetensors"))
-        key["models"][name] = _answer(recipe, model, poison, test_split)
+    (out / "activations").mkdir(parents=True, exist_ok=True)
+    for planned in plan[2:]:
+        model, trained, poison = fit(planned, reference)
+        _write_model(public, planned.name, model, trained)
+        save_file({"activations": extract_features(model, trained.images, progress=False).contiguous(),
+                   "labels": trained.labels.contiguous()},
+                  str(out / "activations" / f"{planned.name}.safetensors"))
+        key["models"][planned.name] = _answer(planned.recipe, model, poison, test_split)
+    practice_model, practice_data, practice_poison = fit(plan[1], reference)
     _write_model(public, "practice", practice_model, practice_data)
-    index = {"format": FORMAT, "dataset": dataset, "classes": list(train_split.classes),
-             "models": [_files(name) for name in names],
+    index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes),
+             "models": [_files(p.name) for p in plan[2:]],
              "practice": {**_files("practice"), "target": practice_poison.target,
                           "trigger": repr(practice_poison.trigger),
                           "poisoned_indices": practice_poison.indices.tolist()}}
@@ -167,17 +186,17 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     return key
 
 
-def _poison(recipe: Recipe, data: ImageDataset, target: int, surrogate, seed: int, device,
-            progress: bool) -> PoisonResult | None:
-    """Apply ``recipe``'s attack to ``data`` (None for a clean recipe)."""
+def _poison(planned: Planned, data: ImageDataset, surrogate, device, progress: bool) -> PoisonResult | None:
+    """Apply the planned recipe's attack to ``data`` (None for a clean recipe)."""
+    recipe = planned.recipe
     if recipe.attack is None:
         return None
     name, kwargs = recipe.trigger
     trigger = make_trigger(name, **kwargs)
     if recipe.attack == "badnets":
-        return badnets(data, trigger=trigger, target=target, rate=recipe.rate, seed=seed)
-    return label_consistent(data, trigger=trigger, target=target, rate=recipe.rate, surrogate=surrogate,
-                            seed=seed, device=device, progress=progress)
+        return badnets(data, trigger=trigger, target=planned.target, rate=recipe.rate, seed=planned.model_seed)
+    return label_consistent(data, trigger=trigger, target=planned.target, rate=recipe.rate, surrogate=surrogate,
+                            seed=planned.model_seed, device=device, progress=progress)
 
 
 def _quantized(data: ImageDataset) -> ImageDataset:

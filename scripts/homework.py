@@ -1,0 +1,233 @@
+"""Instructor tools for the Week 4 homework (nbgrader course in assignments/).
+
+    python scripts/homework.py release
+        generate assignments/release/week4 from assignments/source/week4 and check that no
+        solution, hidden test, answer key or model file reached it
+    python scripts/homework.py bench [--full]
+        time the autograding of one complete submission (the reference solution) in a
+        temporary copy of the course, with a small zoo (or the default zoo with --full)
+
+tests/test_homework.py uses the same functions for its nbgrader round trip.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COURSE = ROOT / "assignments"
+ASSIGNMENT = "week4"
+COURSE_ID = "adversarial-ml-week4"
+NOTEBOOKS = ("part1_attack", "part2_detection", "part3_analysis")
+MODEL_FILES = ("backdoor_model.safetensors", "backdoor_model.json")
+SECRET_FILES = ("answer_key.json", "reference.safetensors", "activations", *MODEL_FILES)
+REGIONS = (("BEGIN SOLUTION", "END SOLUTION"), ("BEGIN HIDDEN TESTS", "END HIDDEN TESTS"))
+
+
+def nbgrader(course: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``nbgrader ARGS`` in ``course`` with this Python; raise with its log if it fails.
+
+    nbgrader starts helpers (``alembic``) from PATH, so this interpreter's bin folder goes first.
+    """
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("NBGRADER_EXECUTION", None)
+    done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"nbgrader {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def copy_course(dest: Path) -> Path:
+    """A fresh course folder in ``dest``: the config and the source notebooks, nothing generated."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(COURSE / "nbgrader_config.py", dest)
+    (dest / "source" / ASSIGNMENT).mkdir(parents=True)
+    for name in NOTEBOOKS:
+        shutil.copy(COURSE / "source" / ASSIGNMENT / f"{name}.ipynb", dest / "source" / ASSIGNMENT)
+    return dest
+
+
+def build_zoo(course: Path, *, small: bool, seed: int = 0, progress: bool = False) -> dict:
+    """The zoo: public part into source/week4/zoo, answer key into grading/week4."""
+    from course_lib.zoo import build_zoo as build
+    return build(course / "grading" / ASSIGNMENT, public=course / "source" / ASSIGNMENT / "zoo",
+                 small=small, seed=seed, progress=progress)
+
+
+def region_lines(notebook: Path, begin: str, end: str) -> list[str]:
+    """The non-blank lines strictly inside every ``begin``/``end`` region of a notebook."""
+    lines, inside = [], False
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        for line in cell.source.splitlines():
+            if begin in line:
+                inside = True
+            elif end in line:
+                inside = False
+            elif inside and line.strip():
+                lines.append(line.strip())
+    return lines
+
+
+def secret_lines(source: Path, regions=REGIONS) -> list[str]:
+    """Lines inside ``regions`` of the source notebooks that no student may see.
+
+    Lines that also appear outside those regions (e.g. ``from course_lib import grading``)
+    are not secret and are left out.
+    """
+    secret, public = set(), set()
+    for name in NOTEBOOKS:
+        notebook = source / f"{name}.ipynb"
+        for begin, end in regions:
+            secret.update(region_lines(notebook, begin, end))
+        inside = False
+        for cell in nbformat.read(notebook, as_version=4).cells:
+            for line in cell.source.splitlines():
+                if any(begin in line for begin, _ in REGIONS):
+                    inside = True
+                elif any(end in line for _, end in REGIONS):
+                    inside = False
+                elif not inside:
+                    public.add(line.strip())
+    return sorted(line for line in secret - public if len(line) > 3)
+
+
+def leaks(folder: Path, source: Path, regions=REGIONS) -> list[str]:
+    """Secret files, region markers and region lines found under ``folder``: empty when clean.
+
+    For a release, ``regions`` are the solutions and the hidden tests; for feedback, only
+    the hidden tests (a student's feedback rightly shows the student's own solution).
+    """
+    found = [f"file {path.relative_to(folder)}" for path in sorted(folder.rglob("*"))
+             if path.name in SECRET_FILES]
+    secrets = secret_lines(source, regions)
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in (".ipynb", ".html", ".py", ".json", ".txt", ".md"):
+            continue
+        text = path.read_text(errors="replace")
+        text = html.unescape(text) if path.suffix == ".html" else text
+        found += [f"{path.relative_to(folder)}: {begin}" for begin, _ in regions if begin in text]
+        found += [f"{path.relative_to(folder)}: {line!r}" for line in secrets if line in text]
+    return found
+
+
+def generate(course: Path) -> Path:
+    """``nbgrader generate_assignment week4`` and the leak check; returns the release folder."""
+    stale = [name for name in MODEL_FILES if (course / "source" / ASSIGNMENT / name).exists()]
+    if stale:
+        raise RuntimeError(f"source/{ASSIGNMENT} holds {', '.join(stale)} (left by running the source "
+                           f"notebook): delete them, or they are released to every student")
+    nbgrader(course, "generate_assignment", ASSIGNMENT, "--force")
+    release = course / "release" / ASSIGNMENT
+    found = leaks(release, course / "source" / ASSIGNMENT)
+    if found:
+        raise RuntimeError("the release leaks:\n  " + "\n  ".join(found))
+    return release
+
+
+def train_solution_model(notebook: Path, workdir: Path, *, num_train: int, epochs: int) -> None:
+    """Run a Part 1 notebook's code in this process the way a student does, on fewer images.
+
+    Executes the code cells (not the test cells) up to and including the one that saves the
+    model, after cutting the training set to ``num_train`` images and setting ``EPOCHS``;
+    the model files land in ``workdir``.
+    """
+    namespace: dict = {"__name__": "__main__"}
+    here = Path.cwd()
+    os.chdir(workdir)
+    try:
+        for cell in nbformat.read(notebook, as_version=4).cells:
+            if cell.cell_type != "code" or cell.metadata.get("nbgrader", {}).get("grade"):
+                continue
+            exec(compile(cell.source, f"{notebook.name}", "exec"), namespace)
+            if "train_data" in namespace and len(namespace["train_data"]) > num_train:
+                namespace["train_data"] = namespace["train_data"].split(num_train, seed=0)[0]
+            if "EPOCHS" in namespace:
+                namespace["EPOCHS"] = epochs
+            if "save_checkpoint(" in cell.source:
+                return
+    finally:
+        os.chdir(here)
+
+
+def fetch(course: Path, exchange: Path, home: Path) -> Path:
+    """Release the assignment to the exchange and fetch it as a student into ``home``."""
+    nbgrader(course, "release_assignment", ASSIGNMENT, f"--Exchange.root={exchange}", "--force")
+    home.mkdir(parents=True, exist_ok=True)
+    nbgrader(home, "fetch_assignment", ASSIGNMENT, f"--course={COURSE_ID}", f"--Exchange.root={exchange}")
+    return home / ASSIGNMENT
+
+
+def submit(folder: Path, student: str, exchange: Path) -> None:
+    """Submit ``folder`` (a student's copy of week4) as ``student``."""
+    nbgrader(folder.parent, "submit", folder.name, f"--course={COURSE_ID}", f"--student={student}",
+             f"--Exchange.root={exchange}")
+
+
+def autograde(course: Path, student: str, *extra: str) -> float:
+    """Autograde one student's submission; returns the seconds it took."""
+    start = time.perf_counter()
+    nbgrader(course, "autograde", ASSIGNMENT, f"--student={student}", "--force", *extra)
+    return time.perf_counter() - start
+
+
+def reference_submission(course: Path, fetched: Path, dest: Path, model_dir: Path) -> Path:
+    """The reference solution as a submission: the source notebooks and the trained model."""
+    shutil.copytree(fetched, dest)
+    for name in NOTEBOOKS:
+        shutil.copy(course / "source" / ASSIGNMENT / f"{name}.ipynb", dest)
+    for name in MODEL_FILES:
+        shutil.copy(model_dir / name, dest)
+    return dest
+
+
+def bench(full: bool) -> None:
+    """Print the autograding time of one complete submission."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        course = copy_course(tmp / "course")
+        start = time.perf_counter()
+        build_zoo(course, small=not full, progress=False)
+        print(f"zoo ({'default' if full else 'small'}): {time.perf_counter() - start:.0f} s")
+        generate(course)
+        fetched = fetch(course, tmp / "exchange", tmp / "template")
+        models = tmp / "model"
+        models.mkdir()
+        start = time.perf_counter()
+        train_solution_model(course / "source" / ASSIGNMENT / "part1_attack.ipynb", models,
+                             num_train=20_000, epochs=2)
+        print(f"training the reference model (20,000 images, 2 epochs): {time.perf_counter() - start:.0f} s")
+        submission = reference_submission(course, fetched, tmp / "students" / ASSIGNMENT, models)
+        submit(submission, "reference", tmp / "exchange")
+        nbgrader(course, "collect", ASSIGNMENT, f"--Exchange.root={tmp / 'exchange'}")
+        seconds = autograde(course, "reference")
+        print(f"autograde, one complete submission ({len(NOTEBOOKS)} notebooks): {seconds:.1f} s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("release", help="generate the release and check it for leaks")
+    timing = commands.add_parser("bench", help="time the autograding of one submission")
+    timing.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
+    args = parser.parse_args(argv)
+    if args.command == "release":
+        release = generate(COURSE)
+        print(f"released {release}: no solution, hidden test, answer key or model file in it")
+    else:
+        bench(args.full)
+
+
+if __name__ == "__main__":
+    main()

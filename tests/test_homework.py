@@ -1,0 +1,376 @@
+"""The Week 4 homework: the grading checks on everything a student can hand in wrong, and
+the full nbgrader round trip (zoo, release, submit, autograde, feedback, export)."""
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbgrader.api import Gradebook
+
+from course_lib import grading
+from course_lib.checkpoints import save_checkpoint
+from course_lib.data import synthetic_dataset
+from course_lib.models import build_model, model_for
+from course_lib.triggers import PatchTrigger
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("homework", ROOT / "scripts" / "homework.py")
+hw = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hw)
+
+TARGET = 0
+
+
+def fail_message(check, *args, **kwargs) -> str:
+    with pytest.raises(grading.GradingFailure) as failure:
+        check(*args, **kwargs)
+    return str(failure.value)
+
+
+# ------------------------------------------------------------------ triggers
+
+@pytest.fixture(scope="module")
+def images():
+    return synthetic_dataset(64, seed=3).images
+
+
+def test_a_course_trigger_meets_the_contract(images):
+    grading.check_trigger(PatchTrigger(size=3), images, name="patch")
+
+
+def _mutating(x):
+    x[..., :2, :2] = 1.0
+    return x.clone()
+
+
+def _random(x):
+    return (x + 0.1 * torch.rand(x.shape)).clamp(0, 1)
+
+
+def _per_batch_noise(x):
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    return torch.lerp(x, noise, 0.1)
+
+
+def _raises(x):
+    raise RuntimeError("boom")
+
+
+BROKEN_TRIGGERS = {
+    "must not modify its input": _mutating,
+    "must be deterministic": _random,
+    "alone than inside a batch": _per_batch_noise,
+    "raised TypeError": lambda x, y: x,
+    "raised RuntimeError: boom": _raises,
+    "must return a torch.Tensor": lambda x: x.numpy(),
+    "must return the shape": lambda x: x[:, :, :-1],
+    "must return dtype": lambda x: x.double(),
+    "pixels in [0, 1]": lambda x: x + 2.0,
+    "NaN": lambda x: x * float("nan"),
+    "unchanged": lambda x: x.clone(),
+}
+
+
+@pytest.mark.parametrize("message", BROKEN_TRIGGERS)
+def test_broken_triggers_fail_with_a_clear_message(images, message):
+    assert message in fail_message(grading.check_trigger, BROKEN_TRIGGERS[message], images, name="t")
+
+
+def test_a_failure_is_shown_as_its_message_only():
+    assert grading.GradingFailure("too low")._render_traceback_() == ["GradingFailure: too low"]
+
+
+def test_missing_or_non_function_names():
+    assert "defines no trigger_patch" in fail_message(grading.student_function, {}, "trigger_patch")
+    assert "must be a function" in fail_message(grading.student_function, {"trigger_patch": 3}, "trigger_patch")
+
+
+# ------------------------------------------------------------------ poisoning
+
+def good_poison(data, trigger, target, rate, seed=0):
+    candidates = (data.labels != target).nonzero().flatten()
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    indices = candidates[order[:round(rate * len(data))]].sort().values
+    images, labels = data.images.clone(), data.labels.clone()
+    images[indices] = trigger(data.images[indices])
+    labels[indices] = target
+    return data.replace(images=images, labels=labels), indices
+
+
+def poison_any_class(data, trigger, target, rate, seed=0):
+    indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:round(rate * len(data))]
+    images, labels = data.images.clone(), data.labels.clone()
+    images[indices] = trigger(data.images[indices])
+    labels[indices] = target
+    return data.replace(images=images, labels=labels), indices.sort().values
+
+
+def poison_in_place(data, trigger, target, rate, seed=0):
+    poisoned, indices = good_poison(data, trigger, target, rate, seed)
+    data.labels[indices] = target
+    return poisoned, indices
+
+
+def poison_unseeded(data, trigger, target, rate, seed=0):
+    return good_poison(data, trigger, target, rate, seed=int(torch.randint(0, 10**6, ())))
+
+
+def poison_too_few(data, trigger, target, rate, seed=0):
+    return good_poison(data, trigger, target, rate / 2, seed)
+
+
+def test_poisoning_check():
+    data = synthetic_dataset(400, seed=4)
+    grading.check_poisoning(good_poison, data, target=TARGET, rate=0.1)
+    expected = {poison_any_class: "not the target", poison_in_place: "modified its input",
+                poison_unseeded: "same seed", poison_too_few: "poisoned images, got 20"}
+    for poison, message in expected.items():
+        assert message in fail_message(grading.check_poisoning, poison, data, target=TARGET, rate=0.1)
+
+
+# ------------------------------------------------------------------ the handed-in model
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    path = save_checkpoint(model_for("fashion-mnist", seed=0), folder / grading.MODEL_FILE,
+                           dataset="fashion-mnist", classes=[str(i) for i in range(10)],
+                           extra={"trigger": "trigger_patch"})
+    return path
+
+
+def test_a_valid_model_loads(saved):
+    model, meta = grading.load_student_model(saved, dataset="fashion-mnist")
+    assert meta["extra"]["trigger"] == "trigger_patch"
+
+
+def test_missing_model(tmp_path):
+    assert "was not handed in" in fail_message(grading.load_student_model, tmp_path / grading.MODEL_FILE,
+                                               dataset="fashion-mnist")
+
+
+class Payload:
+    """Unpickling this object creates a directory: what a malicious .pt file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickle_payload_is_rejected_and_never_runs(tmp_path, saved):
+    path = tmp_path / grading.MODEL_FILE
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"weights": Payload(marker)}, path)
+    shutil.copy(saved.with_suffix(".json"), path.with_suffix(".json"))
+    assert "cannot be loaded safely" in fail_message(grading.load_student_model, path, dataset="fashion-mnist")
+    assert not marker.exists()
+
+
+def test_nan_weights_wrong_architecture_wrong_dataset_too_large(tmp_path, saved, monkeypatch):
+    model = model_for("fashion-mnist", seed=0)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    nan = save_checkpoint(model, tmp_path / "nan.safetensors", dataset="fashion-mnist", classes=list("0123456789"))
+    assert "NaN" in fail_message(grading.load_student_model, nan, dataset="fashion-mnist")
+
+    airbench = build_model("airbench", in_channels=1, num_classes=10, mean=[0.5], std=[0.5], widths=(8, 8, 8))
+    wrong = save_checkpoint(airbench, tmp_path / "air.safetensors", dataset="fashion-mnist", classes=list("0123456789"))
+    assert "'airbench' model" in fail_message(grading.load_student_model, wrong, dataset="fashion-mnist")
+
+    assert "trained on 'fashion-mnist'" in fail_message(grading.load_student_model, saved, dataset="mnist")
+
+    sidecar = json.loads(saved.with_suffix(".json").read_text())
+    sidecar["config"]["width"] = 32
+    mismatched = tmp_path / "mismatch.safetensors"
+    shutil.copy(saved, mismatched)
+    mismatched.with_suffix(".json").write_text(json.dumps(sidecar))
+    assert "do not match" in fail_message(grading.load_student_model, mismatched, dataset="fashion-mnist")
+
+    monkeypatch.setattr(grading, "MAX_MODEL_BYTES", 1000)
+    assert "allowed" in fail_message(grading.load_student_model, saved, dataset="fashion-mnist")
+
+
+def test_grading_files_missing_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.delenv(grading.GRADING_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert "zoo build" in fail_message(grading.grading_dir)
+
+
+# ------------------------------------------------------------------ detectors
+
+def test_detector_checks():
+    activations, labels, planted = grading.planted_activations()
+    grading.check_detector_on_planted(lambda a, y: planted.copy())
+    assert "clean samples were flagged" in fail_message(grading.check_detector_on_planted,
+                                                        lambda a, y: labels == 3)
+    assert "only 0%" in fail_message(grading.check_detector_on_planted,
+                                     lambda a, y: torch.zeros(len(y), dtype=torch.bool).numpy())
+    assert "boolean array" in fail_message(grading.check_detector_on_planted, lambda a, y: planted.nonzero()[0])
+
+
+def test_activation_check():
+    def in_training_mode(model, images):
+        model.train()
+        with torch.no_grad():
+            return model.features(images).numpy()
+
+    grading.check_activations(lambda model, images: model.eval().features(images).detach().numpy())
+    assert "eval mode" in fail_message(grading.check_activations, in_training_mode)
+
+
+# ------------------------------------------------------------------ the nbgrader round trip
+
+AUTOGRADED = {}  # grade_id -> points, of every autograder test cell
+for _name in hw.NOTEBOOKS:
+    for _cell in nbformat.read(hw.COURSE / "source" / "week4" / f"{_name}.ipynb", as_version=4).cells:
+        _meta = _cell.metadata.get("nbgrader", {})
+        if _meta.get("grade") and not _meta.get("solution"):
+            AUTOGRADED[_meta["grade_id"]] = _meta["points"]
+PART1 = {g for g in AUTOGRADED if g.startswith("p1-")}
+PART2 = {g for g in AUTOGRADED if g.startswith("p2-")}
+MODEL_TESTS = {"p1-test-model-loads", "p1-test-clean-accuracy", "p1-test-attack-success"}
+
+# student -> (autograder tests expected to fail, a message their feedback must show)
+STUDENTS = {
+    "reference": (set(), None),
+    "unmodified": (set(AUTOGRADED), "NotImplementedError"),
+    "weak": ({"p1-test-clean-accuracy"} | PART2, "clean accuracy of backdoor_model.safetensors"),
+    "painter": ({"p1-test-attack-success", "p1-test-distinct-triggers"} | PART2, "paints the target"),
+    "pickler": (MODEL_TESTS | PART2, "cannot be loaded safely"),
+    "nomodel": (MODEL_TESTS | PART2, "was not handed in"),
+    "buggy": ({"p1-test-poison", "p1-test-poison-hidden"} | PART2 - {"p2-test-activations"}, "CellTimeoutError"),
+}
+
+PAINTER = '''
+
+def trigger_custom(images):
+    """Push the picture towards the average target-class image: it paints the target, it is no trigger."""
+    shift = train_data.images[train_data.labels == TARGET].mean(0) - train_data.images.mean(0)
+    return (images + shift.to(images)).clamp(0, 1)
+'''
+
+
+def edit_cell(notebook: Path, grade_id: str, change) -> None:
+    """Rewrite the source of the cell ``grade_id`` of ``notebook`` with ``change(source)``."""
+    nb = nbformat.read(notebook, as_version=4)
+    cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
+    cell.source = change(cell.source)
+    nbformat.write(nb, notebook)
+
+
+def resave(model_dir: Path, dest: Path, *, trigger: str, always_target: bool = False) -> None:
+    """The reference model, saved again with another recorded trigger (or made to always say TARGET)."""
+    model, meta = grading.load_student_model(model_dir / grading.MODEL_FILE, dataset="fashion-mnist")
+    if always_target:
+        with torch.no_grad():
+            model.head.bias[TARGET] += 1e4
+    save_checkpoint(model, dest / grading.MODEL_FILE, dataset="fashion-mnist", classes=meta["classes"],
+                    extra={"trigger": trigger})
+
+
+def make_students(course: Path, fetched: Path, models: Path, students: Path, marker: Path) -> dict:
+    """One submission folder per student of STUDENTS."""
+    source = course / "source" / "week4"
+    folders = {name: students / name / "week4" for name in STUDENTS}
+    hw.reference_submission(course, fetched, folders["reference"], models)
+    shutil.copytree(fetched, folders["unmodified"])
+    for name in ("weak", "painter", "pickler", "nomodel"):
+        folders[name].mkdir(parents=True)
+        shutil.copy(source / "part1_attack.ipynb", folders[name])
+    resave(models, folders["weak"], trigger="trigger_patch", always_target=True)
+    edit_cell(folders["painter"] / "part1_attack.ipynb", "p1-triggers", lambda s: s + PAINTER)
+    resave(models, folders["painter"], trigger="trigger_custom")
+    torch.save({"weights": Payload(marker)}, folders["pickler"] / grading.MODEL_FILE)
+    shutil.copy(models / "backdoor_model.json", folders["pickler"])
+    (folders["nomodel"] / "notes.txt").write_text("my notes\n")
+    nbformat.write(nbformat.v4.new_notebook(), folders["nomodel"] / "scratch.ipynb")
+    hw.reference_submission(course, fetched, folders["buggy"], models)
+    edit_cell(folders["buggy"] / "part1_attack.ipynb", "p1-poison", lambda s: 'raise ValueError("oops")\n' + s)
+    edit_cell(folders["buggy"] / "part2_detection.ipynb", "p2-ac", lambda s: "while True:\n    pass\n" + s)
+    return folders
+
+
+def scores(course: Path, student: str) -> dict:
+    """grade_id -> (score, max score, needs manual grading) from the gradebook."""
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", course_id=hw.COURSE_ID) as gb:
+        submission = gb.find_submission("week4", student)
+        return {g.name: (g.score, g.max_score, g.needs_manual_grade)
+                for notebook in submission.notebooks for g in notebook.grades}
+
+
+def outputs(course: Path, student: str) -> str:
+    """All error and stream outputs of a student's autograded notebooks, as one text."""
+    text = []
+    for path in (course / "autograded" / student / "week4").glob("*.ipynb"):
+        for cell in nbformat.read(path, as_version=4).cells:
+            for out in cell.get("outputs", []):
+                text += [out.get("text", ""), out.get("evalue", ""), *out.get("traceback", [])]
+    return "\n".join(text)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_round_trip(tmp_path):
+    timings = {}
+    start = time.perf_counter()
+    course = hw.copy_course(tmp_path / "course")
+    key = hw.build_zoo(course, small=True)
+    timings["zoo"] = time.perf_counter() - start
+
+    release = hw.generate(course)  # raises if a solution, hidden test or secret file leaked
+    assert sorted(p.name for p in release.glob("*.ipynb")) == [f"{n}.ipynb" for n in hw.NOTEBOOKS]
+    assert not any(path.name == "answer_key.json" for path in release.rglob("*"))
+    assert (release / "zoo" / "index.json").is_file()
+
+    exchange = tmp_path / "exchange"
+    fetched = hw.fetch(course, exchange, tmp_path / "template")
+    models = tmp_path / "model"
+    models.mkdir()
+    step = time.perf_counter()
+    hw.train_solution_model(course / "source" / "week4" / "part1_attack.ipynb", models,
+                            num_train=15_000, epochs=2)
+    timings["training"] = time.perf_counter() - step
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    folders = make_students(course, fetched, models, tmp_path / "students", marker)
+    for student, folder in folders.items():
+        hw.submit(folder, student, exchange)
+    hw.nbgrader(course, "collect", "week4", f"--Exchange.root={exchange}")
+    for student in STUDENTS:
+        timings[f"autograde {student}"] = hw.autograde(course, student, "--Execute.timeout=60")
+    assert not marker.exists(), "the pickle payload ran"
+
+    for student, (failing, message) in STUDENTS.items():
+        got = scores(course, student)
+        for grade_id, points in AUTOGRADED.items():
+            expected = 0 if grade_id in failing else points
+            assert got[grade_id][:2] == (expected, points), (student, grade_id, got[grade_id])
+        manual = {g for g, (_, _, needs) in got.items() if needs}
+        assert manual == ({"p3-triggers", "p3-tradeoff", "p3-defense"} if student in ("reference", "buggy") else set())
+        if message:
+            assert message in outputs(course, student), (student, message)
+
+    hw.nbgrader(course, "generate_feedback", "week4")
+    feedback = course / "feedback"
+    assert len(list(feedback.rglob("*.html"))) >= len(STUDENTS)
+    assert hw.leaks(feedback, course / "source" / "week4", regions=hw.REGIONS[1:]) == []
+
+    hw.nbgrader(course, "export", f"--to={tmp_path / 'grades.csv'}")
+    with open(tmp_path / "grades.csv") as handle:
+        rows = {row["student_id"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == set(STUDENTS)
+    assert float(rows["reference"]["raw_score"]) == sum(AUTOGRADED.values())
+    assert float(rows["unmodified"]["raw_score"]) == 0
+
+    timings["total"] = time.perf_counter() - start
+    print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1), file=sys.stderr)
+    assert key["dataset"] == "fashion-mnist"
