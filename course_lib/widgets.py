@@ -235,7 +235,7 @@ class RateExplorer:
         rows = "".join(f"<tr><td>{100 * r:g}%</td><td>{100 * self.runs[r].clean_acc:.1f}%</td>"
                        f"<td>{100 * self.runs[r].asr:.1f}%</td></tr>" for r in self.rates)
         table = f"<table><tr><th>rate</th><th>clean acc.</th><th>ASR</th></tr>{rows}</table>"
-        return _with_fallback(self.widget, self.curve.value, self.readout.value + table)
+        return _with_fallback(self.widget, self.curve.value, self.readout.value + "<br>" + table)
 
 
 def _panels(images: list[torch.Tensor], scale: int, frames: list[bool] | None = None) -> bytes:
@@ -265,6 +265,7 @@ def _with_fallback(widget: w.Widget, png: bytes, text_html: str) -> dict:
     bundle = widget._repr_mimebundle_()
     image = base64.b64encode(png).decode()
     bundle["text/html"] = f'<img src="data:image/png;base64,{image}"/><div>{text_html}</div>'
-    plain = html.unescape(text_html.replace("<br>", "\n").replace("</tr>", "\n").replace("</td>", " "))
+    plain = html.unescape(text_html.replace("<br>", "\n").replace("</tr>", "\n")
+                          .replace("</td>", " ").replace("</th>", " "))
     bundle["text/plain"] = re.sub(r"<[^>]+>", "", plain)
     return bundle

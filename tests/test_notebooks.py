@@ -103,7 +103,7 @@ def check_04(r):
     assert r["asr_lecture_counting"] > r["framework"]["pixel 5x5"]["asr"] - 0.01
     assert r["rate_sweep"]["0.05"]["asr"] >= 0.9
     patch = r["physical_patch_on_clean_model"]
-    assert patch["optimized_random_place"] > patch["lecture_recipe_random_place"]
+    assert patch["PhysicalPatch.optimize, 14x14"] > patch["lecture's recipe, 14x14"]
 
 
 def check_05(r):
