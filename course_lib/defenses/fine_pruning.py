@@ -124,29 +124,36 @@ class FinePruningResult:
     seconds: float
 
 
-def fine_prune(model, clean_data: ImageDataset, *, max_accuracy_drop: float = 0.05,
-               val_fraction: float = 0.2, epochs: int = 2, lr: float = 0.01, seed: int = 0,
+def fine_prune(model, clean_data: ImageDataset, *, max_accuracy_drop: float = 0.10,
+               val_fraction: float = 0.2, epochs: int = 5, lr: float = 0.05, seed: int = 0,
                device=None, progress: bool = True) -> FinePruningResult:
     """Prune (Liu et al.'s stopping rule) and fine-tune a copy of ``model`` on ``clean_data``.
 
-    ``val_fraction`` of ``clean_data`` is held out to watch clean accuracy while pruning:
-    channels are pruned, least active first, as long as that accuracy stays within
-    ``max_accuracy_drop`` of the unpruned model. Then the copy is fine-tuned on all of
-    ``clean_data`` for ``epochs`` with learning rate ``lr`` (the pruned channels stay off:
-    the mask is a buffer, not a parameter).
+    ``val_fraction`` of ``clean_data`` is held out to watch clean accuracy: channels are
+    pruned, least active first, as long as that accuracy stays within ``max_accuracy_drop``
+    of the unpruned model. The copy is then fine-tuned on the rest of ``clean_data`` for
+    ``epochs`` with peak learning rate ``lr`` (the pruned channels stay off: the mask is a
+    buffer, not a parameter).
+
+    Liu et al. stop at a 4% drop. On the kit's small CNN the backdoor also lives in
+    channels that clean images use, so a 4-5% budget leaves much of it in place after
+    fine-tuning; the default allows 10%, and fine-tuning wins most of it back (see the
+    pruning curve and ``python -m course_lib bench defenses``).
     """
     check_model(model, "channel_mask")
     check_dataset("clean_data", clean_data, min_size=2)
     check_number("max_accuracy_drop", max_accuracy_drop, 0.0, 1.0)
     check_number("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    check_int("epochs", epochs)
+    check_number("lr", lr, 0.0, float("inf"), low_open=True)
     start = time.perf_counter()
     n_val = min(len(clean_data) - 1, max(1, round(val_fraction * len(clean_data))))
-    val, _ = clean_data.split(n_val, seed=seed)
-    order = pruning_order(model, clean_data)
+    val, tune = clean_data.split(n_val, seed=seed)
+    order = pruning_order(model, tune)
     before = clean_accuracy(model, val)
     count, pruned_acc = _prune_count(model, order, val, before - max_accuracy_drop)
     mitigated = prune(model, order[:count])
-    train(mitigated, clean_data, epochs=epochs, lr=lr, seed=seed,
+    train(mitigated, tune, epochs=epochs, lr=lr, seed=seed,
           device=device if device is not None else model_device(model), progress=progress)
     return FinePruningResult(mitigated, order[:count].sort().values, count / len(order), before, pruned_acc,
                              clean_accuracy(mitigated, val), time.perf_counter() - start)

@@ -155,7 +155,7 @@ def _search(model, images, num_classes, *, steps, batch_size, lr, init_cost, suc
     targets = torch.arange(k, device=device).repeat_interleave(batch_size)
     schedule = _CostSchedule(k, init_cost, success_threshold, patience, device)
     best_norm = torch.full((k,), float("inf"), device=device)
-    best_mask, best_pattern = _squash(mask_raw).detach().clone(), _squash(pattern_raw).detach().clone()
+    best_mask, best_pattern = torch.zeros_like(mask_raw), torch.zeros_like(pattern_raw)
     hits = torch.zeros(k, device=device)
     for step in tqdm(range(steps), desc="neural cleanse", disable=not progress, leave=False):
         x = images[torch.randint(len(images), (batch_size,), generator=gen)].to(device)
@@ -176,6 +176,8 @@ def _search(model, images, num_classes, *, steps, batch_size, lr, init_cost, suc
             best_mask[improved], best_pattern[improved] = mask.detach()[improved], pattern.detach()[improved]
             schedule.update(rate)
             hits.zero_()
+    never = best_norm.isinf()  # labels that never reached the threshold: report the last try
+    best_mask[never], best_pattern[never] = _squash(mask_raw).detach()[never], _squash(pattern_raw).detach()[never]
     success = _success_rate(model, images, best_mask, best_pattern)
     return best_mask.cpu(), best_pattern.cpu(), success.cpu()
 

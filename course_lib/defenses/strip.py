@@ -24,7 +24,7 @@ import torch
 
 from ..data import ImageDataset
 from ..train import predict_logits
-from ._checks import check_budget, check_dataset, check_int, check_model, check_number
+from ._checks import check_dataset, check_int, check_model, check_number
 
 
 def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_overlays: int = 16,
@@ -75,7 +75,7 @@ def fit_strip(model, clean_data: ImageDataset, *, frr: float = 0.01, n_calibrati
     check_model(model, "forward")
     check_dataset("clean_data", clean_data, min_size=2)
     check_number("frr", frr, 0.0, 1.0, low_open=True, high_open=True)
-    check_budget("n_calibration", n_calibration, clean_data.subset(range(len(clean_data) - 1)), "clean_data minus one")
+    check_int("n_calibration", n_calibration, 1, len(clean_data) - 1)  # keep at least one overlay image
     order = torch.randperm(len(clean_data), generator=torch.Generator().manual_seed(seed))
     calibration, overlays = clean_data.images[order[:n_calibration]], clean_data.images[order[n_calibration:]]
     entropy = strip_entropy(model, calibration, overlays, n_overlays=n_overlays, seed=seed)
