@@ -3,6 +3,9 @@
     python scripts/homework.py release
         generate assignments/release/week4 from assignments/source/week4 and check that no
         solution, hidden test, answer key or model file reached it
+    python scripts/homework.py solutions
+        write solutions/week4/: the source notebooks with their solutions and without
+        hidden tests or nbgrader metadata, to hand out after the deadline
     python scripts/homework.py bench [--full]
         time the autograding of one complete submission (the reference solution) in a
         temporary copy of the course, with a small zoo (or the default zoo with --full)
@@ -26,11 +29,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
+SOLUTIONS = ROOT / "solutions"
 ASSIGNMENT = "week4"
 COURSE_ID = "adversarial-ml-week4"
 NOTEBOOKS = ("part1_attack", "part2_detection", "part3_analysis")
 MODEL_FILES = ("backdoor_model.safetensors", "backdoor_model.json")
-SECRET_FILES = ("answer_key.json", "reference.safetensors", "activations", *MODEL_FILES)
+SECRET_FILES = ("answer_key.json", "reference.safetensors", "activations")
 REGIONS = (("BEGIN SOLUTION", "END SOLUTION"), ("BEGIN HIDDEN TESTS", "END HIDDEN TESTS"))
 
 
@@ -102,14 +106,14 @@ def secret_lines(source: Path, regions=REGIONS) -> list[str]:
     return sorted(line for line in secret - public if len(line) > 3)
 
 
-def leaks(folder: Path, source: Path, regions=REGIONS) -> list[str]:
-    """Secret files, region markers and region lines found under ``folder``: empty when clean.
+def leaks(folder: Path, source: Path, regions=REGIONS, files=SECRET_FILES + MODEL_FILES) -> list[str]:
+    """Forbidden ``files``, region markers and region lines found under ``folder``: empty when clean.
 
-    For a release, ``regions`` are the solutions and the hidden tests; for feedback, only
-    the hidden tests (a student's feedback rightly shows the student's own solution).
+    For a release: the solutions and hidden tests, the answer key and any model. For
+    feedback: only the hidden tests and the answer key (a student's feedback rightly shows
+    the student's own solution and model files).
     """
-    found = [f"file {path.relative_to(folder)}" for path in sorted(folder.rglob("*"))
-             if path.name in SECRET_FILES]
+    found = [f"file {path.relative_to(folder)}" for path in sorted(folder.rglob("*")) if path.name in files]
     secrets = secret_lines(source, regions)
     for path in sorted(folder.rglob("*")):
         if path.suffix not in (".ipynb", ".html", ".py", ".json", ".txt", ".md"):
@@ -133,6 +137,39 @@ def generate(course: Path) -> Path:
     if found:
         raise RuntimeError("the release leaks:\n  " + "\n  ".join(found))
     return release
+
+
+def strip_for_solutions(source: str) -> str:
+    """A cell's source without hidden-test regions and without the solution markers."""
+    kept, hidden = [], False
+    for line in source.splitlines():
+        if "BEGIN HIDDEN TESTS" in line:
+            hidden = True
+        elif "END HIDDEN TESTS" in line:
+            hidden = False
+        elif not hidden and "BEGIN SOLUTION" not in line and "END SOLUTION" not in line:
+            kept.append(line)
+    return "\n".join(kept).strip("\n")
+
+
+def make_solutions(source: Path, dest: Path) -> list[Path]:
+    """Write the hand-out solutions of the source notebooks into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in NOTEBOOKS:
+        nb = nbformat.read(source / f"{name}.ipynb", as_version=4)
+        for cell in nb.cells:
+            cell.metadata.pop("nbgrader", None)
+            cell.source = strip_for_solutions(cell.source)
+        note = nbformat.v4.new_markdown_cell(
+            "*Reference solution, handed out after the deadline. Generated from "
+            f"`assignments/source/{ASSIGNMENT}/{name}.ipynb` by `python scripts/homework.py solutions`; "
+            "the autograder's hidden tests are not included.*")
+        note.id = "solution-note"
+        nb.cells.insert(1, note)
+        nbformat.write(nb, dest / f"{name}.ipynb")
+        written.append(dest / f"{name}.ipynb")
+    return written
 
 
 def train_solution_model(notebook: Path, workdir: Path, *, num_train: int, epochs: int) -> None:
@@ -219,12 +256,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("release", help="generate the release and check it for leaks")
+    commands.add_parser("solutions", help="write solutions/week4 from the source notebooks")
     timing = commands.add_parser("bench", help="time the autograding of one submission")
     timing.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     args = parser.parse_args(argv)
     if args.command == "release":
         release = generate(COURSE)
         print(f"released {release}: no solution, hidden test, answer key or model file in it")
+    elif args.command == "solutions":
+        for path in make_solutions(COURSE / "source" / ASSIGNMENT, SOLUTIONS / ASSIGNMENT):
+            print(f"wrote {path.relative_to(ROOT)}")
     else:
         bench(args.full)
 

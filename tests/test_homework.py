@@ -318,7 +318,7 @@ def outputs(course: Path, student: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_round_trip(tmp_path):
     timings = {}
     start = time.perf_counter()
@@ -362,7 +362,7 @@ def test_round_trip(tmp_path):
     hw.nbgrader(course, "generate_feedback", "week4")
     feedback = course / "feedback"
     assert len(list(feedback.rglob("*.html"))) >= len(STUDENTS)
-    assert hw.leaks(feedback, course / "source" / "week4", regions=hw.REGIONS[1:]) == []
+    assert hw.leaks(feedback, course / "source" / "week4", regions=hw.REGIONS[1:], files=hw.SECRET_FILES) == []
 
     hw.nbgrader(course, "export", f"--to={tmp_path / 'grades.csv'}")
     with open(tmp_path / "grades.csv") as handle:
@@ -374,3 +374,12 @@ def test_round_trip(tmp_path):
     timings["total"] = time.perf_counter() - start
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1), file=sys.stderr)
     assert key["dataset"] == "fashion-mnist"
+
+
+def test_solutions_are_up_to_date_and_hold_no_hidden_test(tmp_path):
+    source = hw.COURSE / "source" / "week4"
+    for path in hw.make_solutions(source, tmp_path):
+        assert path.read_text() == (hw.SOLUTIONS / "week4" / path.name).read_text(), \
+            "solutions/ is stale: run python scripts/homework.py solutions"
+    assert hw.leaks(tmp_path, source, regions=hw.REGIONS[1:], files=hw.SECRET_FILES) == []
+    assert "def poison_dataset" in (tmp_path / "part1_attack.ipynb").read_text()
