@@ -263,6 +263,9 @@ def main(argv=None) -> None:
     if args.command == "release":
         release = generate(COURSE)
         print(f"released {release}: no solution, hidden test, answer key or model file in it")
+        if not (release / "zoo" / "index.json").is_file():
+            print("note: no zoo in the release (build it with `python -m course_lib zoo build ... --public "
+                  f"assignments/source/{ASSIGNMENT}/zoo`, or give students WEEK4_ZOO)")
     elif args.command == "solutions":
         for path in make_solutions(COURSE / "source" / ASSIGNMENT, SOLUTIONS / ASSIGNMENT):
             print(f"wrote {path.relative_to(ROOT)}")
