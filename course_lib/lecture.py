@@ -59,6 +59,7 @@ class Lab:
     results_dir: Path
     results: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -106,11 +107,14 @@ class Lab:
         self._write()
 
     def finish(self) -> dict:
-        """Record the notebook's wall time and print every result as one JSON line.
+        """Record the notebook's wall and CPU time and print every result as one JSON line.
 
-        The line starts with ``RESULTS`` so that a test (or a student) can parse it.
+        The line starts with ``RESULTS`` so that a test (or a student) can parse it. The CPU
+        time counts every thread of this process; with one thread (``OMP_NUM_THREADS=1``) it
+        is the notebook's work on one core, whatever else the machine is doing.
         """
         self.results["wall_seconds"] = round(time.perf_counter() - self.started, 1)
+        self.results["cpu_seconds"] = round(time.process_time() - self.started_cpu, 1)
         path = self._write()
         print(f"results written to {path}")
         print("RESULTS " + json.dumps(self.results, sort_keys=True, default=_jsonable))
@@ -175,6 +179,42 @@ def rate_sweep(lab: Lab, rates, *, trigger=None, target: int = 0) -> dict[float,
     for rate in _progress(rates, "poisoning rates"):
         runs[rate] = lab.run_backdoor(trigger=trigger, target=target, rate=rate)
     return runs
+
+
+class timer:
+    """``with timer() as t: ...`` then ``t.seconds``: the wall time of a block, for cost columns."""
+
+    def __enter__(self):
+        self.start, self.seconds = time.perf_counter(), None
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = round(time.perf_counter() - self.start, 1)
+        return False
+
+
+def defense_row(name: str, seconds: float, *, ca_before: float, asr_before: float, detection: dict | None = None,
+                after: tuple[float, float] | None = None, flagged=None, flagged_on_clean_model=None,
+                paper: str = "") -> dict:
+    """One row of the defense comparison, in the format of :mod:`course_lib.defenses.compare`.
+
+    ``detection`` is :func:`~course_lib.defenses.scoring.detection_scores`' dict (or any
+    dict with tpr/fpr/f1); ``after`` the (CA, ASR) after the defense, scored with
+    :func:`~course_lib.defenses.scoring.mitigation_scores`. Render a list of rows with
+    ``compare.to_markdown`` and ``compare.plot``.
+    """
+    from .defenses.scoring import mitigation_scores
+    row = {"defense": name, "paper": paper, "tpr": None, "fpr": None, "f1": None, "flagged": flagged,
+           "flagged_on_clean_model": flagged_on_clean_model, "ca_before": ca_before, "asr_before": asr_before,
+           "ca_after": None, "asr_after": None, "ca_drop": None, "asr_reduction": None,
+           "mitigation_score": None, "seconds": seconds}
+    if detection is not None:
+        row.update({key: detection.get(key) for key in ("tpr", "fpr", "f1")})
+    if after is not None:
+        row.update(ca_after=after[0], asr_after=after[1])
+        row.update(mitigation_scores(ca_before=ca_before, ca_after=after[0], asr_before=asr_before,
+                                     asr_after=after[1]))
+    return row
 
 
 def pct(value, digits: int = 1) -> str:

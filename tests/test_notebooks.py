@@ -115,7 +115,11 @@ def check_05(r):
 
 def check_06(r):
     assert r["badnets"]["asr"] >= 0.9
-    assert r["comparison"], "the measured comparison table must have rows"
+    ac = r["activation_clustering"]
+    assert ac["flagged"] == [0] and ac["tpr"] >= 0.9 and ac["lecture_rule_fpr"] > ac["fpr"]
+    assert 0 in r["neural_cleanse"]["flagged"]
+    assert r["fine_pruning"]["asr"] < 0.5 and r["dp_sgd"]["epsilon"] > 0
+    assert len(r["comparison"]) >= 8, "the measured comparison table must have a row per defense"
 
 
 def check_07(r):
