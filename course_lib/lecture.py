@@ -55,7 +55,7 @@ class Lab:
     test: ImageDataset
     epochs: int
     seed: int
-    cache_dir: Path
+    cache_dir: Path | None
     results_dir: Path
     results: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -140,6 +140,7 @@ def start(name: str, *, dataset: str = "fashion-mnist", device=None, fast: bool 
     With ``fast=True`` the victim trains on a random 20,000-image subset (the rest is the
     ``spare`` clean set) for 2 epochs; with ``fast=False`` on all but 10,000 images for 4
     epochs. ``device=None`` picks the GPU when there is one (:func:`~course_lib.train.pick_device`).
+    ``cache_dir=None`` trains every model afresh.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string (the notebook's name), got {name!r}")
@@ -154,7 +155,8 @@ def start(name: str, *, dataset: str = "fashion-mnist", device=None, fast: bool 
     size = FAST_TRAIN_SIZE if fast else len(full_train) - SPARE_SIZE
     train, spare = full_train.split(min(size, len(full_train) - 1), seed=seed)
     lab = Lab(name=name, dataset=dataset, device=device, fast=fast, train=train, spare=spare, test=test,
-              epochs=epochs or (2 if fast else 4), seed=seed, cache_dir=Path(cache_dir),
+              epochs=epochs or (2 if fast else 4), seed=seed,
+              cache_dir=None if cache_dir is None else Path(cache_dir),
               results_dir=Path(results_dir))
     print(f"{dataset}: training on {len(train):,} of {len(full_train):,} images ({len(spare):,} held back), "
           f"testing on {len(test):,}; {lab.epochs} epochs; device {device} "

@@ -148,3 +148,59 @@ def test_notebook_runs_and_measures(path, shared_dirs):
 
 
 EXPLORERS = {"04": "attack success rate", "05": "PSNR"}  # notebook -> text its explorer's fallback shows
+
+
+# The notebooks' helpers, on tiny synthetic data (fast).
+
+@pytest.fixture(scope="module")
+def tiny_runs():
+    from course_lib.data import synthetic_dataset
+    from course_lib.experiments import run_backdoor
+
+    train, test = synthetic_dataset(300, seed=0), synthetic_dataset(100, seed=1)
+    return test, {rate: run_backdoor(train, test, rate=rate, epochs=1, progress=False) for rate in (0.05, 0.2)}
+
+
+def test_trigger_explorer_updates_and_degrades_to_a_static_view(tiny_runs):
+    from course_lib.widgets import TRIGGER_KINDS, TriggerExplorer
+
+    test, runs = tiny_runs
+    explorer = TriggerExplorer(test.images[:4], runs[0.2].model, classes=test.classes, target=0)
+    full = explorer.state["l2"]
+    assert explorer.set(opacity=0.25)["l2"] == pytest.approx(full / 4, rel=1e-4)  # the mix is linear
+    for kind in TRIGGER_KINDS:
+        assert "ssim" in explorer.set(kind=kind, opacity=1.0)
+    bundle = explorer._repr_mimebundle_()
+    assert {"application/vnd.jupyter.widget-view+json", "text/html", "text/plain"} <= set(bundle)
+    assert "PSNR" in bundle["text/plain"] and "model:" in bundle["text/plain"]
+    with pytest.raises(ValueError, match="kind"):
+        TriggerExplorer(test.images[:4], kind="sticker")
+
+
+def test_rate_explorer_answers_from_precomputed_models(tiny_runs):
+    from course_lib.widgets import RateExplorer
+
+    test, runs = tiny_runs
+    explorer = RateExplorer(runs, test, runs[0.2].poison.trigger, 0)
+    start = time.perf_counter()
+    text = explorer.set(0.05)
+    assert time.perf_counter() - start < 2.0 and "poisoning rate <b>5%</b>" in text
+    assert "clean acc." in explorer._repr_mimebundle_()["text/plain"]
+    with pytest.raises(ValueError, match="rate"):
+        explorer.set(0.5)
+
+
+def test_lab_records_results_for_the_summary_notebook(tmp_path, monkeypatch):
+    from course_lib import lecture
+    from course_lib.data import synthetic_dataset
+
+    data = synthetic_dataset(200, seed=0)
+    monkeypatch.setattr(lecture, "load_splits", lambda name: (data, data))
+    lab = lecture.start("99_test", results_dir=tmp_path, cache_dir=None)
+    lab.record(asr=0.5, rates={"0.1": 0.9})
+    with pytest.raises(TypeError, match="'model'"):
+        lab.record(model=object())
+    assert lab.finish()["asr"] == 0.5
+    saved = lecture.load_results(tmp_path)["99_test"]
+    assert saved["results"]["rates"] == {"0.1": 0.9} and saved["results"]["cpu_seconds"] >= 0
+    assert "91.2%" == lecture.pct(0.9123) and lecture.pct(None) == "n/a"
