@@ -123,14 +123,18 @@ class Planned:
 def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10) -> list[Planned]:
     """Who is who in the zoo, drawn from ``seed``: the reference, the practice model, then
     ``model_1``, ``model_2``... (the recipes in a seeded random order)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_seed(seed)
     rng = np.random.default_rng(seed)
     recipes = SMALL_RECIPES if small else DEFAULT_RECIPES
     named = [("reference", Recipe("reference")), ("practice", PRACTICE)]
     named += [(f"model_{i + 1}", recipes[j]) for i, j in enumerate(rng.permutation(len(recipes)))]
     return [Planned(name, recipe, int(rng.integers(num_classes)), *(int(v) for v in rng.integers(0, 2**31 - 1, 2)))
             for name, recipe in named]
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool = False, seed: int = 0,
@@ -146,8 +150,9 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     public = out / "public" if public is None else Path(public)
     if public.resolve() == out.resolve():
         raise ValueError("public must be a different folder from out: out holds the answer key")
-    plan = plan_zoo(small=small, seed=seed)
+    _check_seed(seed)
     train_split, test_split = data if data is not None else load_splits(dataset)
+    plan = plan_zoo(small=small, seed=seed, num_classes=train_split.num_classes)
     settings = SMALL_SETTINGS if small else DEFAULT_SETTINGS
     start = time.perf_counter()
 

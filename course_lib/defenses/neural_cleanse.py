@@ -224,14 +224,17 @@ def _success_rate(model, images, masks, patterns, batch_size: int = 512) -> torc
 
 
 def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, labels=None,
-            stamp_fraction: float = 0.2, epochs: int = 1, lr: float = 0.01, seed: int = 0,
+            stamp_fraction: float = 0.2, epochs: int = 5, lr: float = 0.02, seed: int = 0,
             device=None, progress: bool = True):
     """A copy of ``model`` fine-tuned to ignore the reversed triggers (Wang et al. Sec. VI-C).
 
     ``stamp_fraction`` of ``clean_data`` gets the reversed trigger of one of ``labels``
     (default: the flagged labels) and keeps its true label; the copy is then trained on
-    the whole set for ``epochs`` with a small learning rate ``lr``. The model and the
-    data given are not modified.
+    the whole set for ``epochs`` with peak learning rate ``lr``. Too little training
+    (one epoch at 0.01, as for Wang et al.'s larger sets) removes the backdoor but also
+    much of the target class: the model first learns "avoid the target", and needs a few
+    epochs to relearn the class from its real features. The model and the data given are
+    not modified.
     """
     check_model(model, "forward")
     check_dataset("clean_data", clean_data)
