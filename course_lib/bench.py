@@ -101,8 +101,8 @@ def bench_poison(n: int = 50_000, rate: float = 0.1, seed: int = 0, repeats: int
     loop_seconds = time.perf_counter() - start
     if len(looped) != n:
         raise RuntimeError("the lecture-style loop lost images")
-    return {"images": n, "shape": [3, 32, 32], "poison_rate": rate, "kit_seconds": round(kit_seconds, 3),
-            "kit_load_seconds": round(load_seconds, 3), "loop_seconds": round(loop_seconds, 2),
+    return {"images": n, "shape": [3, 32, 32], "poison_rate": rate, "kit_seconds": _figures(kit_seconds),
+            "kit_load_seconds": _figures(load_seconds), "loop_seconds": _figures(loop_seconds),
             "speedup": round(loop_seconds / kit_seconds, 1),
             "speedup_including_load": round(loop_seconds / (kit_seconds + load_seconds), 1)}
 
@@ -124,6 +124,11 @@ def bench_throughput(arch: str = "airbench", batch_size: int = 512, steps: int =
     seconds = train(model, data, epochs=1, batch_size=batch_size, progress=False, device=device).seconds
     return {"arch": arch, "device": str(pick_device(device)), "batch_size": batch_size,
             "images_per_second": round(n / seconds, 1), "seconds_per_50k_epoch": round(50_000 * seconds / n, 1)}
+
+
+def _figures(seconds: float) -> float:
+    """``seconds`` to 4 significant figures, so that a ratio of two printed figures keeps its value."""
+    return float(f"{seconds:.4g}")
 
 
 def _timed(fn) -> float:
