@@ -65,21 +65,19 @@ class Lab:
     def classes(self) -> tuple[str, ...]:
         return self.train.classes
 
+    def _defaults(self, kwargs: dict) -> dict:
+        """This lab's epochs and seed, and no progress bar, unless ``kwargs`` says otherwise."""
+        return {"epochs": self.epochs, "seed": self.seed, "progress": False, **kwargs}
+
     def run_backdoor(self, *, train: ImageDataset | None = None, **kwargs) -> BackdoorRun:
         """:func:`~course_lib.experiments.run_backdoor` on this lab's data, device and cache."""
-        kwargs.setdefault("epochs", self.epochs)
-        kwargs.setdefault("seed", self.seed)
-        kwargs.setdefault("progress", False)
         return run_backdoor(self.train if train is None else train, self.test, device=self.device,
-                            cache_dir=self.cache_dir, **kwargs)
+                            cache_dir=self.cache_dir, **self._defaults(kwargs))
 
     def run_clean(self, *, train: ImageDataset | None = None, **kwargs) -> BackdoorRun:
         """:func:`~course_lib.experiments.run_clean` on this lab's data (or ``train``), device and cache."""
-        kwargs.setdefault("epochs", self.epochs)
-        kwargs.setdefault("seed", self.seed)
-        kwargs.setdefault("progress", False)
         return run_clean(self.train if train is None else train, self.test, device=self.device,
-                         cache_dir=self.cache_dir, **kwargs)
+                         cache_dir=self.cache_dir, **self._defaults(kwargs))
 
     def run_poisoned(self, poison: PoisonResult, **kwargs) -> BackdoorRun:
         """Train a fresh model on the training set of any attack's :class:`~course_lib.attacks.PoisonResult`.

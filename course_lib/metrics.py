@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data import ImageDataset
 from .poisoning import _check_class_index
-from .train import predict
+from .train import check_model_and_data, predict
 
 ROBUSTNESS_TRANSFORMS = ("none", "rotate+15", "rotate-15", "brightness+20%", "brightness-20%",
                          "gaussian_blur", "crop_resize", "jpeg75")
@@ -39,7 +39,7 @@ CROP_FRACTION = 0.875  # crop_resize keeps 87.5% of the height and width (24 of 
 
 def clean_accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 1024, device=None) -> float:
     """CA: the fraction of clean images classified correctly, in [0, 1]."""
-    _check_model_and_data(model, data)
+    check_model_and_data(model, data)
     predictions = predict(model, data.images, batch_size=batch_size, device=device)
     return _fraction(predictions == data.labels)
 
@@ -162,7 +162,7 @@ def _jpeg75(images: torch.Tensor) -> torch.Tensor:
 
 def _triggered_inputs(model, data, trigger, target, *, exclude_target):
     """The triggered test images that count for the ASR, and their true labels."""
-    _check_model_and_data(model, data)
+    check_model_and_data(model, data)
     if not callable(trigger):
         raise TypeError(f"trigger must be callable (a course_lib.triggers.Trigger), got {type(trigger).__name__}")
     _check_class_index("target", target, data.num_classes)
@@ -170,15 +170,6 @@ def _triggered_inputs(model, data, trigger, target, *, exclude_target):
     if not keep.any():
         raise ValueError(f"data has no images outside the target class {target}: the ASR is undefined")
     return trigger(data.images[keep]), data.labels[keep]
-
-
-def _check_model_and_data(model, data) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(data, ImageDataset):
-        raise TypeError(f"data must be a course_lib.data.ImageDataset, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError("data must hold at least one image")
 
 
 def _check_image_pair(clean, triggered) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,13 +165,18 @@ def _one_cycle(optimizer, lr: float, total_steps: int):
                                                pct_start=max(0.25, 2 / total_steps))
 
 
-def _check_train_args(model, data, epochs, batch_size, lr):
+def check_model_and_data(model, data) -> None:
+    """Raise a clear error unless ``model`` is an ``nn.Module`` and ``data`` a non-empty ImageDataset."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, ImageDataset):
         raise TypeError(f"data must be a course_lib.data.ImageDataset, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError("data must hold at least one image")
+
+
+def _check_train_args(model, data, epochs, batch_size, lr):
+    check_model_and_data(model, data)
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
