@@ -263,11 +263,11 @@ def plot_reversed_triggers(result: NeuralCleanseResult, classes=None):
     for label in range(k):
         name = classes[label] if classes is not None else str(label)
         flag = " (flagged)" if label in result.flagged else ""
-        axes[0, label].imshow(result.masks[label, 0], cmap="gray", vmin=0, vmax=1)
+        axes[0, label].imshow(result.masks[label, 0].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[0, label].set_title(f"{name}{flag}\nL1={result.norms[label]:.0f} "
                                  f"a={result.anomaly_index[label]:.1f}", fontsize=7)
         stamp = (result.masks[label] * result.patterns[label]).permute(1, 2, 0).squeeze(-1)
-        axes[1, label].imshow(stamp, cmap="gray" if stamp.ndim == 2 else None, vmin=0, vmax=1)
+        axes[1, label].imshow(stamp.numpy(), cmap="gray" if stamp.ndim == 2 else None, vmin=0, vmax=1)
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("Neural Cleanse: reversed masks (top) and stamps m*p (bottom)", fontsize=9)
