@@ -11,7 +11,7 @@ Every attack returns a :class:`PoisonResult`: a new dataset plus the indices it 
 (the ground truth that detectors are scored against). The input dataset is never
 modified, and all randomness comes from the ``seed`` argument.
 
-Errata (see DESIGN.md): the lecture's BadNets demo may pick images that already belong
+Errata (see docs/DESIGN.md): the lecture's BadNets demo may pick images that already belong
 to the target class, where relabeling does nothing; :func:`badnets` picks only
 non-target images. The lecture's reading list calls Liu et al. (2018), "Trojaning Attack
 on Neural Networks", a clean-label attack: it is not (it retrains the model on trojaned

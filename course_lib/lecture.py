@@ -9,7 +9,7 @@ data, the device, where trained models are cached and where the measured numbers
 - :meth:`Lab.record` writes the numbers a notebook measured to ``<results_dir>/<name>.json``.
   The summary notebook gathers them with :func:`load_results`; the notebook tests read them.
 - :func:`versus` shows a number the lecture states next to the one measured just now: the
-  kit never types a result in (DESIGN.md, "Numbers are measured, never typed in").
+  kit never types a result in (docs/DESIGN.md, "Numbers are measured, never typed in").
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
 - **Robustness**: :func:`robustness` re-measures the ASR after common image
   transformations (rotation, brightness, blur, crop, JPEG) of the triggered inputs.
 
-Errata (see DESIGN.md): the lecture counts ASR over *all* test images, including those
+Errata (see docs/DESIGN.md): the lecture counts ASR over *all* test images, including those
 whose true label already is the target (erratum 1); a model without any backdoor then
 scores about 10% on a 10-class test set. Its SSIM is one global formula with made-up
 constants (erratum 8); here SSIM is the standard windowed one from torchmetrics. Its

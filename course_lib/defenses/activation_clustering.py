@@ -15,7 +15,7 @@ The smaller cluster is only suspicious when the split is *both* lopsided and rea
   the two clusters are far apart compared to their own spread. A clean class cut in two
   by 2-means scores low because the cut goes through one blob.
 
-Erratum (DESIGN.md, 6): the lecture always flags the smaller cluster of a class, so
+Erratum (docs/DESIGN.md, 6): the lecture always flags the smaller cluster of a class, so
 every class looks poisoned. Requiring both tests is a choice made here: some clean
 Fashion-MNIST classes split naturally (the Trouser class has a small, well separated
 subgroup), and either test alone flags them. The silhouette score is computed on a PCA

@@ -1,6 +1,6 @@
 """The defense comparison table, built from runs: ``python -m course_lib bench defenses``.
 
-The lecture ends with a table of stars that nobody measured (DESIGN.md, erratum 11).
+The lecture ends with a table of stars that nobody measured (docs/DESIGN.md, erratum 11).
 :func:`run_all` instead trains one BadNets model and one clean model on the offline
 default dataset (Fashion-MNIST, the kit's default 3x3 checkerboard trigger, 5% of the
 training set poisoned toward class 0) and runs every defense on them. Each defense

@@ -16,7 +16,7 @@ trigger. So:
    attacker who hides the backdoor in busy channels; fine-tuning alone often is not
    enough either; together they work better).
 
-Erratum (DESIGN.md, 5): the lecture's sketch ranks flattened activation *positions* of
+Erratum (docs/DESIGN.md, 5): the lecture's sketch ranks flattened activation *positions* of
 every Conv2d and Linear layer, on single images, and zeroes weight rows by those
 positions, which do not correspond to the neurons it measured. Liu et al. prune whole
 channels of the last convolutional layer, ranked by mean activation on clean data.

@@ -17,7 +17,7 @@ shrink the mask), lowered when it does not (first make it work). The smallest ma
 succeeded is kept. A label is flagged when its mask's L1 norm is a small outlier by the
 MAD test: anomaly index ``|x - median| / (1.4826 * MAD) > 2`` on the low side.
 
-Errata (DESIGN.md, 3): the lecture's sketch *maximizes* the cross-entropy (a sign error),
+Errata (docs/DESIGN.md, 3): the lecture's sketch *maximizes* the cross-entropy (a sign error),
 optimizes a 5x5 patch fixed in one corner on uniform noise instead of a full-image mask
 on clean images, and runs the MAD test on losses instead of mask norms.
 
