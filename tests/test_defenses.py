@@ -16,8 +16,9 @@ from course_lib.defenses import (activation_clustering, anomaly_index, detection
                                  lecture_batch_noise_training, lecture_transform_sanitize, mitigation_scores,
                                  neural_cleanse, plot_activation_clusters, plot_pruning_curve,
                                  plot_reversed_triggers, plot_strip_entropy, prune, pruning_curve, remove,
-                                 spectral_signatures, strip_rates, train_dp_sgd, unlearn)
+                                 spectral_signatures, strip_entropy, strip_rates, train_dp_sgd, unlearn)
 from course_lib.defenses.compare import plot, to_markdown
+from course_lib.data import ImageDataset
 from course_lib.experiments import run_backdoor, run_clean
 from course_lib.metrics import attack_success_rate, clean_accuracy
 
@@ -91,10 +92,14 @@ def test_spectral_signatures_without_class_test_removes_from_every_class(lab):
 
 def test_isolation_forest_on_pixel_statistics_and_features(lab):
     data = lab["poison"].dataset.subset(range(2000))
+    poisoned = lab["poison"].indices[lab["poison"].indices < 2000]
     flagged = isolation_forest_outliers(data, features="pixel_stats", contamination=0.05)
     assert len(flagged) == pytest.approx(100, abs=2)
     learned = isolation_forest_outliers(data, model=lab["bd"].model, contamination=0.1, progress=False)
     assert len(learned) == pytest.approx(200, abs=2)
+    # A 3x3 patch barely moves an image's pixel statistics; the learned features single it out.
+    assert detection_scores(flagged, poisoned, 2000)["tpr"] < 0.1  # measured 0.0
+    assert detection_scores(learned, poisoned, 2000)["tpr"] > 0.6  # measured 0.93
     assert len(remove(data, flagged)) == len(data) - len(flagged)
 
 
@@ -123,8 +128,9 @@ def test_neural_cleanse_flags_the_planted_target(lab):
     assert plot_reversed_triggers(result, classes=poison.dataset.classes) is not None
     repaired = unlearn(model, result, lab["defender"], epochs=2, lr=0.05, progress=False)
     assert fingerprint(model, lab["defender"].images) == before
-    assert (attack_success_rate(repaired, lab["eval"], poison.trigger, poison.target)
-            < attack_success_rate(model, lab["eval"], poison.trigger, poison.target))
+    # measured: ASR 1.00 -> 0.02, clean accuracy 0.89 -> 0.83 on this small model
+    assert attack_success_rate(repaired, lab["eval"], poison.trigger, poison.target) < 0.2
+    assert clean_accuracy(repaired, lab["eval"]) > clean_accuracy(model, lab["eval"]) - 0.15
 
 
 # --- Fine-Pruning -----------------------------------------------------------------------------
@@ -181,7 +187,9 @@ def test_dp_sgd_reports_a_finite_epsilon(lab):
     result = train_dp_sgd(data, epochs=1, batch_size=200, progress=False)
     assert math.isfinite(result.epsilon) and result.epsilon > 0 and result.delta == 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
-    assert clean_accuracy(result.model, lab["eval"]) > 0.1
+    assert clean_accuracy(result.model, lab["eval"]) > 0.4  # measured 0.56 after one epoch on 2,000 images
+    more_noise = train_dp_sgd(data, epochs=1, batch_size=200, noise_multiplier=2.0, progress=False)
+    assert more_noise.epsilon < result.epsilon  # measured 0.94 < 3.44: more noise, more privacy
     noisy = lecture_batch_noise_training(data, epochs=1, batch_size=200, progress=False)
     assert noisy.epsilon is None
 
@@ -243,3 +251,23 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
     with pytest.raises(ValueError, match="labels"):
         unlearn(model, neural_cleanse(copy.deepcopy(model), defender, steps=5, n_images=50, progress=False),
                 defender, labels=[11], progress=False)
+    with pytest.raises(ValueError, match="indices"):  # 0.7 must not silently become index 0
+        remove(data, torch.tensor([0.7]))
+    with pytest.raises(ValueError, match="indices"):
+        remove(data, torch.tensor([len(data)]))
+    with pytest.raises(ValueError, match="channels"):
+        prune(model, [0.7])
+    with pytest.raises(ValueError, match="overlays"):
+        strip_entropy(model, defender.images[:4], torch.zeros(4, 3, 28, 28))
+    with pytest.raises(ValueError, match="clean_data"):
+        two_classes = defender.subset(range(50))
+        two_classes = ImageDataset(two_classes.images, two_classes.labels % 2, ("a", "b"), "two")
+        neural_cleanse(model, two_classes, n_images=20, steps=5, progress=False)
+
+
+def test_removal_takes_a_boolean_mask_as_a_mask(lab):
+    data = lab["poison"].dataset.subset(range(100))
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[[3, 50, 99]] = True
+    assert len(remove(data, mask)) == 97
+    assert torch.equal(remove(data, mask).images, data.images[~mask])

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset
 from ._checks import check_dataset, check_int, check_number
 from .activations import dataset_features
+from .scoring import as_mask
 
 REDUCERS = ("ica", "pca")
 
@@ -139,10 +140,17 @@ def _reduce(x: np.ndarray, reducer: str, n_components: int, seed: int) -> np.nda
 
 
 def _silhouette(x: np.ndarray, clusters: np.ndarray, seed: int, sample_size: int = 3000) -> float:
-    """Mean silhouette of the split, on at most ``sample_size`` points (the exact score is O(n^2))."""
+    """Mean silhouette of the split, on at most ``sample_size`` points (the exact score is O(n^2)).
+
+    The sample is the one ``silhouette_score(..., sample_size, random_state=seed)`` would
+    draw; a split whose smaller cluster is so tiny that the sample misses it scores -1.
+    """
+    if len(x) > sample_size:
+        pick = np.random.RandomState(seed).permutation(len(x))[:sample_size]
+        x, clusters = x[pick], clusters[pick]
     if clusters.min() == clusters.max():
         return -1.0  # one cluster: no split at all
-    return float(silhouette_score(x, clusters, sample_size=min(sample_size, len(x)), random_state=seed))
+    return float(silhouette_score(x, clusters))
 
 
 def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, classes=None):
@@ -152,9 +160,10 @@ def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, 
     """
     k = len(result.per_class)
     fig, axes = plt.subplots(2, k, figsize=(2.0 * k, 4.4), squeeze=False)
-    truth = set() if poisoned is None else set(torch.as_tensor(poisoned).tolist())
+    n = sum(len(v.indices) for v in result.per_class)  # every sample belongs to one class
+    truth = torch.zeros(n, dtype=torch.bool) if poisoned is None else as_mask(poisoned, n, "poisoned")
     for col, verdict in enumerate(result.per_class):
-        is_poison = np.array([i in truth for i in verdict.indices.tolist()])
+        is_poison = truth[verdict.indices].numpy()
         name = classes[verdict.label] if classes is not None else str(verdict.label)
         for row, colors in ((0, verdict.clusters), (1, is_poison)):
             ax = axes[row, col]

@@ -121,6 +121,10 @@ def lecture_batch_noise_training(data: ImageDataset, *, epochs: int = 2, batch_s
 
     Kept for comparison only (erratum 7). Clipping the summed gradient bounds the batch,
     not any one example, so there is no (epsilon, delta) to report: ``epsilon`` is None.
+    The noise, as in the lecture, is ``noise_multiplier * max_grad_norm`` added to the
+    *mean* gradient; DP-SGD adds the same noise to the *sum* of clipped per-example
+    gradients and then divides by the batch size. At equal settings the lecture's
+    version is therefore ``batch_size`` times noisier, which is what wrecks its accuracy.
     """
     _check_dp_args(data, epochs, batch_size, lr, noise_multiplier, max_grad_norm)
     model = model_for(data, arch=arch, seed=seed)

@@ -37,6 +37,7 @@ from ..data import ImageDataset
 from ..metrics import attack_success_rate, clean_accuracy
 from ..train import model_device, train
 from ._checks import check_dataset, check_int, check_model, check_number
+from .scoring import as_mask
 
 
 @torch.no_grad()
@@ -72,12 +73,9 @@ def pruning_order(model, clean_data: ImageDataset) -> torch.Tensor:
 def prune(model, channels) -> torch.nn.Module:
     """A copy of ``model`` with the given last-conv-layer channels switched off."""
     check_model(model, "channel_mask")
-    channels = torch.as_tensor(channels, dtype=torch.long).flatten()
-    size = len(model.channel_mask.mask)
-    if len(channels) and (channels.min() < 0 or channels.max() >= size):
-        raise ValueError(f"channels must lie in [0, {size - 1}]")
+    off = as_mask(channels, len(model.channel_mask.mask), "channels")
     pruned = copy.deepcopy(model)
-    pruned.channel_mask.mask[channels.to(pruned.channel_mask.mask.device)] = 0.0
+    pruned.channel_mask.mask[off.to(pruned.channel_mask.mask.device)] = 0.0
     return pruned
 
 

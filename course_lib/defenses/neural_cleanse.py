@@ -122,6 +122,9 @@ def neural_cleanse(model, clean_data: ImageDataset, *, n_images: int = 1000, ste
     """
     check_model(model, "forward")
     check_dataset("clean_data", clean_data)
+    if clean_data.num_classes < 3:
+        raise ValueError(f"clean_data must have at least 3 classes for the median test over labels, "
+                         f"got {clean_data.num_classes}")
     check_budget("n_images", n_images, clean_data, "clean_data")
     check_int("steps", steps)
     check_int("batch_size", batch_size)

@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data import ImageDataset
 from ._checks import check_dataset, check_number
+from .scoring import as_mask
 from .activations import extract_features
 
 FEATURE_KINDS = ("learned", "pixel_stats")
@@ -102,8 +103,7 @@ def isolation_forest_outliers(data: ImageDataset, *, model=None, features: str =
 def remove(data: ImageDataset, indices) -> ImageDataset:
     """A copy of ``data`` without the samples at ``indices``: the input of a retraining."""
     check_dataset("data", data)
-    keep = torch.ones(len(data), dtype=torch.bool)
-    keep[torch.as_tensor(indices, dtype=torch.long)] = False
+    keep = ~as_mask(indices, len(data), "indices")
     if not keep.any():
         raise ValueError("indices must leave at least one sample of data")
     return data.subset(keep)

@@ -28,6 +28,8 @@ def as_mask(indices, n: int, name: str = "indices") -> torch.Tensor:
         if idx.shape != (n,):
             raise ValueError(f"{name} as a boolean mask must have length {n}, got {tuple(idx.shape)}")
         return idx.clone()
+    if idx.numel() and (idx.is_floating_point() or idx.is_complex()):  # [] is a float tensor
+        raise ValueError(f"{name} must be integer indices or a boolean mask, got dtype {idx.dtype}")
     idx = idx.long().flatten()
     if len(idx) and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"{name} must lie in [0, {n - 1}]")

@@ -28,7 +28,7 @@ from ._checks import check_dataset, check_int, check_model, check_number
 
 
 def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_overlays: int = 16,
-                  seed: int = 0) -> torch.Tensor:
+                  seed: int = 0, chunk: int = 256) -> torch.Tensor:
     """Mean Shannon entropy (nats) of the predictions on ``n_overlays`` blends of each image, (N,).
 
     Each image is blended with ``n_overlays`` images drawn (with ``seed``) from ``overlays``.
@@ -38,13 +38,19 @@ def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_over
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or len(tensor) == 0:
             raise ValueError(f"{name} must be a non-empty 4-D tensor (N, C, H, W), got "
                              f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+    if images.shape[1:] != overlays.shape[1:]:
+        raise ValueError(f"overlays must have the images' shape (C, H, W) = {tuple(images.shape[1:])}, "
+                         f"got {tuple(overlays.shape[1:])}")
     check_int("n_overlays", n_overlays)
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(overlays), (len(images), n_overlays), generator=gen)
-    blends = (images.unsqueeze(1) + overlays[picks]).clamp(0, 1).flatten(0, 1)      # (N * n, C, H, W)
-    log_probs = predict_logits(model, blends).log_softmax(1)
-    entropy = -(log_probs.exp() * log_probs).sum(1)
-    return entropy.view(len(images), n_overlays).mean(1)
+    entropies = []
+    for start in range(0, len(images), chunk):  # chunks keep the N * n_overlays blends out of memory
+        blends = (images[start:start + chunk].unsqueeze(1) + overlays[picks[start:start + chunk]]).clamp(0, 1)
+        probs = predict_logits(model, blends.flatten(0, 1)).softmax(1)   # (chunk * n, K)
+        entropy = torch.distributions.Categorical(probs=probs).entropy()
+        entropies.append(entropy.view(-1, n_overlays).mean(1))
+    return torch.cat(entropies)
 
 
 @dataclass
