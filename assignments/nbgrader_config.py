@@ -17,6 +17,10 @@ c.CourseDirectory.course_id = "adversarial-ml-week4"
 # `timeout` seconds (an endless loop) is interrupted and fails, and grading goes on.
 c.Execute.kernel_name = "python3"
 c.Execute.timeout = 120
+# The kernel does not put the submission folder on sys.path: a handed-in course_lib/ (or
+# torch/) folder must not replace the grader's own modules. (nbgrader's default argument,
+# an in-memory history file, is kept.)
+c.Execute.extra_arguments = ["--HistoryManager.hist_file=:memory:", "--InteractiveShellApp.ignore_cwd=True"]
 
 # Autograding copies the instructor's version of every non-notebook file in
 # source/week4 over the submission (so the zoo cannot be tampered with). The model a

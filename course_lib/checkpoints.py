@@ -94,9 +94,14 @@ def load_checkpoint(path, *, expected_arch: str | None = None, expected_dataset:
         raise CheckpointError(f"expected_dataset: checkpoint was trained on {meta.get('dataset')!r}, "
                               f"expected {expected_dataset!r}")
     try:
-        model = build_model(arch, **config)
+        with torch.device("meta"):  # size the described model first, without allocating it
+            described = sum(t.numel() * t.element_size() for t in build_model(arch, **config).state_dict().values())
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"path: cannot rebuild architecture {arch!r} from {sidecar_path(path).name}: {err}") from err
+    if described > max_bytes:
+        raise CheckpointError(f"path: {sidecar_path(path).name} describes a model of {described} bytes, "
+                              f"more than max_bytes={max_bytes}")
+    model = build_model(arch, **config)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

@@ -186,11 +186,6 @@ def check_trigger(trigger, images: torch.Tensor, *, name: str) -> None:
                                              f"images unchanged: a trigger must change every image")
 
 
-def perturbation_rms(trigger, images: torch.Tensor, name: str) -> torch.Tensor:
-    """Per-image root-mean-square pixel change made by ``trigger``, shape (N,)."""
-    return (apply_trigger(trigger, images, name) - images).flatten(1).pow(2).mean(1).sqrt()
-
-
 @_graded
 def check_trigger_is_backdoor(trigger, *, name: str, dataset: str, target: int) -> None:
     """A trigger, not a picture of the target: a bounded change that does not fool a clean model.
@@ -202,10 +197,15 @@ def check_trigger_is_backdoor(trigger, *, name: str, dataset: str, target: int) 
     """
     data = evaluation_data(dataset)
     images = data.images[data.labels != target][:2000]
-    rms = perturbation_rms(trigger, images, name).mean().item()
+    _require_backdoor_trigger(images, apply_trigger(trigger, images, name), name=name, dataset=dataset,
+                              target=target)
+
+
+def _require_backdoor_trigger(images, triggered, *, name: str, dataset: str, target: int) -> None:
+    """The two conditions of :func:`check_trigger_is_backdoor`, on one triggered batch."""
+    rms = (triggered - images).flatten(1).pow(2).mean(1).sqrt().mean().item()
     _require(rms <= MAX_TRIGGER_RMS, f"{name} changes the images too much: mean RMS pixel change {rms:.3f}, "
                                      f"allowed at most {MAX_TRIGGER_RMS}")
-    triggered = apply_trigger(trigger, images, name)
     rate = (predict(reference_model(dataset), triggered) == target).float().mean().item()
     _require(rate <= MAX_REFERENCE_TARGET_RATE,
              f"{name} makes a clean model (never trained on your trigger) classify {rate:.0%} of triggered "
@@ -341,9 +341,12 @@ def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int, minim
     trigger = student_function(namespace, name)
     data = evaluation_data(dataset)
     check_trigger(trigger, data.images[:500], name=name)
-    check_trigger_is_backdoor(trigger, name=name, dataset=dataset, target=target)
     images = data.images[data.labels != target]
-    asr = (predict(model, apply_trigger(trigger, images, name)) == target).float().mean().item()
+    # One call: the legitimacy checks and the ASR see the very same triggered images, so a
+    # trigger cannot behave differently when it is checked and when it is measured.
+    triggered = apply_trigger(trigger, images, name)
+    _require_backdoor_trigger(images, triggered, name=name, dataset=dataset, target=target)
+    asr = (predict(model, triggered) == target).float().mean().item()
     _require(asr > minimum, f"attack success rate with {name} is {asr:.3f} over the {len(images)} non-target "
                             f"test images; it must be above {minimum}")
 
@@ -428,14 +431,14 @@ def _score(detector) -> dict:
     return report
 
 
-_SCORES: dict[int, tuple[object, dict]] = {}
+_SCORES: dict = {}
 
 
 def detector_report(detector) -> dict:
     """:func:`_score`, computed once per detector function (three checks share it)."""
-    if id(detector) not in _SCORES or _SCORES[id(detector)][0] is not detector:
-        _SCORES[id(detector)] = (detector, _score(detector))
-    return _SCORES[id(detector)][1]
+    if detector not in _SCORES:
+        _SCORES[detector] = _score(detector)
+    return _SCORES[detector]
 
 
 @_graded

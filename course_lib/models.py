@@ -32,7 +32,8 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        mean = torch.as_tensor(mean, dtype=torch.float32, device="cpu")  # checked on the CPU, also when
+        std = torch.as_tensor(std, dtype=torch.float32, device="cpu")    # a model is sized on "meta"
         if mean.ndim != 1 or mean.shape != std.shape or (std <= 0).any():
             raise ValueError(f"mean and std must be equal-length sequences with std > 0, got {mean}, {std}")
         self.register_buffer("mean", mean.view(1, -1, 1, 1))

@@ -72,3 +72,12 @@ def test_nan_weights_and_size_limit(saved):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="max_bytes"):
         load_checkpoint(path, max_bytes=10)
+
+
+def test_a_sidecar_describing_a_huge_model_is_refused_before_it_is_built(saved):
+    _, path = saved
+    meta = json.loads(sidecar_path(path).read_text())
+    meta["config"]["width"] = 100_000  # about 3.6 TB of weights: building it would exhaust memory
+    sidecar_path(path).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="describes a model of"):
+        load_checkpoint(path)
