@@ -29,8 +29,8 @@ from .experiments import BackdoorRun, run_backdoor, run_clean
 from .metrics import attack_success_rate
 from .train import pick_device
 
-#: Training images used when ``fast=True``: a small CNN learns Fashion-MNIST to ~89% from
-#: 20,000 images in two epochs (about 8 s on two CPU cores).
+#: Training images used when ``fast=True``: enough for a small CNN to learn Fashion-MNIST
+#: well in two epochs, in seconds on a laptop CPU (README.md, "Measured", has the timings).
 FAST_TRAIN_SIZE = 20_000
 #: Training images held back from the victim when ``fast=False``: clean data that the
 #: attacker (for a surrogate model) or the defender (for a clean validation set) owns.
