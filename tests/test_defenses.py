@@ -17,7 +17,7 @@ from course_lib.defenses import (activation_clustering, anomaly_index, detection
                                  neural_cleanse, plot_activation_clusters, plot_pruning_curve,
                                  plot_reversed_triggers, plot_strip_entropy, prune, pruning_curve, remove,
                                  spectral_signatures, strip_entropy, strip_rates, train_dp_sgd, unlearn)
-from course_lib.defenses.compare import plot, to_markdown
+from course_lib.defenses.compare import plot, run_all, to_markdown
 from course_lib.data import ImageDataset
 from course_lib.experiments import run_backdoor, run_clean
 from course_lib.metrics import attack_success_rate, clean_accuracy
@@ -219,6 +219,28 @@ def test_markdown_and_figure_come_from_the_rows():
     table = to_markdown([{"defense": "setup"}, row])
     assert "| fine_pruning |" in table and "0.900 -> 0.880" in table and "47.5" in table
     assert plot([row]) is not None
+
+
+def test_run_all_builds_the_table_from_runs(fmnist):
+    """The function behind ``bench defenses`` and the README table, on a small real run."""
+    train, test = fmnist
+    small_train, _ = train.split(20_000, seed=0)
+    small_test, _ = test.split(2_000, seed=1)
+    printed = []
+    rows = run_all(small_train, small_test, defenses=("activation_clustering", "strip", "fine_pruning"),
+                   progress=False, on_row=printed.append)
+    assert [r["defense"] for r in rows] == ["setup", "activation_clustering", "strip", "fine_pruning"]
+    assert printed == rows  # every row reached the caller as soon as it was ready
+    setup, ac, strip, fp = rows
+    assert setup["poisoned"] == 1000 and setup["asr_backdoored"] > 0.9
+    assert ac["flagged"] == [setup["target"]] and ac["tpr"] > 0.8 and ac["flagged_on_clean_model"] == []
+    assert strip["tpr"] > 0.8 and strip["asr_after"] < 0.2
+    assert fp["asr_after"] < fp["asr_before"] and all(r["seconds"] > 0 for r in rows[1:])
+    table = to_markdown(rows)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["activation_clustering", "strip",
+                                                                              "fine_pruning"]
+    with pytest.raises(ValueError, match="defenses"):
+        run_all(small_train, small_test, defenses=("activation_clustering", "magic"), progress=False)
 
 
 # --- bad input --------------------------------------------------------------------------------

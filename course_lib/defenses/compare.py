@@ -152,7 +152,7 @@ def _isolation_forest(b: _Bench, kind: str) -> dict:
     start = _clock()
     name = "isolation_forest_features" if kind == "learned" else "isolation_forest_pixel_stats"
     found = isolation_forest_outliers(b.poison.dataset, model=b.backdoored.model, features=kind,
-                                                   seed=b.seed, progress=b.progress)
+                                      seed=b.seed, progress=b.progress)
     # No clean-model run: IsolationForest removes its ``contamination`` fraction of any data
     # set by construction, so its "false alarms on a clean model" would be that input back.
     return b.sample_detector_row(name, start, found, None)
@@ -166,7 +166,7 @@ def _neural_cleanse(b: _Bench) -> dict:
     after = None
     if found.flagged:
         after = b.measure(unlearn(b.backdoored.model, found, b.defender, seed=b.seed,
-                                                 device=b.device, progress=b.progress))
+                                  device=b.device, progress=b.progress))
     target = b.poison.target
     return b.row("neural_cleanse", start, after=after, flagged=found.flagged,
                  flagged_on_clean_model=on_clean.flagged,
@@ -179,11 +179,9 @@ def _neural_cleanse(b: _Bench) -> dict:
 
 def _fine_pruning(b: _Bench) -> dict:
     start = _clock()
-    result = fine_prune(b.backdoored.model, b.defender, seed=b.seed, device=b.device,
-                                     progress=b.progress)
+    result = fine_prune(b.backdoored.model, b.defender, seed=b.seed, device=b.device, progress=b.progress)
     row = b.row("fine_pruning", start, after=b.measure(result.model), pruned_fraction=round(result.fraction, 3))
-    curve = pruning_curve(b.backdoored.model, b.defender, b.eval, b.poison.trigger, b.poison.target,
-                                       points=9)
+    curve = pruning_curve(b.backdoored.model, b.defender, b.eval, b.poison.trigger, b.poison.target, points=9)
     row["curve"] = {"fractions": [round(f, 3) for f in curve.fractions],
                     "clean_acc": [round(v, 4) for v in curve.clean_acc], "asr": [round(v, 4) for v in curve.asr]}
     return row
