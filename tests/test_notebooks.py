@@ -115,6 +115,7 @@ def check_05(r):
     assert 0 < r["stealth"]["blend a=0.1"]["psnr"] < 60 and 0 < r["stealth"]["pixel 3x3 (default)"]["ssim"] <= 1
     assert set(r["robustness"]["pixel 3x3 (default)"]) >= {"none", "jpeg75", "rotate+15"}
     assert r["opacity_asr"]["1.0"] >= 0.9 and "psnr" in r["explorer_state"]
+    assert max(r["checklist"].values()) < r["checklist_criteria"], "the takeaway says no trigger meets them all"
 
 
 def check_06(r):
