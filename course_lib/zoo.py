@@ -2,32 +2,47 @@
 
 Part 2 of the homework asks students to implement Activation Clustering (Chen et al.
 2018) and to find out which models of a zoo are backdoored and which training samples
-were poisoned. ``python -m course_lib zoo build --out DIR`` trains that zoo:
+were poisoned. ``python -m course_lib zoo build --out DIR`` trains that zoo from a list
+of recipes:
 
 - a few clean models and a few backdoored ones: dirty-label BadNets (Gu et al. 2017)
   with different triggers, targets and poisoning rates, and one clean-label backdoor
   (Turner et al. 2019, :func:`course_lib.attacks.label_consistent`);
-- each model is trained on its own random part of the training split, stored with it.
+- each model is trained on its own random part of the training split.
+
+Every recipe is trained twice, with independent seeds: once as a *graded* model
+(``model_1``, ``model_2``...) and once as an *exercise* model (``exercise_1``...). The
+graded models never leave the instructor's folder. Had they been public with their
+training sets, a student could diff each training set against the public dataset and
+read off the poisoned samples (a dirty-label poison matches no original image, or has
+another label): the answer key. Students get the exercise models instead, which they
+may take apart as they please: they are not graded.
 
 It writes two folders that must never be confused:
 
 ``--public`` (default ``DIR/public``): what students get. ``index.json``, and for each
-    model ``<name>.safetensors`` + ``<name>.json`` (a safe checkpoint) and
-    ``<name>-train.safetensors`` (its training set, uint8 images and labels). One extra
-    *practice* model comes with its answer, so students can measure their detector.
-``DIR`` itself: the instructor's answer key, never released. ``answer_key.json`` (which
-    models are backdoored, targets, poisoned indices, measured CA/ASR), a clean
-    ``reference.safetensors`` (the Part 1 autograder checks that a student's trigger does
-    not fool a clean model on its own) and ``activations/<name>.safetensors`` (each model's
-    penultimate activations on its training set: the Part 2 autograder feeds them to the
-    student's detector without recomputing them).
+    exercise model and for the *practice* model ``<name>.safetensors`` + ``<name>.json``
+    (a safe checkpoint, no hint of its answer) and ``<name>-train.safetensors`` (its
+    training set, uint8 images and labels). The practice model's answer is in
+    ``index.json``, so students can measure their detector.
+``DIR`` itself: the instructor's folder, never released. ``answer_key.json`` (which
+    graded and exercise models are backdoored, targets, poisoned indices, measured
+    CA/ASR), a clean ``reference.safetensors`` (the Part 1 autograder checks that a
+    student's trigger does not fool a clean model on its own), ``activations/<name>.safetensors``
+    (each graded model's penultimate activations on its training set: the Part 2
+    autograder feeds them to the student's detector) and ``models/<name>.safetensors``
+    + ``.json`` (every graded, exercise and practice checkpoint, for :func:`known_zoo_model`).
 
-Which recipe becomes ``model_1``, ``model_2``..., every target class and every training
-subset are drawn from ``seed``. The recipes below are public, so an instructor must pass
-a seed of their own: with the default seed a student could rebuild the answer key.
+No backdoored zoo model has the homework's target class (``homework_target``), and
+:func:`known_zoo_model` recognizes zoo weights: a zoo model handed in as a student's
+Part 1 model is caught twice.
+
+Which recipe becomes which name, every target class and every training subset are drawn
+from ``seed``. The recipes below are public, so an instructor must pass a seed of their
+own: with the default seed a student could rebuild the answer key.
 
 Every poisoned training set is rounded to 8-bit pixels *before* training, so the stored
-training set is exactly what the model saw.
+training set and activations are exactly what the model saw.
 """
 from __future__ import annotations
 
@@ -52,7 +67,12 @@ from .models import model_for
 from .train import train
 from .triggers import make_trigger
 
-FORMAT = "course_lib.zoo/1"
+FORMAT = "course_lib.zoo/2"
+FINGERPRINT_THRESHOLD = 0.05
+"""Relative L2 distance below which :func:`known_zoo_model` calls two weight vectors the same
+model. Measured on Fashion-MNIST zoo models (docs/instructor_guide.md, section 1): two models
+trained on the same recipe with different seeds lie about 1 apart, a zoo model fine-tuned for
+one short epoch moves 0.1 or more from where it started; float noise and re-saving move it 0."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,7 @@ DEFAULT_RECIPES = (
     Recipe("label-consistent", "label_consistent", ("distributed", {"patch_size": 3}), 0.5),
 )
 SMALL_RECIPES = DEFAULT_RECIPES[1:4]
+SMALL_EXERCISES = DEFAULT_RECIPES[2:3]  # one backdoored exercise model keeps the small build short
 PRACTICE = Recipe("practice", "badnets", ("patch", {"size": 4, "pattern": "solid", "location": "top-left"}), 0.05)
 
 
@@ -111,25 +132,42 @@ class ZooModel:
 
 @dataclass(frozen=True)
 class Planned:
-    """One model to train: its name, recipe, target class and the seeds of its data and weights."""
+    """One model to train: its name, role, recipe, target class and the seeds of its data and weights.
+
+    ``role`` is ``"reference"``, ``"practice"``, ``"graded"`` (instructor only) or ``"exercise"`` (public).
+    """
 
     name: str
+    role: str
     recipe: Recipe
     target: int
     subset_seed: int
     model_seed: int
 
 
-def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10) -> list[Planned]:
-    """Who is who in the zoo, drawn from ``seed``: the reference, the practice model, then
-    ``model_1``, ``model_2``... (the recipes in a seeded random order)."""
+def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10, homework_target: int = 0) -> list[Planned]:
+    """Who is who in the zoo, drawn from ``seed``: the reference, the practice model, the graded
+    ``model_1``, ``model_2``... and the public ``exercise_1``... (each list of recipes in its own
+    seeded random order).
+
+    Targets are drawn from every class except ``homework_target``, the class the students'
+    own backdoor must aim at, so no zoo model can pass for a student's Part 1 model.
+    Weight seeds start at 1: the homework's reference solution trains with seed 0.
+    """
     _check_seed(seed)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if isinstance(homework_target, bool) or not isinstance(homework_target, int) \
+            or not 0 <= homework_target < num_classes:
+        raise ValueError(f"homework_target must be a class index in [0, {num_classes}), got {homework_target!r}")
     rng = np.random.default_rng(seed)
-    recipes = SMALL_RECIPES if small else DEFAULT_RECIPES
-    named = [("reference", Recipe("reference")), ("practice", PRACTICE)]
-    named += [(f"model_{i + 1}", recipes[j]) for i, j in enumerate(rng.permutation(len(recipes)))]
-    return [Planned(name, recipe, int(rng.integers(num_classes)), *(int(v) for v in rng.integers(0, 2**31 - 1, 2)))
-            for name, recipe in named]
+    targets = [c for c in range(num_classes) if c != homework_target]
+    named = [("reference", "reference", Recipe("reference")), ("practice", "practice", PRACTICE)]
+    for role, prefix, recipes in (("graded", "model", SMALL_RECIPES if small else DEFAULT_RECIPES),
+                                  ("exercise", "exercise", SMALL_EXERCISES if small else DEFAULT_RECIPES)):
+        named += [(f"{prefix}_{i + 1}", role, recipes[j]) for i, j in enumerate(rng.permutation(len(recipes)))]
+    return [Planned(name, role, recipe, int(rng.choice(targets)), *(int(v) for v in rng.integers(1, 2**31 - 1, 2)))
+            for name, role, recipe in named]
 
 
 def _check_seed(seed) -> None:
@@ -138,7 +176,8 @@ def _check_seed(seed) -> None:
 
 
 def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool = False, seed: int = 0,
-              device=None, progress: bool = True, data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
+              homework_target: int = 0, device=None, progress: bool = True,
+              data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
     """Train the zoo and write it (see the module docstring). Returns the answer key.
 
     ``data`` is an optional (train, test) pair to use instead of loading ``dataset`` (tests
@@ -148,11 +187,11 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
     out = Path(out)
     public = out / "public" if public is None else Path(public)
-    if public.resolve() == out.resolve():
-        raise ValueError("public must be a different folder from out: out holds the answer key")
+    if public.resolve() == out.resolve() or public.resolve() in out.resolve().parents:
+        raise ValueError("public must be a folder that neither is nor contains out: out holds the answer key")
     _check_seed(seed)
     train_split, test_split = data if data is not None else load_splits(dataset)
-    plan = plan_zoo(small=small, seed=seed, num_classes=train_split.num_classes)
+    plan = plan_zoo(small=small, seed=seed, num_classes=train_split.num_classes, homework_target=homework_target)
     settings = SMALL_SETTINGS if small else DEFAULT_SETTINGS
     start = time.perf_counter()
 
@@ -169,22 +208,29 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     reference, _, _ = fit(plan[0])
     save_checkpoint(reference, out / "reference.safetensors", dataset=train_split.name, classes=train_split.classes)
     key = {"format": FORMAT, "dataset": train_split.name, "seed": seed, "small": small,
-           "num_train": settings.num_train, "epochs": settings.epochs, "models": {}}
+           "homework_target": homework_target, "num_train": settings.num_train, "epochs": settings.epochs,
+           "models": {}, "exercises": {}}
+    index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes), "models": []}
     (out / "activations").mkdir(parents=True, exist_ok=True)
-    for planned in plan[2:]:
+    for planned in plan[1:]:
         model, trained, poison = fit(planned, reference)
+        save_checkpoint(model, out / "models" / f"{planned.name}.safetensors",
+                        dataset=trained.name, classes=trained.classes)
+        answer = _answer(planned.recipe, model, poison, test_split)
+        if planned.role == "graded":
+            save_file({"activations": extract_features(model, trained.images, progress=False).contiguous(),
+                       "labels": trained.labels.contiguous()},
+                      str(out / "activations" / f"{planned.name}.safetensors"))
+            key["models"][planned.name] = answer
+            continue
         _write_model(public, planned.name, model, trained)
-        save_file({"activations": extract_features(model, trained.images, progress=False).contiguous(),
-                   "labels": trained.labels.contiguous()},
-                  str(out / "activations" / f"{planned.name}.safetensors"))
-        key["models"][planned.name] = _answer(planned.recipe, model, poison, test_split)
-    practice_model, practice_data, practice_poison = fit(plan[1], reference)
-    _write_model(public, "practice", practice_model, practice_data)
-    index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes),
-             "models": [_files(p.name) for p in plan[2:]],
-             "practice": {**_files("practice"), "target": practice_poison.target,
-                          "trigger": repr(practice_poison.trigger),
-                          "poisoned_indices": practice_poison.indices.tolist()}}
+        if planned.role == "exercise":
+            key["exercises"][planned.name] = answer
+            index["models"].append(_files(planned.name))
+        else:
+            key["practice"] = answer
+            index["practice"] = {**_files("practice"), "target": poison.target, "trigger": repr(poison.trigger),
+                                 "poisoned_indices": poison.indices.tolist()}
     (public / "index.json").write_text(json.dumps(index, indent=1))
     key["seconds"] = round(time.perf_counter() - start, 1)
     (out / "answer_key.json").write_text(json.dumps(key, indent=1))
@@ -218,7 +264,7 @@ def _files(name: str) -> dict:
 
 
 def _write_model(folder: Path, name: str, model: nn.Module, data: ImageDataset) -> None:
-    """A zoo model's checkpoint (no hint of its answer in the metadata) and its training set."""
+    """A public zoo model's checkpoint (no hint of its answer in the metadata) and its training set."""
     files = _files(name)
     save_checkpoint(model, folder / files["checkpoint"], dataset=data.name, classes=data.classes)
     save_file({"images": _to_uint8(data.images).contiguous(), "labels": data.labels.contiguous()},
@@ -236,8 +282,61 @@ def _answer(recipe: Recipe, model: nn.Module, poison: PoisonResult | None, test:
     return entry
 
 
+def known_zoo_model(model: nn.Module, folder, *, threshold: float = FINGERPRINT_THRESHOLD) -> str | None:
+    """The name of the zoo model whose weights ``model`` carries, or None if it carries none.
+
+    ``folder`` is the instructor's zoo folder (``build_zoo``'s ``out``). The autograder calls
+    this with a student's Part 1 model: handing in a zoo model, or a zoo model with a little
+    noise added, is not doing the homework. ``model``'s parameters (weights and biases; not
+    buffers such as the normalization statistics) are compared with those of
+    ``folder/reference.safetensors`` and of every checkpoint in ``folder/models/`` (graded,
+    exercise and practice models) that has the same parameter names and shapes. A zoo model
+    matches when the relative L2 distance ``||w - w_zoo|| / ||w_zoo||`` is below ``threshold``
+    (see :data:`FINGERPRINT_THRESHOLD`); the closest match wins. Checkpoints are loaded with
+    :func:`course_lib.checkpoints.load_checkpoint` (safetensors + JSON, no pickle).
+
+    A determined student can still disguise a zoo model (permute its channels, fine-tune it
+    long enough): a fingerprint catches copies, not every derivative.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    folder = Path(folder)
+    if not (folder / "models").is_dir():
+        raise FileNotFoundError(f"folder: {folder / 'models'} does not exist; pass the folder written by "
+                                f"`python -m course_lib zoo build --out DIR` (DIR, not the public folder)")
+    weights = _parameters(model)
+    candidates = [folder / "reference.safetensors", *sorted((folder / "models").glob("*.safetensors"))]
+    best, best_distance = None, threshold
+    for path in filter(Path.is_file, candidates):
+        distance = relative_distance(weights, _parameters(load_checkpoint(path)[0]))
+        if distance < best_distance:
+            best, best_distance = path.stem, distance
+    return best
+
+
+def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().float() for name, p in model.named_parameters()}
+
+
+def relative_distance(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """``||w - w_ref|| / ||w_ref||`` over all tensors of two name -> tensor dicts (e.g. parameters);
+    infinity when their names or shapes differ (different architectures are never the same model)."""
+    if not isinstance(weights, dict) or not isinstance(reference, dict):
+        raise TypeError("weights and reference must be dicts of tensors, e.g. dict(model.named_parameters())")
+    if weights.keys() != reference.keys() or any(weights[k].shape != reference[k].shape for k in reference):
+        return float("inf")
+    difference = torch.cat([(weights[k].float() - reference[k].float()).flatten() for k in reference])
+    norm = torch.cat([reference[k].float().flatten() for k in reference]).norm()
+    return (difference.norm() / norm).item()
+
+
 def load_zoo(folder) -> list[ZooModel]:
-    """The graded models of a zoo folder (what students get), in name order, loaded safely."""
+    """The exercise models of a public zoo folder (what students get), in name order, loaded safely.
+
+    Their answers are not published; the graded models they mirror stay with the instructor.
+    """
     index = _read_index(folder)
     return [_load_entry(Path(folder), entry, index) for entry in index["models"]]
 
@@ -258,7 +357,7 @@ def _read_index(folder) -> dict:
                                 f"`python -m course_lib zoo build --out DIR` or ask your instructor for it")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT:
-        raise ValueError(f"folder: {path} is not a course_lib zoo index (format {FORMAT})")
+        raise ValueError(f"folder: {path} is not a course_lib zoo index of format {FORMAT}; rebuild the zoo")
     return index
 
 
@@ -280,24 +379,28 @@ def load_training_set(path, index: dict) -> ImageDataset:
 
 
 def main(argv=None) -> None:
-    """``python -m course_lib zoo build --out DIR [--public DIR] [--dataset D] [--small] [--seed N]``."""
+    """``python -m course_lib zoo build --out DIR [--public DIR] [--dataset D] [--small] [--seed N]
+    [--homework-target C]``."""
     parser = argparse.ArgumentParser(prog="python -m course_lib zoo", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="train the zoo and write it with its answer key")
     build.add_argument("--out", required=True, type=Path,
-                       help="instructor-only folder: answer key, reference model, activations")
+                       help="instructor-only folder: answer key, reference, graded models, activations")
     build.add_argument("--public", type=Path, default=None,
                        help="student-facing folder (default OUT/public), e.g. assignments/source/week4/zoo")
     build.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    build.add_argument("--small", action="store_true", help="three small models, for tests (about a minute)")
+    build.add_argument("--small", action="store_true", help="a few small models, for tests (about a minute)")
     build.add_argument("--seed", type=int, default=0,
                        help="choose your own: the recipes are public, the seed keeps the answer secret")
+    build.add_argument("--homework-target", type=int, default=0,
+                       help="the homework's target class, which no zoo backdoor aims at (default 0)")
     build.add_argument("--device", default=None, help="cpu, cuda, mps (default: the fastest present)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     key = build_zoo(args.out, public=args.public, dataset=args.dataset, small=args.small, seed=args.seed,
-                    device=args.device, progress=not args.quiet)
-    print(f"zoo: {len(key['models'])} models in {key['seconds']} s; answer key in {args.out / 'answer_key.json'}")
-    for name, entry in key["models"].items():
+                    homework_target=args.homework_target, device=args.device, progress=not args.quiet)
+    print(f"zoo: {len(key['models'])} graded and {len(key['exercises'])} exercise models in {key['seconds']} s; "
+          f"answer key in {args.out / 'answer_key.json'}")
+    for name, entry in {**key["models"], **key["exercises"], "practice": key["practice"]}.items():
         asr = f"ASR {entry['asr']:.3f} (target {entry['target']})" if entry["backdoored"] else "clean"
         print(f"  {name}: {entry['recipe']:<20} CA {entry['clean_accuracy']:.3f}  {asr}")
