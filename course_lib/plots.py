@@ -63,7 +63,7 @@ def poisoned_samples(poisoned_dataset, indices: torch.Tensor, clean_labels: torc
         raise ValueError("indices must name at least one poisoned image")
     chosen = indices[:count]
     names = poisoned_dataset.classes
-    titles = [f"{names[int(clean_labels[i])][:10]}\n-> {names[int(poisoned_dataset.labels[i])][:10]}"
+    titles = [f"{names[int(clean_labels[i])]}\n-> {names[int(poisoned_dataset.labels[i])]}"
               for i in chosen]
     return image_grid(poisoned_dataset.images[chosen], titles, ncols=count)
 
@@ -80,7 +80,7 @@ def training_curves(history: History, title: str = "training"):
     if history.test_accuracy:
         ax_acc.plot(epochs, history.test_accuracy, marker="s", label="clean test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy", ylim=(0, 1))
-    ax_acc.legend()
+    ax_acc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -89,12 +89,13 @@ def rate_curve(rates, clean_acc, asr, *, title: str = "ASR and clean accuracy vs
     """Clean accuracy and attack success rate against the poisoning rate (log x axis)."""
     if not (len(rates) == len(clean_acc) == len(asr)) or not rates:
         raise ValueError("rates, clean_acc and asr must be non-empty and of equal length")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
     ax.plot(rates, asr, marker="o", label="ASR (non-target test images)")
     ax.plot(rates, clean_acc, marker="s", label="clean accuracy")
     ax.set_xscale("log")
-    ax.set(xlabel="poisoning rate (fraction of the training set)", ylabel="rate", ylim=(0, 1.02), title=title)
+    ax.set(xlabel="poisoning rate (fraction of the training set, log scale)", ylabel="share of test images",
+           ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never over the curves
     fig.tight_layout()
     return fig
