@@ -82,8 +82,9 @@ def test_exercise_models_are_not_the_graded_ones(built):
     for exercise in key["exercises"]:
         public = weights(out / "public" / f"{exercise}.safetensors")
         for graded in key["models"]:
-            assert zoo.relative_distance(public, weights(out / "models" / f"{graded}.safetensors")) > 0.5
-            assert digest(out / "public" / f"{exercise}.safetensors") != digest(out / "models" / f"{graded}.safetensors")
+            hidden = out / "models" / f"{graded}.safetensors"
+            assert zoo.relative_distance(public, weights(hidden)) > 1.5 * zoo.FINGERPRINT_THRESHOLD
+            assert digest(out / "public" / f"{exercise}.safetensors") != digest(hidden)
 
 
 def test_no_zoo_backdoor_aims_at_the_homework_target(data, tmp_path):
@@ -134,11 +135,24 @@ def test_known_zoo_model_finds_copies(built):
     assert zoo.known_zoo_model(noisy, out) == graded
 
 
+def test_known_zoo_model_finds_a_model_trained_on_from_a_zoo_model(built, data):
+    out, key = built
+    exercise = next(iter(key["exercises"]))
+    model, _ = load_checkpoint(out / "models" / f"{exercise}.safetensors")
+    train(model, data[0], epochs=1, seed=5, progress=False)
+    distance = zoo.relative_distance(zoo._parameters(model.cpu()), weights(out / "models" / f"{exercise}.safetensors"))
+    assert 0.01 < distance < zoo.FINGERPRINT_THRESHOLD
+    assert zoo.known_zoo_model(model, out) == exercise
+
+
 def test_known_zoo_model_passes_an_independently_trained_model(built, data):
     out, _ = built
     model = model_for(data[0], seed=0)
     train(model, data[0], epochs=2, seed=0, progress=False)
-    assert zoo.known_zoo_model(model.cpu(), out) is None
+    model = model.cpu()
+    for path in (out / "models").glob("*.safetensors"):
+        assert zoo.relative_distance(zoo._parameters(model), weights(path)) > 1.5 * zoo.FINGERPRINT_THRESHOLD
+    assert zoo.known_zoo_model(model, out) is None
     other_architecture = model_for(data[0], arch="resnet18", seed=0)
     assert zoo.known_zoo_model(other_architecture, out) is None
 
