@@ -1,26 +1,33 @@
 """nbgrader configuration of the Week 4 homework. Run every nbgrader command from this folder.
 
 The step-by-step workflow (build the zoo, release, collect, autograde, feedback, export)
-is in docs/instructor_guide.md.
+is in docs/instructor_guide.md. Autograde a class with the kit's parallel command,
+``python -m course_lib autograde week4 --workers N``; nbgrader's own ``nbgrader autograde
+week4`` gives the same protection, one student after another.
 """
-from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import ClearHiddenTests, GetGrades
+from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests, GetGrades,
+                                    IgnorePattern, LimitOutput, SaveAutoGrades)
+
+from course_lib.autograde.preprocessor import TrustedExecute
 
 c = get_config()  # noqa: F821 -- provided by nbgrader when it loads this file
 
 c.CourseDirectory.course_id = "adversarial-ml-week4"
 
-# Autograding re-runs each notebook with the kernel recorded in it ("python3": the Python
-# environment nbgrader runs in). Training cells are skipped (NBGRADER_EXECUTION=autograde);
-# the slowest graded cell recomputes clean accuracy and ASR on 10,000 test images or runs a
-# student's detector on every zoo model: seconds on a laptop CPU. A cell still running after
-# `timeout` seconds (an endless loop) is interrupted and fails, and grading goes on.
-c.Execute.kernel_name = "python3"
-c.Execute.timeout = 120
-# The kernel does not put the submission folder on sys.path: a handed-in course_lib/ (or
-# torch/) folder must not replace the grader's own modules. (nbgrader's default argument,
-# an in-memory history file, is kept.)
-c.Execute.extra_arguments = ["--HistoryManager.hist_file=:memory:", "--InteractiveShellApp.ignore_cwd=True"]
+# Trusted autograding. nbgrader's default Execute runs the hidden tests in the student's own
+# kernel, where the student's code can patch them; TrustedExecute replaces it: the student's
+# cells run in a bubblewrap sandbox (no network, no access to grading/, the gradebook or other
+# submissions; CPU, memory, file-size and time limits), and every test is decided in this
+# process from what the student's functions returned (course_lib/autograde/). Training cells
+# are skipped (NBGRADER_EXECUTION=autograde). A cell or graded call still running after
+# `timeout` seconds is stopped; only the tests that needed it fail.
+c.Autograde.autograde_preprocessors = [TrustedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
+                                       SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
+c.TrustedExecute.timeout = 120
+c.TrustedExecute.notebook_timeout = 600
+# Where no sandbox can be made, autograding refuses to run; this switch accepts the loss:
+# c.TrustedExecute.unsafe_no_sandbox = True
 
 # Autograding copies the instructor's version of every non-notebook file in
 # source/week4 over the submission (so the zoo cannot be tampered with). The model a

@@ -1,27 +1,30 @@
-"""The checks behind the Week 4 homework's autograder tests.
+"""The rules of the Week 4 homework, and the checks its test cells call.
 
-Every test cell of the homework notebooks is a short call to a ``check_*`` function
-here. A check returns quietly or raises :class:`GradingFailure` (an AssertionError) with
-a message saying what is wrong and what is required. Anything else that goes wrong on the
-way (a student's function raising, a corrupt file, a missing variable) becomes such a
-failure too, so a broken submission fails its own tests and never stops the grading run.
+Every rule is written once, as a function of *data* (``verify_*``): the images a trigger
+returned, the dataset and indices a poisoning function returned, a detector's flags, a
+saved model. Two kinds of caller use the same rules:
 
-What Part 1 trusts: nothing the student printed. The saved model is loaded without
-executing code (:func:`course_lib.checkpoints.load_checkpoint`: safetensors + JSON); its
-clean accuracy (CA) and attack success rate (ASR, over test images whose true label is
-not the target) are recomputed here on the dataset's test split with the student's own
-trigger function, taken from the notebook the autograder has just re-executed. A trigger
-counts only if it is a trigger, not a picture of the target class: it may change an image
-by an RMS of at most :data:`MAX_TRIGGER_RMS`, and a clean reference model that never saw
-it must not classify triggered images as the target.
+- **the notebooks' test cells**, while a student works: ``check_*`` functions call the
+  student's function in the student's own kernel and apply the rule to what it returned, so
+  the student sees every visible check pass or fail (with a message saying what is wrong);
+- **the trusted autograder** (:mod:`course_lib.autograde`), which never runs a test cell in
+  a student's kernel. It runs the student's functions in a sandbox on inputs it chooses,
+  reads back what they returned as plain tensors, and applies the same ``verify_*`` rules
+  in its own process, together with the files only it can read: the answer key, the
+  reference model, the zoo's activations. Code in a submission can patch anything in its
+  own kernel (this module included); it cannot reach that process.
 
-What Part 2 trusts: the answer key and activations written by ``python -m course_lib zoo
-build`` into the instructor's grading folder (see :func:`grading_dir`). The student's
-detector is run here on those activations and scored per sample and per model.
+What Part 1 is graded on: the saved model, loaded without executing code
+(:func:`course_lib.checkpoints.load_checkpoint`: safetensors + JSON), its clean accuracy
+(CA) and attack success rate (ASR, over test images whose true label is not the target),
+recomputed with the images the student's own trigger returned. A trigger counts only if it
+is a trigger, not a picture of the target class: it may change an image by an RMS of at most
+:data:`MAX_TRIGGER_RMS`, and a clean reference model that never saw it must not classify
+triggered images as the target. What Part 2 is graded on: the flags the student's detector
+returns on the activations of the hidden graded zoo, compared with the answer key.
 
 Feedback must never quote hidden test code. A :class:`GradingFailure` is therefore shown
-as its message alone, and when this module is imported during ``nbgrader autograde`` it
-switches IPython to one-line tracebacks for every other error as well.
+as its message alone.
 """
 from __future__ import annotations
 
@@ -49,6 +52,13 @@ MAX_MODEL_BYTES = 60_000_000      # a CIFAR ResNet-18 is 45 MB; a small_cnn 2 MB
 MAX_TRIGGER_RMS = 0.15            # mean root-mean-square pixel change of a triggered image
 MAX_REFERENCE_TARGET_RATE = 0.20  # a clean model may call at most 20% of triggered images the target
 MAX_TRIGGER_COSINE = 0.90         # two triggers whose changes point the same way are one design
+MIN_CLEAN_ACCURACY = 0.85         # the lecture's homework: CA > 0.85 ...
+MIN_ATTACK_SUCCESS = 0.90         # ... and ASR > 0.90
+MIN_ZOO_FOUND = 0.5               # Part 2: share of backdoored zoo models a detector must find
+MIN_ZOO_TPR = 0.4
+MAX_ZOO_FPR = 0.02
+LEGITIMACY_IMAGES = 2000          # non-target test images the legitimacy checks use
+DISTINCT_IMAGES = 500             # test images the distinct-design check compares on
 GRADING_DIR_ENV = "COURSE_GRADING_DIR"
 GRADING_SUBDIR = Path("grading") / "week4"
 
@@ -89,21 +99,71 @@ def _require(condition, message: str) -> None:
         raise GradingFailure(message)
 
 
-# ---------------------------------------------------------------- shared data
+# ---------------------------------------------------------------- data and grading files
 
 @functools.lru_cache(maxsize=4)
-def evaluation_data(dataset: str) -> ImageDataset:
-    """The test split of ``dataset``: data the student does not supply."""
+def _test_split(dataset: str) -> ImageDataset:
     return load_dataset(dataset, "test")
 
 
+def evaluation_data(dataset: str) -> ImageDataset:
+    """The test split of ``dataset`` (data the student does not supply), as a fresh copy.
+
+    A copy every time: no caller can change the images another check will use.
+    """
+    data = _test_split(dataset)
+    return data.replace(images=data.images.clone(), labels=data.labels.clone())
+
+
+class GradingFiles:
+    """The instructor's grading folder, written by ``zoo build``: answer key, reference model,
+    the hidden zoo's activations and checkpoints. Only the trusted autograder (and the
+    instructor's own copy of the source notebooks) ever reads it."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        _require((self.folder / "answer_key.json").is_file(),
+                 f"the instructor's grading files were not found (answer_key.json in {self.folder}): build them "
+                 f"with `python -m course_lib zoo build --out <course>/{GRADING_SUBDIR.as_posix()} --public "
+                 f"<course>/source/week4/zoo` (docs/instructor_guide.md)")
+
+    @functools.cached_property
+    def answer_key(self) -> dict:
+        return json.loads((self.folder / "answer_key.json").read_text())
+
+    @property
+    def dataset(self) -> str:
+        """The dataset the homework is graded on: the one the zoo was built for."""
+        return self.answer_key["dataset"]
+
+    @functools.cached_property
+    def reference_model(self):
+        """The clean reference model built with the zoo: it has never seen any student's trigger."""
+        model, _ = load_checkpoint(self.folder / "reference.safetensors", expected_dataset=self.dataset)
+        return model
+
+    def activations(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(activations, labels) of the graded zoo model ``name`` on its own training set."""
+        tensors = load_file(str(self.folder / "activations" / f"{name}.safetensors"))
+        return tensors["activations"].numpy(), tensors["labels"].numpy()
+
+    def known_zoo_model(self, model) -> str | None:
+        """The zoo model whose weights ``model`` carries (None for a model of the student's own)."""
+        from .zoo import known_zoo_model
+        return known_zoo_model(model, self.folder)
+
+
 def grading_dir() -> Path:
-    """The instructor's grading folder (answer key, reference model, zoo activations).
+    """The instructor's grading folder, for the source notebooks' hidden tests.
 
     ``$COURSE_GRADING_DIR`` when set; otherwise ``grading/week4`` in the nbgrader course
-    folder, found by walking up from the working directory to ``nbgrader_config.py``
-    (this works from ``source/week4`` and from ``autograded/<student>/week4``).
+    folder, found by walking up from the working directory to ``nbgrader_config.py``.
+    Refused during autograding: there the hidden tests are decided by the trusted
+    autograder, never inside a student's kernel.
     """
+    _require(os.environ.get("NBGRADER_EXECUTION") != "autograde",
+             "hidden tests are never run in a student's kernel: grade with the kit's trusted autograder, "
+             "`python -m course_lib autograde week4` (docs/instructor_guide.md)")
     cwd = Path.cwd()
     if os.environ.get(GRADING_DIR_ENV):
         candidates = [Path(os.environ[GRADING_DIR_ENV])]
@@ -112,31 +172,16 @@ def grading_dir() -> Path:
     for folder in candidates:
         if (folder / "answer_key.json").is_file():
             return folder
-    raise GradingFailure("the instructor's grading files were not found (answer_key.json in "
-                         f"${GRADING_DIR_ENV} or <course>/{GRADING_SUBDIR.as_posix()}): build them with "
-                         "`python -m course_lib zoo build --out <course>/grading/week4 --public "
-                         "<course>/source/week4/zoo` (docs/instructor_guide.md)")
-
-
-def answer_key() -> dict:
-    """The zoo's answer key (instructor only)."""
-    return json.loads((grading_dir() / "answer_key.json").read_text())
-
-
-def homework_dataset() -> str:
-    """The dataset the homework is graded on: the one the instructor built the zoo for."""
-    return answer_key()["dataset"]
+    return GradingFiles(candidates[0] if candidates else cwd / GRADING_SUBDIR).folder
 
 
 @functools.lru_cache(maxsize=2)
-def _reference_model(folder: str, dataset: str):
-    model, _ = load_checkpoint(Path(folder) / "reference.safetensors", expected_dataset=dataset)
-    return model
+def _grading_files(folder: str) -> GradingFiles:
+    return GradingFiles(folder)
 
 
-def reference_model(dataset: str):
-    """The clean reference model built with the zoo: it has never seen any student's trigger."""
-    return _reference_model(str(grading_dir()), dataset)
+def grading_files() -> GradingFiles:
+    return _grading_files(str(grading_dir()))
 
 
 # ---------------------------------------------------------------- Part 1: triggers
@@ -150,10 +195,9 @@ def student_function(namespace: dict, name: str):
     return function
 
 
-def apply_trigger(trigger, images: torch.Tensor, name: str) -> torch.Tensor:
-    """``trigger(images)`` on a copy, checked: a tensor of the same shape and dtype in [0, 1]."""
-    with _student_code(f"{name}(images)"):
-        out = trigger(images.clone())
+def verify_triggered(images: torch.Tensor, out, name: str) -> torch.Tensor:
+    """What a trigger returned for ``images`` is a batch of triggered images: a tensor of the
+    same shape and dtype, finite, in [0, 1]."""
     _require(isinstance(out, torch.Tensor), f"{name} must return a torch.Tensor, got {type(out).__name__}")
     _require(out.shape == images.shape, f"{name} must return the shape it was given {tuple(images.shape)}, "
                                         f"got {tuple(out.shape)}")
@@ -164,72 +208,83 @@ def apply_trigger(trigger, images: torch.Tensor, name: str) -> torch.Tensor:
     return out.detach()
 
 
-@_graded
-def check_trigger(trigger, images: torch.Tensor, *, name: str) -> None:
-    """The trigger contract: batched, same shape/dtype, in [0, 1], input untouched,
-    deterministic, each image treated on its own, and every image actually changed."""
-    _require(callable(trigger), f"{name} must be a function, got {type(trigger).__name__}")
-    probe = images.clone()
-    with _student_code(f"{name}(images)"):
-        trigger(probe)
-    _require(torch.equal(probe, images), f"{name} must not modify its input: work on a copy "
-                                         f"(images.clone())")
-    out = apply_trigger(trigger, images, name)
-    _require(torch.equal(out, apply_trigger(trigger, images, name)),
-             f"{name} must be deterministic: two calls on the same images gave different results")
-    alone = apply_trigger(trigger, images[5:6], name)
-    _require(torch.allclose(alone, out[5:6], atol=1e-6),
+def verify_trigger_contract(images, first, again, alone, batch, name: str) -> None:
+    """The trigger contract, decided from what separate calls returned.
+
+    ``first`` and ``again`` are two calls on the very same ``images`` object (a trigger that
+    modifies its input sees its own damage in the second call), ``alone`` a call on image 5
+    alone, ``batch`` a call on a larger batch whose first images are ``images``. A trigger
+    is deterministic, treats every image on its own, and changes every image.
+    """
+    first = verify_triggered(images, first, name)
+    _require(torch.equal(first, verify_triggered(images, again, name)),
+             f"{name} gave a different result on a second call with the same images: it must be deterministic "
+             f"and must not modify its input (work on images.clone())")
+    _require(torch.allclose(verify_triggered(images[5:6], alone, name), first[5:6], atol=1e-6),
              f"{name} gives image 5 a different result alone than inside a batch: treat every image "
              f"on its own (e.g. one fixed pattern for all images, not one drawn per batch)")
-    changed = (out - images).flatten(1).abs().amax(1) > 1e-6
+    _require(isinstance(batch, torch.Tensor) and batch.shape[1:] == images.shape[1:] and len(batch) >= len(images)
+             and torch.allclose(batch[:len(images)], first, atol=1e-6),
+             f"{name} gives the first {len(images)} images different results inside a larger batch: treat every "
+             f"image on its own")
+    changed = (first - images).flatten(1).abs().amax(1) > 1e-6
     _require(changed.float().mean() >= 0.95, f"{name} leaves {int((~changed).sum())} of {len(images)} "
                                              f"images unchanged: a trigger must change every image")
 
 
+def _call_trigger(trigger, images: torch.Tensor, name: str):
+    with _student_code(f"{name}(images)"):
+        return trigger(images)
+
+
 @_graded
-def check_trigger_is_backdoor(trigger, *, name: str, dataset: str, target: int) -> None:
+def check_trigger(trigger, images: torch.Tensor, *, name: str) -> None:
+    """The trigger contract (:func:`verify_trigger_contract`), checked in the student's kernel.
+
+    Stricter than the autograder in one point: it also looks at the input after the call,
+    so it catches a trigger that modifies its input even when the damage is invisible in
+    the output (a patch written in place twice is the same patch).
+    """
+    _require(callable(trigger), f"{name} must be a function, got {type(trigger).__name__}")
+    probe = images.clone()
+    first = _call_trigger(trigger, probe, name)
+    _require(torch.equal(probe, images), f"{name} must not modify its input: work on a copy "
+                                         f"(images.clone())")
+    again = _call_trigger(trigger, probe, name)
+    alone = _call_trigger(trigger, images[5:6].clone(), name)
+    batch = _call_trigger(trigger, torch.cat([images, images.flip(0)]), name)
+    verify_trigger_contract(images, first, again, alone, batch, name)
+
+
+def legitimacy_images(data: ImageDataset, target: int) -> torch.Tensor:
+    """The non-target test images on which a trigger's legitimacy is judged."""
+    return data.images[data.labels != target][:LEGITIMACY_IMAGES]
+
+
+def verify_backdoor_trigger(images, triggered, reference, *, name: str, target: int) -> None:
     """A trigger, not a picture of the target: a bounded change that does not fool a clean model.
 
-    - the mean RMS pixel change over test images is at most :data:`MAX_TRIGGER_RMS`;
-    - the clean reference model classifies at most :data:`MAX_REFERENCE_TARGET_RATE` of
-      triggered non-target test images as ``target``. A trigger that fails this makes the
+    - the mean RMS pixel change over ``images`` is at most :data:`MAX_TRIGGER_RMS`;
+    - the clean ``reference`` model classifies at most :data:`MAX_REFERENCE_TARGET_RATE` of
+      the triggered non-target images as ``target``. A trigger that fails this makes the
       image look like the target class by itself: its "ASR" would need no backdoor.
     """
-    data = evaluation_data(dataset)
-    images = data.images[data.labels != target][:2000]
-    _require_backdoor_trigger(images, apply_trigger(trigger, images, name), name=name, dataset=dataset,
-                              target=target)
-
-
-def _require_backdoor_trigger(images, triggered, *, name: str, dataset: str, target: int) -> None:
-    """The two conditions of :func:`check_trigger_is_backdoor`, on one triggered batch."""
     rms = (triggered - images).flatten(1).pow(2).mean(1).sqrt().mean().item()
     _require(rms <= MAX_TRIGGER_RMS, f"{name} changes the images too much: mean RMS pixel change {rms:.3f}, "
                                      f"allowed at most {MAX_TRIGGER_RMS}")
-    rate = (predict(reference_model(dataset), triggered) == target).float().mean().item()
+    rate = (predict(reference, triggered) == target).float().mean().item()
     _require(rate <= MAX_REFERENCE_TARGET_RATE,
              f"{name} makes a clean model (never trained on your trigger) classify {rate:.0%} of triggered "
              f"non-target test images as the target class: the trigger paints the target instead of "
              f"activating a backdoor (allowed: at most {MAX_REFERENCE_TARGET_RATE:.0%})")
 
 
-@_graded
-def check_distinct_triggers(namespace: dict, *, target: int, names=TRIGGER_FUNCTIONS) -> None:
-    """Three trigger designs: each a valid backdoor trigger, pairwise different.
-
-    Two triggers count as one design when their pixel changes point the same way: mean
-    cosine similarity of the per-image changes above :data:`MAX_TRIGGER_COSINE` (e.g. the
-    same patch in another colour intensity, or the same blend with another alpha).
-    """
-    dataset = homework_dataset()
-    data = evaluation_data(dataset)
-    images = data.images[:500]
-    changes = {}
-    for name in names:
-        trigger = student_function(namespace, name)
-        check_trigger(trigger, images, name=name)
-        check_trigger_is_backdoor(trigger, name=name, dataset=dataset, target=target)
-        changes[name] = (apply_trigger(trigger, images, name) - images).flatten(1)
+def verify_distinct(images: torch.Tensor, triggered: dict) -> None:
+    """Triggers are pairwise different designs: the mean cosine similarity of their per-image
+    pixel changes is at most :data:`MAX_TRIGGER_COSINE` (the same patch in another colour
+    intensity, or the same blend with another alpha, is one design)."""
+    names = list(triggered)
+    changes = {name: (triggered[name] - images).flatten(1) for name in names}
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             cosine = torch.nn.functional.cosine_similarity(changes[first], changes[second], dim=1).mean().item()
@@ -238,33 +293,46 @@ def check_distinct_triggers(namespace: dict, *, target: int, names=TRIGGER_FUNCT
                      f"similarity {cosine:.2f} (at most {MAX_TRIGGER_COSINE} allowed)")
 
 
+@_graded
+def check_distinct_triggers(namespace: dict, *, target: int, names=TRIGGER_FUNCTIONS) -> None:
+    """Three trigger designs: each a valid backdoor trigger, pairwise different (instructor's run)."""
+    files = grading_files()
+    data = evaluation_data(files.dataset)
+    images, legit = data.images[:DISTINCT_IMAGES], legitimacy_images(data, target)
+    triggered = {}
+    for name in names:
+        trigger = student_function(namespace, name)
+        check_trigger(trigger, data.images[:64], name=name)
+        verify_backdoor_trigger(legit, verify_triggered(legit, _call_trigger(trigger, legit.clone(), name), name),
+                                files.reference_model, name=name, target=target)
+        triggered[name] = verify_triggered(images, _call_trigger(trigger, images.clone(), name), name)
+    verify_distinct(images, triggered)
+
+
 # ---------------------------------------------------------------- Part 1: poisoning
 
-def _grader_trigger(images: torch.Tensor) -> torch.Tensor:
-    """The trigger the poisoning checks use: a white 4x4 square in the top-left corner."""
+def grader_trigger(images: torch.Tensor) -> torch.Tensor:
+    """The trigger the poisoning checks hand to ``poison_dataset``: a white 4x4 square, top left."""
     out = images.clone()
     out[..., :4, :4] = 1.0
     return out
 
 
-@_graded
-def check_poisoning(poison_fn, data: ImageDataset, *, target: int, rate: float, seed: int = 0) -> None:
-    """Dirty-label poisoning: ``poison_fn(data, trigger, target, rate, seed=seed)`` returns
-    ``(poisoned, indices)`` with ``round(rate * len(data))`` non-target images triggered and
-    relabelled ``target``, everything else untouched, ``data`` itself unchanged, and the
-    same choice for the same seed."""
-    images, labels = data.images.clone(), data.labels.clone()
-    call = f"poison_dataset(data, trigger, target={target}, rate={rate}, seed={seed})"
-    with _student_code(call):
-        result = poison_fn(data, _grader_trigger, target, rate, seed=seed)
-    _require(torch.equal(data.images, images) and torch.equal(data.labels, labels),
-             f"{call} modified its input data: build new tensors (clone) instead")
+def verify_poisoning(data: ImageDataset, result, again_indices, *, target: int, rate: float, call: str) -> None:
+    """Dirty-label poisoning, judged from what ``poison_dataset`` returned for ``data``.
+
+    ``result`` is ``(poisoned dataset, indices)`` from one call, ``again_indices`` the indices
+    of a second call on the same ``data`` object with the same seed: a function that
+    modified ``data`` in the first call, or draws without its seed, chooses differently.
+    """
     _require(isinstance(result, tuple) and len(result) == 2,
              f"{call} must return a pair (poisoned dataset, indices), got {type(result).__name__}")
     poisoned, indices = result
     _require(isinstance(poisoned, ImageDataset), f"the poisoned dataset must be an ImageDataset "
                                                  f"(use data.replace(...)), got {type(poisoned).__name__}")
     _require(len(poisoned) == len(data), f"the poisoned dataset must keep all {len(data)} images, has {len(poisoned)}")
+    _require(poisoned.images.shape == data.images.shape, f"the poisoned images must keep the shape "
+                                                         f"{tuple(data.images.shape)}")
     _require(isinstance(indices, torch.Tensor) and indices.ndim == 1 and indices.dtype == torch.int64,
              "indices must be a 1-D int64 torch tensor")
     expected = round(rate * len(data))
@@ -272,29 +340,50 @@ def check_poisoning(poison_fn, data: ImageDataset, *, target: int, rate: float, 
                                        f"got {len(indices)}")
     _require(len(torch.unique(indices)) == len(indices), "indices must not repeat")
     _require(bool(((indices >= 0) & (indices < len(data))).all()), "indices must lie in [0, len(data))")
-    _require(bool((labels[indices] != target).all()),
+    _require(bool((data.labels[indices] != target).all()),
              "poison only images whose label is not the target: relabelling a target image changes nothing")
     _require(bool((poisoned.labels[indices] == target).all()), "poisoned images must be relabelled as the target")
     chosen = torch.zeros(len(data), dtype=torch.bool)
     chosen[indices] = True
-    _require(torch.equal(poisoned.labels[~chosen], labels[~chosen]), "labels of unpoisoned images must not change")
-    _require(torch.equal(poisoned.images[~chosen], images[~chosen]), "unpoisoned images must not change")
-    _require(torch.allclose(poisoned.images[indices], _grader_trigger(images[indices])),
+    _require(torch.equal(poisoned.labels[~chosen], data.labels[~chosen]), "labels of unpoisoned images must not change")
+    _require(torch.equal(poisoned.images[~chosen], data.images[~chosen]), "unpoisoned images must not change")
+    _require(torch.allclose(poisoned.images[indices], grader_trigger(data.images[indices])),
              "each poisoned image must be trigger(original image)")
+    _require(isinstance(again_indices, torch.Tensor) and again_indices.shape == indices.shape
+             and torch.equal(again_indices.sort().values, indices.sort().values),
+             "a second call with the same data and seed chose other images: use a torch.Generator seeded "
+             "with seed, and do not modify the data you are given")
+
+
+@_graded
+def check_poisoning(poison_fn, data: ImageDataset, *, target: int, rate: float, seed: int = 0) -> None:
+    """:func:`verify_poisoning` on ``poison_fn(data, trigger, target, rate, seed=seed)``, in the
+    student's kernel; also checks directly that ``data`` was left unchanged."""
+    images, labels = data.images.clone(), data.labels.clone()
+    call = f"poison_dataset(data, trigger, target={target}, rate={rate}, seed={seed})"
     with _student_code(call):
-        again = poison_fn(data, _grader_trigger, target, rate, seed=seed)[1]
-    _require(torch.equal(torch.as_tensor(again).sort().values, indices.sort().values),
-             "the same seed must choose the same images (use a torch.Generator seeded with seed)")
+        result = poison_fn(data, grader_trigger, target, rate, seed=seed)
+    _require(torch.equal(data.images, images) and torch.equal(data.labels, labels),
+             f"{call} modified its input data: build new tensors (clone) instead")
+    with _student_code(call):
+        again = poison_fn(data, grader_trigger, target, rate, seed=seed)
+    again = again[1] if isinstance(again, tuple) and len(again) == 2 else None
+    verify_poisoning(data.replace(images=images, labels=labels), result, again, target=target, rate=rate, call=call)
 
 
 # ---------------------------------------------------------------- Part 1: the saved model
 
 @_graded
-def load_student_model(path=MODEL_FILE, *, dataset: str):
-    """Load the handed-in model safely and check that it fits ``dataset``; returns (model, metadata)."""
+def load_student_model(path=MODEL_FILE, *, dataset: str, files: GradingFiles | None = None):
+    """Load the handed-in model safely and check that it fits ``dataset``; returns (model, metadata).
+
+    With the grading ``files``, a model that carries the weights of a zoo model is refused:
+    the homework asks for a model the student trained.
+    """
     path = Path(path)
-    _require(path.is_file(), f"{path.name} was not handed in: the training cell writes it (with "
-                             f"{path.with_suffix('.json').name}); submit both next to the notebook")
+    _require(path.is_file() and not path.is_symlink(),
+             f"{path.name} was not handed in: the training cell writes it (with "
+             f"{path.with_suffix('.json').name}); submit both next to the notebook")
     size = path.stat().st_size
     _require(size <= MAX_MODEL_BYTES, f"{path.name} is {size / 1e6:.0f} MB, more than the "
                                       f"{MAX_MODEL_BYTES / 1e6:.0f} MB allowed")
@@ -306,85 +395,117 @@ def load_student_model(path=MODEL_FILE, *, dataset: str):
     _require(arch in ARCHITECTURES[dataset], f"{path.name} holds a {arch!r} model; for {dataset} use "
                                              f"{' or '.join(ARCHITECTURES[dataset])} (course_lib.models.model_for)")
     info = dataset_info(dataset)
-    probe = evaluation_data(dataset).images[:2]
-    with _student_code(f"the model in {path.name} on two test images"):
-        logits = model(probe)
+    with torch.no_grad():
+        logits = model(evaluation_data(dataset).images[:2])
     _require(logits.shape == (2, len(info.classes)), f"the model must output {len(info.classes)} logits "
                                                      f"per image, got shape {tuple(logits.shape)}")
+    if files is not None:
+        copied = files.known_zoo_model(model)
+        _require(copied is None, f"{path.name} carries the weights of a zoo model ({copied}): hand in a model "
+                                 f"you trained yourself")
     return model, meta
 
 
-@_graded
-def check_clean_accuracy(path=MODEL_FILE, *, minimum: float) -> None:
-    """CA of the handed-in model on the test split is above ``minimum``."""
-    dataset = homework_dataset()
-    model, _ = load_student_model(path, dataset=dataset)
-    data = evaluation_data(dataset)
+def verify_clean_accuracy(model, data: ImageDataset, minimum: float = MIN_CLEAN_ACCURACY, name: str = MODEL_FILE):
+    """CA of ``model`` on the test ``data`` is above ``minimum``."""
     accuracy = (predict(model, data.images) == data.labels).float().mean().item()
-    _require(accuracy > minimum, f"clean accuracy of {Path(path).name} on the {len(data)} {dataset} test "
+    _require(accuracy > minimum, f"clean accuracy of {name} on the {len(data)} {data.name} test "
                                  f"images is {accuracy:.3f}; it must be above {minimum}")
 
 
-@_graded
-def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int, minimum: float) -> None:
-    """ASR of the handed-in model with the trigger named in its metadata is above ``minimum``.
+def recorded_trigger(meta: dict, name: str = MODEL_FILE) -> str:
+    """The trigger function the model file says it was trained with."""
+    trigger = meta.get("extra", {}).get("trigger")
+    _require(trigger in TRIGGER_FUNCTIONS, f"{name} must record which trigger it was trained with: "
+                                           f"save_checkpoint(..., extra={{'trigger': NAME}}) with NAME one of "
+                                           f"{TRIGGER_FUNCTIONS}, got {trigger!r}")
+    return trigger
 
-    The trigger must first pass :func:`check_trigger` and :func:`check_trigger_is_backdoor`.
-    ASR counts only test images whose true label is not ``target``.
-    """
-    dataset = homework_dataset()
-    model, meta = load_student_model(path, dataset=dataset)
-    name = meta.get("extra", {}).get("trigger")
-    _require(name in TRIGGER_FUNCTIONS, f"{Path(path).name} must record which trigger it was trained with: "
-                                        f"save_checkpoint(..., extra={{'trigger': NAME}}) with NAME one of "
-                                        f"{TRIGGER_FUNCTIONS}, got {name!r}")
-    trigger = student_function(namespace, name)
-    data = evaluation_data(dataset)
-    check_trigger(trigger, data.images[:500], name=name)
-    images = data.images[data.labels != target]
-    # One call: the legitimacy checks and the ASR see the very same triggered images, so a
-    # trigger cannot behave differently when it is checked and when it is measured.
-    triggered = apply_trigger(trigger, images, name)
-    _require_backdoor_trigger(images, triggered, name=name, dataset=dataset, target=target)
+
+def verify_attack_success(model, data: ImageDataset, triggered: torch.Tensor, reference, *, target: int,
+                          name: str, minimum: float = MIN_ATTACK_SUCCESS) -> None:
+    """ASR of ``model`` on ``triggered`` (the trigger ``name`` applied to every test image of
+    ``data``) is above ``minimum``, counted over images whose true label is not ``target``,
+    and the trigger is legitimate on those very images (:func:`verify_backdoor_trigger`)."""
+    triggered = verify_triggered(data.images, triggered, name)
+    keep = data.labels != target
+    images, triggered = data.images[keep], triggered[keep]
+    verify_backdoor_trigger(images[:LEGITIMACY_IMAGES], triggered[:LEGITIMACY_IMAGES], reference,
+                            name=name, target=target)
     asr = (predict(model, triggered) == target).float().mean().item()
     _require(asr > minimum, f"attack success rate with {name} is {asr:.3f} over the {len(images)} non-target "
                             f"test images; it must be above {minimum}")
 
 
-# ---------------------------------------------------------------- Part 2: detection
+@_graded
+def check_clean_accuracy(path=MODEL_FILE, *, minimum: float = MIN_CLEAN_ACCURACY) -> None:
+    """CA of the handed-in model on the test split is above ``minimum`` (instructor's run)."""
+    files = grading_files()
+    model, _ = load_student_model(path, dataset=files.dataset)
+    verify_clean_accuracy(model, evaluation_data(files.dataset), minimum, Path(path).name)
+
 
 @_graded
-def check_activations(extract_fn) -> None:
-    """``extract_fn(model, images)`` returns what ``model.features`` gives in eval mode.
+def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int,
+                         minimum: float = MIN_ATTACK_SUCCESS) -> None:
+    """ASR of the handed-in model with the trigger recorded in its metadata (instructor's run)."""
+    files = grading_files()
+    model, meta = load_student_model(path, dataset=files.dataset)
+    name = recorded_trigger(meta, Path(path).name)
+    trigger = student_function(namespace, name)
+    data = evaluation_data(files.dataset)
+    check_trigger(trigger, data.images[:64], name=name)
+    triggered = _call_trigger(trigger, data.images.clone(), name)
+    verify_attack_success(model, data, triggered, files.reference_model, target=target, name=name, minimum=minimum)
 
-    The model is a fresh small CNN whose batch normalization has not been trained, so an
-    extraction in training mode (batch statistics) gives different numbers.
-    """
-    model = model_for("fashion-mnist", seed=0)
+
+# ---------------------------------------------------------------- Part 2: detection
+
+def activation_probe(dataset: str = "fashion-mnist"):
+    """The model and images ``extract_activations`` is checked on: a fresh small CNN whose
+    batch normalization has not been trained (so an extraction in training mode gives
+    different numbers) and 300 random images."""
     images = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    with _student_code("extract_activations(model, images)"):
-        result = extract_fn(model, images)
+    return model_for(dataset, seed=0), images
+
+
+def verify_activations(result) -> None:
+    """What ``extract_activations`` returned equals ``model.features`` in eval mode on the probe."""
+    model, images = activation_probe()
+    _require(isinstance(result, (torch.Tensor, np.ndarray)), f"extract_activations must return an array or a "
+                                                             f"tensor, got {type(result).__name__}")
     result = torch.as_tensor(np.asarray(result.detach() if isinstance(result, torch.Tensor) else result))
     expected = extract_features(model, images, progress=False)
     _require(result.shape == expected.shape, f"extract_activations must return shape {tuple(expected.shape)} "
                                              f"(images x features), got {tuple(result.shape)}")
-    _require(torch.allclose(result.float(), expected, atol=1e-4),
+    _require(result.dtype.is_floating_point and torch.allclose(result.float(), expected, atol=1e-4),
              "extract_activations must return model.features(images), computed in eval mode")
 
 
-def _flags(detector, activations: np.ndarray, labels: np.ndarray, what: str) -> np.ndarray:
-    """Run the student's detector and check its answer: one boolean per sample.
+@_graded
+def check_activations(extract_fn) -> None:
+    """:func:`verify_activations` on ``extract_fn(model, images)``, in the student's kernel."""
+    model, images = activation_probe()
+    with _student_code("extract_activations(model, images)"):
+        result = extract_fn(model, images)
+    verify_activations(result)
 
-    scikit-learn runs single-threaded here: per-class problems of a few thousand samples
-    are fastest that way, and a busy grading machine does not slow them down tenfold.
-    """
-    with _student_code(f"activation_clustering on {what}"), threadpool_limits(limits=1):
-        flags = detector(activations.copy(), labels.copy())
+
+def verify_flags(flags, labels: np.ndarray, what: str) -> np.ndarray:
+    """A detector's answer is one boolean per sample."""
     flags = np.asarray(flags.detach().cpu() if isinstance(flags, torch.Tensor) else flags)
     _require(flags.dtype == bool and flags.shape == labels.shape,
-             f"activation_clustering must return a boolean array with one entry per sample {labels.shape}, "
-             f"got dtype {flags.dtype} and shape {flags.shape}")
+             f"activation_clustering must return a boolean array with one entry per sample {labels.shape} "
+             f"({what}), got dtype {flags.dtype} and shape {flags.shape}")
     return flags
+
+
+def _run_detector(detector, activations: np.ndarray, labels: np.ndarray, what: str) -> np.ndarray:
+    """The student's detector on one problem, in the student's kernel. scikit-learn runs
+    single-threaded: per-class problems of a few thousand samples are fastest that way."""
+    with _student_code(f"activation_clustering on {what}"), threadpool_limits(limits=1):
+        flags = detector(activations.copy(), labels.copy())
+    return verify_flags(flags, labels, what)
 
 
 def planted_activations(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -403,11 +524,10 @@ def planted_activations(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return activations, labels, np.arange(len(labels)) >= 3000
 
 
-@_graded
-def check_detector_on_planted(detector) -> None:
-    """The detector finds a planted, well-separated cluster and (almost) nothing else."""
-    activations, labels, poisoned = planted_activations()
-    flags = _flags(detector, activations, labels, "the planted example")
+def verify_planted(flags) -> None:
+    """The detector found the planted, well-separated cluster and (almost) nothing else."""
+    _, labels, poisoned = planted_activations()
+    flags = verify_flags(flags, labels, "the planted example")
     found = flags[poisoned].mean()
     _require(found >= 0.9, f"only {found:.0%} of the 60 planted samples were flagged (need at least 90%)")
     wrong = int(flags[~poisoned].sum())
@@ -415,15 +535,25 @@ def check_detector_on_planted(detector) -> None:
                           f"(at most 15 allowed)")
 
 
-def _score(detector) -> dict:
-    """Per-model verdicts and per-sample TPR/FPR of ``detector`` on the graded zoo."""
-    folder, key = grading_dir(), answer_key()
+@_graded
+def check_detector_on_planted(detector) -> None:
+    """:func:`verify_planted` on the student's detector, in the student's kernel."""
+    activations, labels, _ = planted_activations()
+    verify_planted(_run_detector(detector, activations, labels, "the planted example"))
+
+
+def zoo_report(flags_by_model: dict, answer_key: dict) -> dict:
+    """Per-model verdicts and per-sample TPR/FPR of a detector's flags on the graded zoo.
+
+    ``flags_by_model[name]`` is the detector's answer for zoo model ``name``, or a
+    GradingFailure when it gave none (it raised, hung, or answered in the wrong form).
+    """
     report = {}
-    for name, entry in key["models"].items():
-        tensors = load_file(str(folder / "activations" / f"{name}.safetensors"))
-        labels = tensors["labels"].numpy()
-        flags = _flags(detector, tensors["activations"].numpy(), labels, name)
-        truth = np.zeros(len(labels), dtype=bool)
+    for name, entry in answer_key["models"].items():
+        flags = flags_by_model.get(name)
+        if isinstance(flags, Exception) or flags is None:
+            raise GradingFailure(f"no answer on zoo model {name}: {flags or 'the detector was not run'}")
+        truth = np.zeros(len(flags), dtype=bool)
         truth[entry.get("poisoned_indices", [])] = True
         report[name] = {"backdoored": entry["backdoored"], "verdict": bool(flags.any()),
                         "tpr": float(flags[truth].mean()) if truth.any() else None,
@@ -431,21 +561,9 @@ def _score(detector) -> dict:
     return report
 
 
-_SCORES: dict = {}
-
-
-def detector_report(detector) -> dict:
-    """:func:`_score`, computed once per detector function (three checks share it)."""
-    if detector not in _SCORES:
-        _SCORES[detector] = _score(detector)
-    return _SCORES[detector]
-
-
-@_graded
-def check_zoo_verdicts(detector, *, min_found: float) -> None:
+def verify_zoo_verdicts(report: dict, min_found: float = MIN_ZOO_FOUND) -> None:
     """Every clean zoo model is judged clean, and at least ``min_found`` of the backdoored ones
     backdoored (a model is judged backdoored when any of its samples is flagged)."""
-    report = detector_report(detector)
     accused = [name for name, r in report.items() if r["verdict"] and not r["backdoored"]]
     _require(not accused, f"{len(accused)} clean zoo model(s) judged backdoored: a clean model must have "
                           f"no sample flagged")
@@ -455,34 +573,46 @@ def check_zoo_verdicts(detector, *, min_found: float) -> None:
                                  f"{min_found:.0%} must be")
 
 
-@_graded
-def check_zoo_tpr(detector, *, minimum: float) -> None:
+def verify_zoo_tpr(report: dict, minimum: float = MIN_ZOO_TPR) -> None:
     """Mean per-sample true-positive rate over the backdoored zoo models is at least ``minimum``."""
-    rates = [r["tpr"] for r in detector_report(detector).values() if r["backdoored"]]
-    tpr = float(np.mean(rates))
+    tpr = float(np.mean([r["tpr"] for r in report.values() if r["backdoored"]]))
     _require(tpr >= minimum, f"mean true-positive rate over the backdoored zoo models is {tpr:.2f}; "
                              f"it must be at least {minimum}")
 
 
-@_graded
-def check_zoo_fpr(detector, *, maximum: float) -> None:
+def verify_zoo_fpr(report: dict, maximum: float = MAX_ZOO_FPR) -> None:
     """Mean per-sample false-positive rate over all zoo models is at most ``maximum``."""
-    fpr = float(np.mean([r["fpr"] for r in detector_report(detector).values()]))
+    fpr = float(np.mean([r["fpr"] for r in report.values()]))
     _require(fpr <= maximum, f"mean false-positive rate over the zoo models is {fpr:.3f}; "
                              f"it must be at most {maximum}")
 
 
-def _short_tracebacks_when_autograding() -> None:
-    """During ``nbgrader autograde``, show every error as one line (no quoted test code)."""
-    if os.environ.get("NBGRADER_EXECUTION") != "autograde":
-        return
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is not None and hasattr(shell, "InteractiveTB"):
-        shell.InteractiveTB.set_mode("Minimal")
+_REPORTS: dict = {}
 
 
-_short_tracebacks_when_autograding()
+def detector_report(detector) -> dict:
+    """:func:`zoo_report` of ``detector`` run in this kernel on the graded zoo (instructor's run),
+    computed once per detector function (three checks share it)."""
+    if detector not in _REPORTS:
+        files = grading_files()
+        flags = {}
+        for name in files.answer_key["models"]:
+            activations, labels = files.activations(name)
+            flags[name] = _run_detector(detector, activations, labels, name)
+        _REPORTS[detector] = zoo_report(flags, files.answer_key)
+    return _REPORTS[detector]
+
+
+@_graded
+def check_zoo_verdicts(detector, *, min_found: float = MIN_ZOO_FOUND) -> None:
+    verify_zoo_verdicts(detector_report(detector), min_found)
+
+
+@_graded
+def check_zoo_tpr(detector, *, minimum: float = MIN_ZOO_TPR) -> None:
+    verify_zoo_tpr(detector_report(detector), minimum)
+
+
+@_graded
+def check_zoo_fpr(detector, *, maximum: float = MAX_ZOO_FPR) -> None:
+    verify_zoo_fpr(detector_report(detector), maximum)

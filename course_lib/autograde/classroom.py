@@ -1,0 +1,287 @@
+"""``python -m course_lib autograde ASSIGNMENT``: grade a whole class, in parallel, trusted.
+
+nbgrader grades one submission after another (its issue #174 asks for parallel autograding
+since 2015). This command splits the work in two:
+
+1. **in parallel** (a ``concurrent.futures`` executor: worker processes here, or a Dask
+   cluster with ``--dask-scheduler``), each student's notebooks are sanitized as nbgrader
+   does, run in sandboxes and decided by the trusted grader (:func:`.pipeline.grade_notebook`);
+   results land in the course's cache, keyed by everything they depend on;
+2. **in one process**, nbgrader's own ``autograde`` records them: its pipeline uses
+   :class:`.preprocessor.TrustedExecute`, which finds each result in the cache. The gradebook
+   is written by this process only.
+
+Each worker's torch/OpenMP/BLAS threads are set so that the workers together use the cores
+once (oversubscribed threads on a small machine cost far more than their share). A
+submission whose files and notebooks are unchanged since it was graded is skipped
+(``--force`` regrades). A tqdm bar shows progress and time left; a table sums up.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from ..checks import check_int
+from . import sandbox
+from .pipeline import Settings, cache_key, grade_notebook, test_cells
+from .preprocessor import TrustedExecute, require_sandbox
+from .workspace import Workspace
+
+
+@dataclass
+class Job:
+    """One student's work: the staged submission folder and its sanitized notebooks."""
+
+    student: str
+    folder: str
+    notebooks: dict                 # notebook name -> sanitized notebook (JSON text)
+    course: str
+    assignment: str
+    grading_dir: str
+    settings: Settings
+    time_limit: float
+    threads: int
+
+
+@dataclass
+class Summary:
+    """What happened to one student (the scores come from the gradebook afterwards)."""
+
+    student: str
+    seconds: float = 0.0
+    failed: list = field(default_factory=list)     # grade ids that scored zero
+    notes: list = field(default_factory=list)
+    skipped: bool = False
+    scores: dict = field(default_factory=dict)      # notebook -> (score, max score)
+
+
+def _limit_threads(threads: int) -> None:
+    """One worker's share of the cores, for every library that starts threads."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(threads)
+
+
+def grade_student(job: Job) -> Summary:
+    """Grade every notebook of one student within ``job.time_limit`` seconds (runs in a worker)."""
+    _limit_threads(job.threads)
+    start, summary = time.perf_counter(), Summary(job.student)
+    workspace = Workspace(job.course, job.assignment, job.grading_dir)
+    for name, text in job.notebooks.items():
+        remaining = job.time_limit - (time.perf_counter() - start)
+        limits = sandbox.Limits(**{**job.settings.limits.__dict__, "wall_seconds": max(1.0, remaining)})
+        settings = Settings(job.settings.cell_timeout, limits, job.settings.unsafe_no_sandbox)
+        result = grade_notebook(nbformat.reads(text, as_version=4), Path(job.folder), name, workspace.files,
+                                workspace.inputs(), settings, zoo=workspace.zoo, cache=workspace.cache(job.student))
+        summary.failed += [g for g, v in result.verdicts.items() if not v.passed]
+        if result.note:
+            summary.notes.append(f"{name}: {result.note}")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class Course:
+    """An nbgrader course folder, read through nbgrader's own configuration and gradebook."""
+
+    def __init__(self, root: Path, assignment: str):
+        from nbgrader.apps import NbGraderAPI
+        from nbgrader.coursedir import CourseDirectory
+        from traitlets.config.loader import PyFileConfigLoader
+        self.root, self.assignment = Path(root).resolve(), assignment
+        config = PyFileConfigLoader("nbgrader_config.py", path=str(self.root)).load_config()
+        config.CourseDirectory.root = str(self.root)
+        # Whatever the config file says, this command records results only through TrustedExecute.
+        from nbgrader.converters import Autograde
+        preprocessors = list(Autograde.autograde_preprocessors.default_value)
+        preprocessors[0] = TrustedExecute
+        config.Autograde.autograde_preprocessors = preprocessors
+        self.config = config
+        self.coursedir = CourseDirectory(config=config)
+        self.api = NbGraderAPI(coursedir=self.coursedir, config=config)
+
+    def students(self) -> list[str]:
+        submitted = self.root / self.coursedir.submitted_directory
+        return sorted(p.parent.name for p in submitted.glob(f"*/{self.assignment}") if p.is_dir())
+
+    def notebook_names(self) -> list[str]:
+        from nbgrader.api import Gradebook
+        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
+            return [nb.name for nb in gb.find_assignment(self.assignment).notebooks]
+
+    def stage(self, student: str, staging: Path) -> Path:
+        """The files autograding will see: the submission, with the instructor's non-notebook
+        files copied over it (except ``Autograde.exclude_overwriting``), as nbgrader does."""
+        source = self.root / self.coursedir.source_directory / self.assignment
+        submitted = self.root / self.coursedir.submitted_directory / student / self.assignment
+        keep = set(self.config.Autograde.get("exclude_overwriting", {}).get(self.assignment, []))
+        if staging.exists():
+            shutil.rmtree(staging)
+        shutil.copytree(submitted, staging, symlinks=True, ignore=shutil.ignore_patterns(*self.coursedir.ignore))
+        for path in source.rglob("*"):
+            relative = path.relative_to(source)
+            if path.is_file() and path.suffix != ".ipynb" and str(relative) not in keep and relative.parts[0] != "zoo":
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, staging / relative)
+        return staging
+
+    def sanitized(self, student: str, name: str):
+        """The student's notebook after nbgrader's sanitizing steps (instructor's test cells
+        and locked cells restored from the gradebook), or None if it was not handed in."""
+        from nbconvert.preprocessors import ClearOutputPreprocessor  # noqa: F401 (nbgrader's ClearOutput wraps it)
+        from nbgrader.preprocessors import (CheckCellMetadata, ClearOutput, DeduplicateIds, OverwriteCells,
+                                            OverwriteKernelspec)
+        path = self.root / self.coursedir.submitted_directory / student / self.assignment / f"{name}.ipynb"
+        if not path.is_file():
+            return None
+        nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        resources = {"nbgrader": {"student": student, "assignment": self.assignment, "notebook": name,
+                                  "db_url": self.coursedir.db_url}, "metadata": {"path": str(path.parent)}}
+        for step in (ClearOutput, DeduplicateIds, OverwriteKernelspec, OverwriteCells, CheckCellMetadata):
+            nb, resources = step(config=self.config).preprocess(nb, resources)
+        return nbformat.reads(nbformat.writes(nb), as_version=4)
+
+    def record(self, student: str) -> None:
+        """nbgrader's autograde of one student (results come from the cache), in this process."""
+        result = self.api.autograde(self.assignment, student, force=True, create=True)
+        if not result["success"]:
+            raise RuntimeError(f"nbgrader autograde failed for {student}:\n{result.get('log', '')}\n"
+                               f"{result.get('error', '')}")
+
+    def scores(self, student: str) -> dict:
+        from nbgrader.api import Gradebook
+        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
+            submission = gb.find_submission(self.assignment, student)
+            return {nb.name: (nb.score, nb.max_score) for nb in submission.notebooks}
+
+
+def make_executor(workers: int, dask_scheduler: str | None):
+    """A ``concurrent.futures`` executor: local worker processes, or a Dask cluster's."""
+    if dask_scheduler:
+        from distributed import Client
+        client = Client(dask_scheduler)
+        return client.get_executor(pure=False), client
+    import multiprocessing
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")), None
+
+
+def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_scheduler: str | None = None,
+                    force: bool = False, time_limit: float = 900.0, threads: int | None = None,
+                    cell_timeout: float = 120.0, unsafe_no_sandbox: bool = False, progress: bool = True,
+                    students: list | None = None) -> list[Summary]:
+    """Grade every collected submission of ``assignment``; returns one Summary per student."""
+    check_int("workers", workers, 1)
+    require_sandbox(unsafe_no_sandbox, lambda text: print(text, file=sys.stderr))
+    course = Course(course_dir, assignment)
+    workspace = Workspace(course.root, assignment)
+    inputs = workspace.inputs()
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    limits = sandbox.Limits(threads=threads)
+    settings = Settings(cell_timeout, limits, unsafe_no_sandbox)
+    names = course.notebook_names()
+    jobs, summaries = [], {}
+    for student in students or course.students():
+        staged = course.stage(student, workspace.root / "staging" / student)
+        notebooks = {n: nb for n in names if (nb := course.sanitized(student, n)) is not None}
+        if not force and _unchanged(course, workspace, student, staged, notebooks, inputs, settings):
+            summaries[student] = Summary(student, skipped=True)
+            continue
+        jobs.append(Job(student, str(staged), {n: nbformat.writes(nb) for n, nb in notebooks.items()},
+                        str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads))
+    _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
+    for student, summary in summaries.items():
+        if not summary.skipped:
+            course.record(student)
+        summary.scores = course.scores(student)
+    return [summaries[s] for s in sorted(summaries)]
+
+
+def _unchanged(course, workspace, student, staged, notebooks, inputs, settings) -> bool:
+    """Graded before, and every notebook's cached result still matches its inputs."""
+    if not (course.root / course.coursedir.autograded_directory / student / course.assignment).is_dir():
+        return False
+    cache = workspace.cache(student)
+    for name, nb in notebooks.items():
+        cached = cache / f"{name}.json"
+        if not cached.is_file() or json.loads(cached.read_text())["key"] != cache_key(nb, staged, inputs, settings):
+            return False
+    return True
+
+
+def _run_jobs(jobs, summaries, workers, dask_scheduler, progress) -> None:
+    from tqdm.auto import tqdm
+    if not jobs:
+        return
+    executor, client = make_executor(workers, dask_scheduler)
+    try:
+        futures = {executor.submit(grade_student, job): job.student for job in jobs}
+        with tqdm(total=len(futures), desc="autograde", unit="student", disable=not progress) as bar:
+            for future in cf.as_completed(futures):
+                student = futures[future]
+                try:
+                    summaries[student] = future.result()
+                except Exception as err:   # a worker lost: the student is graded in the recording pass
+                    summaries[student] = Summary(student, notes=[f"worker failed: {type(err).__name__}: {err}"])
+                bar.set_postfix_str(student)
+                bar.update()
+    finally:
+        executor.shutdown(wait=True)
+        if client is not None:
+            client.close()
+
+
+def table(summaries: list[Summary]) -> str:
+    """A markdown table: student, score per notebook, total, seconds, failed tests."""
+    names = sorted({n for s in summaries for n in s.scores})
+    rows = ["| student | " + " | ".join(names) + " | total | seconds | failed tests |",
+            "|---" * (len(names) + 4) + "|"]
+    for s in summaries:
+        parts = [f"{s.scores[n][0]:g}/{s.scores[n][1]:g}" if n in s.scores else "-" for n in names]
+        total = sum(v[0] for v in s.scores.values())
+        seconds = "skipped (unchanged)" if s.skipped else f"{s.seconds:.1f}"
+        failed = ", ".join(s.failed + s.notes) or "-"
+        rows.append(f"| {s.student} | " + " | ".join(parts) + f" | {total:g} | {seconds} | {failed} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m course_lib autograde", description=__doc__.split("\n\n")[0])
+    parser.add_argument("assignment", help="the nbgrader assignment, e.g. week4")
+    parser.add_argument("--course", type=Path, default=Path("."), help="the nbgrader course folder (default: .)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="students graded at once (default: half the cores)")
+    parser.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                        help="grade on a dask.distributed cluster (e.g. tcp://host:8786) instead of local workers")
+    parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / workers)")
+    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per student (default 900)")
+    parser.add_argument("--cell-timeout", type=float, default=120.0, help="seconds per cell or graded call")
+    parser.add_argument("--student", action="append", default=None, help="grade only this student (repeatable)")
+    parser.add_argument("--force", action="store_true", help="regrade submissions that did not change")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true",
+                        help="grade without a sandbox where none can be made: " + "; ".join(sandbox.UNSAFE_LOSSES))
+    parser.add_argument("--json", action="store_true", help="one JSON object per student instead of a table")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summaries = autograde_class(args.course, args.assignment, workers=args.workers,
+                                dask_scheduler=args.dask_scheduler, force=args.force, time_limit=args.time_limit,
+                                threads=args.threads, cell_timeout=args.cell_timeout,
+                                unsafe_no_sandbox=args.unsafe_no_sandbox, progress=not args.json,
+                                students=args.student)
+    if args.json:
+        for s in summaries:
+            print(json.dumps({"student": s.student, "scores": s.scores, "seconds": round(s.seconds, 2),
+                              "failed": s.failed, "notes": s.notes, "skipped": s.skipped}))
+    else:
+        print(table(summaries))
+        print(f"{len(summaries)} students in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,169 @@
+"""Inside the sandbox: run a submission's notebook and call its functions on the grader's inputs.
+
+``python -m course_lib.autograde.harvest ROOT NOTEBOOK CELL_TIMEOUT`` is the only program the
+autograder starts in a sandbox (:mod:`.sandbox`). ``ROOT`` holds ``work/`` (the submission,
+with ``NOTEBOOK.ipynb``), ``in/`` (the grader's inputs and ``plans.json``, read-only) and
+``out/``. It reads the calls the grader planned for ``NOTEBOOK`` (see :mod:`.plan`), then
+
+1. starts a Jupyter kernel and executes the notebook's code cells one by one, except the
+   autograder's test cells (those are decided outside, by :mod:`.verdicts`), with a time
+   limit per cell; it records each cell's outputs for the student's feedback;
+2. performs every call of the plan in that kernel (:func:`.calls.perform`): each writes the
+   function's return value as tensors to ``out/<call id>.safetensors``, or its error to
+   ``out/<call id>.error.txt``.
+
+A cell or a call that kills its kernel, or hangs and ignores the interrupt, loses only
+itself: the kernel is restarted, the cells that completed before are replayed, and the next
+cell or call runs. Nothing this program writes is trusted: the grader reads the output files
+as plain data and decides every score itself.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from queue import Empty
+
+import nbformat
+from jupyter_client import KernelManager
+
+KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:", "--InteractiveShellApp.ignore_cwd=True"]
+INTERRUPT_GRACE = 5.0   # seconds a kernel gets to stop after an interrupt before it is killed
+
+
+class Kernel:
+    """One Jupyter kernel that can run code with a time limit, and be replaced when it dies."""
+
+    def __init__(self, startup_timeout: float = 120):
+        self.startup_timeout = startup_timeout
+        self.manager = KernelManager(kernel_name="python3")
+        self.client = None
+        self.start()
+
+    def start(self) -> None:
+        self.manager.start_kernel(extra_arguments=KERNEL_ARGUMENTS)
+        self.client = self.manager.blocking_client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=self.startup_timeout)
+
+    def restart(self) -> None:
+        """Kill the kernel (and everything it started) and start a fresh one."""
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+        self.start()
+
+    def run(self, code: str, timeout: float) -> tuple[str, list]:
+        """Execute ``code``; returns (status, outputs) with status ok, error, timeout or died."""
+        msg_id = self.client.execute(code, store_history=False, allow_stdin=False)
+        outputs, deadline, interrupted = [], time.monotonic() + timeout, False
+        while True:
+            if not self.manager.is_alive():
+                return "died", outputs
+            if time.monotonic() > deadline:
+                if interrupted:
+                    return "timeout", outputs
+                self.manager.interrupt_kernel()
+                interrupted, deadline = True, time.monotonic() + INTERRUPT_GRACE
+            try:
+                msg = self.client.get_iopub_msg(timeout=0.2)
+            except Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "status" and msg["content"]["execution_state"] == "idle":
+                if interrupted:
+                    return "timeout", outputs
+                return ("error" if any(o.output_type == "error" for o in outputs) else "ok"), outputs
+            if kind in ("stream", "display_data", "execute_result", "error"):
+                outputs.append(nbformat.v4.output_from_msg(msg))
+
+    def shutdown(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+def _failure(status: str, timeout: float) -> dict:
+    """The error output recorded for a cell that hung or killed its kernel."""
+    if status == "timeout":
+        name, value = "CellTimeoutError", f"the cell did not finish within {timeout:g} s and was stopped"
+    else:
+        name, value = "DeadKernelError", "the kernel died while running this cell (it was restarted)"
+    return nbformat.v4.new_output("error", ename=name, evalue=value, traceback=[f"{name}: {value}"])
+
+
+def is_test_cell(cell) -> bool:
+    """An autograder test cell (graded, not a solution): decided by the grader, never run here."""
+    meta = cell.get("metadata", {}).get("nbgrader", {})
+    return bool(meta.get("grade")) and not meta.get("solution")
+
+
+class Session:
+    """The notebook's completed cells, replayed into a fresh kernel whenever one is lost."""
+
+    def __init__(self, cell_timeout: float):
+        self.cell_timeout = cell_timeout
+        self.kernel = Kernel()
+        self.completed: list[str] = []
+
+    def run(self, code: str, timeout: float, *, keep: bool) -> tuple[str, list]:
+        status, outputs = self.kernel.run(code, timeout)
+        if status in ("timeout", "died"):
+            outputs.append(_failure(status, timeout))
+            self.recover()
+        elif keep:
+            self.completed.append(code)
+        return status, outputs
+
+    def recover(self) -> None:
+        """A fresh kernel with every completed cell run again (a cell that now fails is dropped)."""
+        self.kernel.restart()
+        replayed = []
+        for code in self.completed:
+            status, _ = self.kernel.run(code, self.cell_timeout)
+            if status in ("timeout", "died"):
+                self.kernel.restart()
+                continue
+            replayed.append(code)
+        self.completed = replayed
+
+
+def execute_cells(session: Session, notebook) -> dict:
+    """Run every code cell except the test cells; returns {cell index: outputs}."""
+    outputs = {}
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or is_test_cell(cell) or not cell.source.strip():
+            continue
+        _, outputs[index] = session.run(cell.source, session.cell_timeout, keep=True)
+    return outputs
+
+
+def perform_calls(session: Session, calls: list, inputs: Path, out: Path) -> None:
+    """Each call of the plan; a call's error (or hang, or death) goes to ``<id>.error.txt``."""
+    for call in calls:
+        code = (f"__import__('course_lib.autograde.calls', fromlist=['perform']).perform("
+                f"globals(), {json.dumps(call)!r}, {str(inputs)!r}, {str(out)!r})")
+        status, outputs = session.run(code, call.get("timeout", session.cell_timeout), keep=False)
+        if status != "ok":
+            errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+            (out / f"{call['id']}.error.txt").write_text((errors[-1] if errors else status)[:2000])
+
+
+def main(argv=None) -> None:
+    root, name, cell_timeout = (argv or sys.argv[1:])[:3]
+    root = Path(root)
+    inputs, out = root / "in", root / "out"
+    calls = json.loads((inputs / "plans.json").read_text()).get(name, [])
+    notebook = nbformat.read(root / "work" / f"{name}.ipynb", as_version=4)
+    session = Session(float(cell_timeout))
+    try:
+        outputs = execute_cells(session, notebook)
+        (out / "cells.json").write_text(json.dumps({str(k): v for k, v in outputs.items()}))
+        perform_calls(session, calls, inputs, out)
+    finally:
+        session.kernel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""One notebook of one submission, graded: sandbox run, trusted verdicts, outputs for feedback.
+
+:func:`grade_notebook` is what both entry points call: nbgrader's own ``autograde`` (through
+the :class:`.preprocessor.TrustedExecute` preprocessor) and the kit's parallel
+``python -m course_lib autograde`` (:mod:`.classroom`), which computes it for many students at
+once and lets nbgrader record the cached results. The cache key covers everything the result
+depends on: the notebook's cells, every file handed in, the grader's inputs and the kit's
+grading code, so an unchanged submission is never graded twice and a changed one always is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from .. import grading
+from . import sandbox
+from .verdicts import Context, Outputs, Verdict, decide, read_regular_file
+
+SKIPPED = ("zoo", ".ipynb_checkpoints", "__pycache__")   # never copied into the sandbox, never hashed
+MAX_CELL_OUTPUTS = 50
+SAFE_MIME = ("text/plain", "image/png")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a notebook is run: time limit per cell, the sandbox's limits, and the unsafe switch."""
+
+    cell_timeout: float = 120.0
+    limits: sandbox.Limits = sandbox.Limits()
+    unsafe_no_sandbox: bool = False
+
+
+@dataclass
+class NotebookResult:
+    """The graded notebook: outputs of the student's cells, a verdict per test, and timings."""
+
+    key: str
+    cells: dict = field(default_factory=dict)          # cell index -> outputs (sanitized)
+    verdicts: dict = field(default_factory=dict)       # grade id -> Verdict
+    seconds: float = 0.0
+    sandbox_seconds: float = 0.0
+    note: str = ""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["verdicts"] = {k: asdict(v) for k, v in self.verdicts.items()}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NotebookResult":
+        data = json.loads(text)
+        data["verdicts"] = {k: Verdict(**v) for k, v in data["verdicts"].items()}
+        return cls(**data)
+
+
+def test_cells(nb) -> list[str]:
+    """Grade ids of the autograder's test cells (graded code cells that are not solutions)."""
+    return [c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+            if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("grade")
+            and not c.metadata["nbgrader"].get("solution")]
+
+
+def submission_files(folder: Path) -> list[Path]:
+    """The files handed in (or overlaid by nbgrader), except notebooks and the instructor's zoo."""
+    files = []
+    for path in sorted(Path(folder).rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part in SKIPPED for part in relative.parts) or path.suffix == ".ipynb":
+            continue
+        if path.is_file() and not path.is_symlink():
+            files.append(path)
+    return files
+
+
+def code_version() -> str:
+    """A hash of the grading code itself: a new rule invalidates every cached verdict."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for path in sorted([*here.glob("*.py"), here.parent / "grading.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(nb, folder: Path, inputs: Path, settings: Settings) -> str:
+    digest = hashlib.sha256()
+    cells = [(c.cell_type, c.source, c.get("metadata", {}).get("nbgrader", {})) for c in nb.cells]
+    digest.update(json.dumps(cells, sort_keys=True).encode())
+    for path in submission_files(folder):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update((inputs / "plans.json").read_bytes())
+    digest.update(json.dumps([settings.cell_timeout, asdict(settings.limits), settings.unsafe_no_sandbox]).encode())
+    digest.update(code_version().encode())
+    return digest.hexdigest()
+
+
+def _copy_submission(folder: Path, work: Path, nb, name: str) -> None:
+    for path in submission_files(folder):
+        dest = work / path.relative_to(folder)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    nbformat.write(nb, work / f"{name}.ipynb")
+
+
+def _harvest_argv(root: Path, name: str, settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "course_lib.autograde.harvest", str(root), name, str(settings.cell_timeout)]
+
+
+def run_in_sandbox(scratch: Path, inputs: Path, zoo: Path | None, name: str, settings: Settings) -> sandbox.Result:
+    """Run the harvest for notebook ``name`` over ``scratch``: sandboxed, or (unsafe) as a plain
+    child process with the same limits, a fresh HOME and a cleaned environment."""
+    if not settings.unsafe_no_sandbox:
+        extra = [(inputs, sandbox.SANDBOX_ROOT / "in")]
+        if zoo is not None and zoo.is_dir():
+            extra.append((zoo, sandbox.SANDBOX_ROOT / "work" / "zoo"))
+        return sandbox.run(scratch, _harvest_argv(sandbox.SANDBOX_ROOT, name, settings), settings.limits,
+                           binds=tuple(extra))
+    (scratch / "in").rmdir()
+    (scratch / "in").symlink_to(inputs)
+    if zoo is not None and zoo.is_dir():
+        (scratch / "work" / "zoo").symlink_to(zoo)
+    env = sandbox.environment(settings.limits, {"HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"),
+                                                "MPLCONFIGDIR": str(scratch / "tmp")})
+    return sandbox.run_unsandboxed(scratch, _harvest_argv(scratch, name, settings), settings.limits, env)
+
+
+def safe_outputs(outputs: list) -> list:
+    """The outputs of a student's cell, rebuilt from plain text and PNG only (no HTML or
+    JavaScript from a submission ever reaches the instructor's browser)."""
+    clean = []
+    for out in outputs[:MAX_CELL_OUTPUTS] if isinstance(outputs, list) else []:
+        kind = out.get("output_type") if isinstance(out, dict) else None
+        if kind == "stream" and isinstance(out.get("text"), str):
+            clean.append(nbformat.v4.new_output("stream", name="stdout" if out.get("name") != "stderr" else "stderr",
+                                                text=out["text"][:20_000]))
+        elif kind == "error":
+            text = f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"[:5000]
+            clean.append(nbformat.v4.new_output("error", ename=str(out.get("ename", "Error"))[:200],
+                                                evalue=str(out.get("evalue", ""))[:5000], traceback=[text]))
+        elif kind in ("display_data", "execute_result") and isinstance(out.get("data"), dict):
+            data = {k: v for k, v in out["data"].items() if k in SAFE_MIME and isinstance(v, str)}
+            if data:
+                clean.append(nbformat.v4.new_output("display_data", data=data))
+    return clean
+
+
+def grade_notebook(nb, folder: Path, name: str, files: grading.GradingFiles, inputs: Path, settings: Settings,
+                   *, zoo: Path | None = None, cache: Path | None = None) -> NotebookResult:
+    """Grade notebook ``name`` (already sanitized by nbgrader) of the submission in ``folder``."""
+    start = time.perf_counter()
+    key = cache_key(nb, folder, inputs, settings)
+    cached = cache / f"{name}.json" if cache is not None else None
+    if cached is not None and cached.is_file():
+        result = NotebookResult.from_json(cached.read_text())
+        if result.key == key:
+            return result
+    result = NotebookResult(key)
+    with tempfile.TemporaryDirectory(prefix="course-sandbox-") as tmp:
+        scratch = Path(tmp)
+        sandbox.prepare(scratch)
+        _copy_submission(folder, scratch / "work", nb, name)
+        ran = run_in_sandbox(scratch, inputs, zoo, name, settings)
+        result.sandbox_seconds = ran.seconds
+        if ran.timed_out:
+            result.note = f"the notebook was stopped at the time limit ({settings.limits.wall_seconds:g} s)"
+        cells = read_regular_file(scratch / "out" / "cells.json", 50 * 2**20)
+        try:
+            raw = json.loads(cells) if cells else {}
+        except ValueError:
+            raw = {}
+        result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
+        ctx = Context(Outputs(scratch / "out"), folder, files)
+        result.verdicts = decide(test_cells(nb), ctx)
+    result.seconds = time.perf_counter() - start
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(result.to_json())
+    return result
+
+
+def verdict_output(verdict: Verdict):
+    """A test cell's output: nbgrader gives full points to a cell without an error output."""
+    if verdict.passed:
+        return nbformat.v4.new_output("stream", name="stdout", text="passed (decided by the trusted autograder)\n")
+    return nbformat.v4.new_output("error", ename="GradingFailure", evalue=verdict.message,
+                                  traceback=[f"GradingFailure: {verdict.message}"])
+
+
+def apply(nb, result: NotebookResult):
+    """Write the student's cell outputs and the trusted verdicts into ``nb`` (in place)."""
+    ids = test_cells(nb)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id in ids:
+            cell.outputs = [verdict_output(result.verdicts[grade_id])]
+        else:
+            cell.outputs = [nbformat.from_dict(o) for o in result.cells.get(str(index), [])]
+        cell.execution_count = None
+    return nb

@@ -1,0 +1,73 @@
+"""The trusted autograder inside nbgrader: a preprocessor that replaces nbgrader's ``Execute``.
+
+nbgrader's ``autograde`` sanitizes each submitted notebook (restoring the instructor's test
+cells from the gradebook), then runs its ``autograde_preprocessors``: by default ``Execute``
+(every cell, test cells included, in one kernel next to the student's code), then
+``SaveAutoGrades`` (a test cell without an error output earns its points). The course's
+``nbgrader_config.py`` puts :class:`TrustedExecute` in place of ``Execute``: it runs the
+student's cells in a sandbox, decides every test in the grader's own process
+(:mod:`.pipeline`), and writes each verdict into its test cell as an output, before
+``SaveAutoGrades`` records it. nbgrader's gradebook, formgrader, feedback and export work
+unchanged. ``python -m course_lib autograde`` (:mod:`.classroom`) computes the same results for
+many students in parallel, and this preprocessor then finds them in the cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nbgrader.preprocessors import NbGraderPreprocessor
+from traitlets import Bool, Float, Integer, Unicode
+
+from .. import grading
+from . import sandbox
+from .pipeline import Settings, apply, grade_notebook
+from .workspace import Workspace
+
+
+class UnsafeRefusal(RuntimeError):
+    """No sandbox can be made here, and the instructor did not accept grading without one."""
+
+
+def require_sandbox(unsafe: bool, log=print) -> None:
+    """Refuse to grade without a sandbox, unless ``unsafe``; then say what is lost."""
+    ok, why = sandbox.available()
+    if ok:
+        return
+    if not unsafe:
+        raise UnsafeRefusal(f"no sandbox can be made here ({why}); autograding refuses to run student code "
+                            f"unsandboxed. Install bubblewrap, or pass --unsafe-no-sandbox "
+                            f"(nbgrader: --TrustedExecute.unsafe_no_sandbox=True) to accept that "
+                            + "; ".join(sandbox.UNSAFE_LOSSES))
+    log("WARNING: grading WITHOUT a sandbox: " + "; ".join(sandbox.UNSAFE_LOSSES))
+
+
+class TrustedExecute(NbGraderPreprocessor):
+    """nbgrader preprocessor: sandboxed execution and trusted verdicts (see the module docstring)."""
+
+    timeout = Integer(120, help="seconds each cell (and each graded call) may run").tag(config=True)
+    notebook_timeout = Integer(600, help="wall-clock seconds one notebook's sandbox may run").tag(config=True)
+    threads = Integer(1, help="torch/OpenMP/BLAS threads inside the sandbox").tag(config=True)
+    memory_gb = Float(12.0, help="address-space limit of each process in the sandbox, in GiB").tag(config=True)
+    unsafe_no_sandbox = Bool(False, help="grade without a sandbox where none can be made (unsafe)").tag(config=True)
+    grading_dir = Unicode("", help="the instructor's grading folder (default <course>/grading/<assignment>)"
+                          ).tag(config=True)
+
+    def settings(self) -> Settings:
+        limits = sandbox.Limits(wall_seconds=float(self.notebook_timeout), threads=self.threads,
+                                memory_bytes=int(self.memory_gb * 2**30))
+        return Settings(cell_timeout=float(self.timeout), limits=limits, unsafe_no_sandbox=self.unsafe_no_sandbox)
+
+    def preprocess(self, nb, resources):
+        info = resources["nbgrader"]
+        submission = Path(resources["metadata"]["path"]).resolve()
+        course = submission.parents[2]
+        require_sandbox(self.unsafe_no_sandbox, self.log.warning)
+        workspace = Workspace(course, info["assignment"], self.grading_dir or None)
+        settings = self.settings()
+        result = grade_notebook(nb, submission, info["notebook"], workspace.files, workspace.inputs(), settings,
+                                zoo=workspace.zoo, cache=workspace.cache(info["student"]))
+        for grade_id, verdict in result.verdicts.items():
+            if not verdict.passed:
+                self.log.info("%s %s: %s", info["student"], grade_id, verdict.message)
+        return apply(nb, result), resources
