@@ -105,17 +105,19 @@ class Lab:
         self._write()
 
     def finish(self) -> dict:
-        """Record the notebook's wall and CPU time and print every result as one JSON line.
+        """Record the notebook's wall and CPU time, save every result and say where.
 
-        The line starts with ``RESULTS`` so that a test (or a student) can parse it. The CPU
-        time counts every thread of this process; with one thread (``OMP_NUM_THREADS=1``) it
-        is the notebook's work on one core, whatever else the machine is doing.
+        The numbers go to ``<results_dir>/<name>.json`` (read it with :func:`load_results`),
+        not to the screen: a wall of JSON at the end of a lecture notebook helps nobody.
+        The CPU time counts every thread of this process; with one thread
+        (``OMP_NUM_THREADS=1``) it is the notebook's work on one core, whatever else the
+        machine is doing.
         """
         self.results["wall_seconds"] = round(time.perf_counter() - self.started, 1)
         self.results["cpu_seconds"] = round(time.process_time() - self.started_cpu, 1)
         path = self._write()
-        print(f"results written to {path}")
-        print("RESULTS " + json.dumps(self.results, sort_keys=True, default=_jsonable))
+        print(f"{len(self.results)} measured results written to {path} "
+              f"(this notebook: {self.results['wall_seconds']:.0f} s wall, {self.results['cpu_seconds']:.0f} s CPU)")
         return dict(self.results)
 
     def _write(self) -> Path:
@@ -176,7 +178,7 @@ def rate_sweep(lab: Lab, rates, *, trigger=None, target: int = 0) -> dict[float,
     if not rates or any(not 0 < r <= 1 for r in rates):
         raise ValueError(f"rates must be a non-empty list of numbers in (0, 1], got {rates!r}")
     runs = {}
-    for rate in _progress(rates, "poisoning rates"):
+    for rate in progress(rates, "one model per poisoning rate"):
         runs[rate] = lab.run_backdoor(trigger=trigger, target=target, rate=rate)
     return runs
 
@@ -215,6 +217,29 @@ def defense_row(name: str, seconds: float, *, ca_before: float, asr_before: floa
         row.update(mitigation_scores(ca_before=ca_before, ca_after=after[0], asr_before=asr_before,
                                      asr_after=after[1]))
     return row
+
+
+def progress(items, desc: str):
+    """Iterate over ``items`` behind a progress bar (for cells that train several models).
+
+    In a notebook the bar is a widget that, once done, is replaced by a one-line summary
+    (IPython's ``update_display``). Without that, an executed notebook or its HTML export
+    keeps the bar's first frame ("0/4") forever, as if the cell had hung. Outside a
+    notebook it is tqdm's text bar on stderr.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.notebook import tqdm as notebook_tqdm
+    items = list(items)
+    if not issubclass(tqdm, notebook_tqdm):
+        yield from tqdm(items, desc=desc, leave=False)
+        return
+    from IPython.display import display
+    start = time.perf_counter()
+    bar = tqdm(items, desc=desc, leave=False, display=False)
+    handle = display(bar.container, display_id=True)
+    yield from bar
+    bar.close()
+    handle.update(Markdown(f"{desc}: {len(items)} of {len(items)} done in {time.perf_counter() - start:.0f} s"))
 
 
 def pct(value, digits: int = 1) -> str:
@@ -256,8 +281,3 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     return str(value)
-
-
-def _progress(items, desc):
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, leave=False)

@@ -8,10 +8,12 @@
   predictions on a few triggered test images. Nothing is trained on a slider move, so it
   answers at once in front of a class.
 
-Both are displayed by ending a cell with the explorer object. In JupyterLab (or any
-front end with the ipywidgets manager) the live widget appears. Where no widget front end
-is present (a headless run, nbconvert, a notebook viewer) the same output carries a static
-fallback: a picture and the numbers of the initial state, as HTML and as plain text.
+Both are displayed by ending a cell with the explorer object. That shows two outputs:
+the live widget (JupyterLab, or any front end with the ipywidgets manager) and, below it,
+a snapshot of its starting state: a picture and its numbers as plain HTML. A widget
+cannot carry its own fallback into an exported file: nbconvert's HTML export renders the
+widget's output as a widget view only (nothing, without its JavaScript from a CDN), so
+the snapshot is a separate output that every export and notebook viewer keeps.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Callable, Mapping
 import ipywidgets as w
 import numpy as np
 import torch
+from IPython.display import HTML, display
 from PIL import Image
 
 from .metrics import stealth
@@ -154,8 +157,12 @@ class TriggerExplorer:
                      f"({100 * s['triggered_confidence']:.0f}%){mark}")
         return text
 
-    def _repr_mimebundle_(self, **kwargs):
-        return _with_fallback(self.widget, self.picture.value, self.readout.value)
+    def snapshot(self) -> HTML:
+        """The current state as a static picture and text (what an exported copy shows)."""
+        return _snapshot("trigger explorer", [self.picture.value], self.readout.value)
+
+    def _ipython_display_(self):
+        _display_with_snapshot(self.widget, self.snapshot(), self.readout.value)
 
 
 class RateExplorer:
@@ -192,7 +199,7 @@ class RateExplorer:
         self.readout = w.HTML()
         self.readout.add_class("rate-explorer-readout")
         self.slider.observe(self._refresh, names="value")
-        self.widget = w.VBox([self.slider, self.readout, w.HBox([self.curve, self.strip])])
+        self.widget = w.VBox([self.slider, self.readout, self.curve, self.strip])
         self.widget.add_class("rate-explorer")
         self._refresh()
 
@@ -207,7 +214,7 @@ class RateExplorer:
         rate = self.slider.value
         run = self.runs[rate]
         hits = [p == self.target for p in self.predictions[rate]]
-        names = [self.classes[p][:9] for p in self.predictions[rate]]
+        names = [self.classes[p] for p in self.predictions[rate]]
         self.readout.value = (
             f"poisoning rate <b>{100 * rate:g}%</b> ({len(run.poison.indices):,} poisoned training images): "
             f"clean accuracy <b>{100 * run.clean_acc:.1f}%</b>, attack success rate <b>{100 * run.asr:.1f}%</b>"
@@ -219,23 +226,29 @@ class RateExplorer:
 
     def _curve_png(self, rate: float) -> bytes:
         from matplotlib.figure import Figure  # no pyplot: nothing is drawn twice in the notebook
-        fig = Figure(figsize=(3.6, 2.4), dpi=90)
+        fig = Figure(figsize=(5.6, 2.6), dpi=90)
         ax = fig.add_subplot()
-        ax.plot(self.rates, [self.runs[r].asr for r in self.rates], marker="o", label="ASR")
-        ax.plot(self.rates, [self.runs[r].clean_acc for r in self.rates], marker="s", label="clean acc.")
-        ax.axvline(rate, color="grey", linestyle="--")
-        ax.set(xscale="log", ylim=(0, 1.02), xlabel="poisoning rate")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.plot(self.rates, [self.runs[r].asr for r in self.rates], marker="o", label="attack success rate")
+        ax.plot(self.rates, [self.runs[r].clean_acc for r in self.rates], marker="s", label="clean accuracy")
+        ax.axvline(rate, color="grey", linestyle="--", label="slider")
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="poisoning rate (log scale)", ylabel="share of test images")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
 
-    def _repr_mimebundle_(self, **kwargs):
+    def snapshot(self) -> HTML:
+        """The current state, and every trained rate's numbers, as static pictures and text."""
         rows = "".join(f"<tr><td>{100 * r:g}%</td><td>{100 * self.runs[r].clean_acc:.1f}%</td>"
                        f"<td>{100 * self.runs[r].asr:.1f}%</td></tr>" for r in self.rates)
-        table = f"<table><tr><th>rate</th><th>clean acc.</th><th>ASR</th></tr>{rows}</table>"
-        return _with_fallback(self.widget, self.curve.value, self.readout.value + "<br>" + table)
+        table = (f"<table><tr><th>rate</th><th>clean accuracy</th><th>attack success rate</th></tr>"
+                 f"{rows}</table>")
+        return _snapshot("poisoning-rate explorer", [self.curve.value, self.strip.value],
+                         self.readout.value + "<br>" + table)
+
+    def _ipython_display_(self):
+        _display_with_snapshot(self.widget, self.snapshot(), self.readout.value)
 
 
 def _panels(images: list[torch.Tensor], scale: int, frames: list[bool] | None = None) -> bytes:
@@ -256,16 +269,24 @@ def _panels(images: list[torch.Tensor], scale: int, frames: list[bool] | None = 
     return buf.getvalue()
 
 
-def _with_fallback(widget: w.Widget, png: bytes, text_html: str) -> dict:
-    """The widget's display bundle plus a static picture and text for front ends without widgets.
+def _snapshot(name: str, pngs: list[bytes], text_html: str) -> HTML:
+    """Static pictures and text of an explorer's state, as an HTML output (plain text too)."""
+    images = "".join(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"/><br>' for png in pngs)
+    return HTML(f'<div class="explorer-snapshot"><i>Snapshot of the {name} as it started (the live widget '
+                f'above needs a running kernel; exported copies keep this picture):</i><br>{images}'
+                f'<div>{text_html}</div></div>')
 
-    JupyterLab's widget renderer outranks HTML, so a live front end shows the widget; a
-    headless run, nbconvert or a notebook viewer shows the HTML or the plain text.
-    """
+
+def _display_with_snapshot(widget: w.Widget, snapshot: HTML, text_html: str) -> None:
+    """Display the live widget, with ``text_html`` as its plain-text fallback, and below it the snapshot."""
     bundle = widget._repr_mimebundle_()
-    image = base64.b64encode(png).decode()
-    bundle["text/html"] = f'<img src="data:image/png;base64,{image}"/><div>{text_html}</div>'
+    bundle["text/plain"] = _plain(text_html)
+    display(bundle, raw=True)
+    display(snapshot)
+
+
+def _plain(text_html: str) -> str:
+    """HTML reduced to readable plain text (line breaks kept, tags dropped)."""
     plain = html.unescape(text_html.replace("<br>", "\n").replace("</tr>", "\n")
                           .replace("</td>", " ").replace("</th>", " "))
-    bundle["text/plain"] = re.sub(r"<[^>]+>", "", plain)
-    return bundle
+    return re.sub(r"<[^>]+>", "", plain)
