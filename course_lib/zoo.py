@@ -148,7 +148,8 @@ class Planned:
     model_seed: int
 
 
-def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10, homework_target: int = 0) -> list[Planned]:
+def plan_zoo(*, small: bool = False, seed: int = 0, num_classes: int = 10,
+             homework_target: int = 0) -> list[Planned]:
     """Who is who in the zoo, drawn from ``seed``: the reference, the practice model, the graded
     ``model_1``, ``model_2``... and the public ``exercise_1``... (each list of recipes in its own
     seeded random order).
@@ -197,47 +198,48 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     plan = plan_zoo(small=small, seed=seed, num_classes=train_split.num_classes, homework_target=homework_target)
     settings = SMALL_SETTINGS if small else DEFAULT_SETTINGS
     start = time.perf_counter()
-
-    def fit(planned: Planned, surrogate=None):
-        subset, _ = train_split.split(min(settings.num_train, len(train_split) - 1), seed=planned.subset_seed)
-        poison = _poison(planned, subset, surrogate, device, progress)
-        trained = _quantized(poison.dataset if poison else subset)
-        model = model_for(trained, seed=planned.model_seed)
-        train(model, trained, epochs=settings.epochs, seed=planned.model_seed, device=device, progress=progress)
-        if progress:
-            print(f"zoo: trained {planned.name} ({planned.recipe.label})", flush=True)
-        return model.cpu().eval(), trained, poison
-
-    reference, _, _ = fit(plan[0])
+    reference, _, _ = _fit(plan[0], train_split, settings, None, device, progress)
     save_checkpoint(reference, out / "reference.safetensors", dataset=train_split.name, classes=train_split.classes)
     key = {"format": FORMAT, "dataset": train_split.name, "seed": seed, "small": small,
            "homework_target": homework_target, "num_train": settings.num_train, "epochs": settings.epochs,
            "models": {}, "exercises": {}}
     index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes), "models": []}
-    (out / "activations").mkdir(parents=True, exist_ok=True)
     for planned in plan[1:]:
-        model, trained, poison = fit(planned, reference)
-        save_checkpoint(model, out / "models" / f"{planned.name}.safetensors",
-                        dataset=trained.name, classes=trained.classes)
+        name = planned.name
+        model, trained, poison = _fit(planned, train_split, settings, reference, device, progress)
+        save_checkpoint(model, out / "models" / f"{name}.safetensors", dataset=trained.name, classes=trained.classes)
         answer = _answer(planned.recipe, model, poison, test_split)
-        if planned.role == "graded":
-            save_file({"activations": extract_features(model, trained.images, progress=False).contiguous(),
-                       "labels": trained.labels.contiguous()},
-                      str(out / "activations" / f"{planned.name}.safetensors"))
-            key["models"][planned.name] = answer
-            continue
-        _write_model(public, planned.name, model, trained)
-        if planned.role == "exercise":
-            key["exercises"][planned.name] = answer
-            index["models"].append(_files(planned.name))
-        else:
+        if planned.role == "graded":  # hidden: only its activations and answer are kept
+            _write_activations(out / "activations" / f"{name}.safetensors", model, trained)
+            key["models"][name] = answer
+        elif planned.role == "exercise":  # public, answer kept back
+            _write_model(public, name, model, trained)
+            key["exercises"][name] = answer
+            index["models"].append(_files(name))
+        else:  # the practice model: public, answer included
+            _write_model(public, name, model, trained)
             key["practice"] = answer
-            index["practice"] = {**_files("practice"), "target": poison.target, "trigger": repr(poison.trigger),
+            index["practice"] = {**_files(name), "target": poison.target, "trigger": repr(poison.trigger),
                                  "poisoned_indices": poison.indices.tolist()}
     (public / "index.json").write_text(json.dumps(index, indent=1))
     key["seconds"] = round(time.perf_counter() - start, 1)
     (out / "answer_key.json").write_text(json.dumps(key, indent=1))
     return key
+
+
+def _fit(planned: Planned, train_split: ImageDataset, settings: Settings, surrogate, device, progress: bool):
+    """Train one planned model on its own subset, poisoned by its recipe and rounded to 8 bits.
+
+    Returns the model (CPU, eval mode), its training set and the :class:`PoisonResult` (None if clean).
+    """
+    subset, _ = train_split.split(min(settings.num_train, len(train_split) - 1), seed=planned.subset_seed)
+    poison = _poison(planned, subset, surrogate, device, progress)
+    trained = _quantized(poison.dataset if poison else subset)
+    model = model_for(trained, seed=planned.model_seed)
+    train(model, trained, epochs=settings.epochs, seed=planned.model_seed, device=device, progress=progress)
+    if progress:
+        print(f"zoo: trained {planned.name} ({planned.recipe.label})", flush=True)
+    return model.cpu().eval(), trained, poison
 
 
 def _poison(planned: Planned, data: ImageDataset, surrogate, device, progress: bool) -> PoisonResult | None:
@@ -272,6 +274,14 @@ def _write_model(folder: Path, name: str, model: nn.Module, data: ImageDataset) 
     save_checkpoint(model, folder / files["checkpoint"], dataset=data.name, classes=data.classes)
     save_file({"images": _to_uint8(data.images).contiguous(), "labels": data.labels.contiguous()},
               str(folder / files["training_set"]))
+
+
+def _write_activations(path: Path, model: nn.Module, data: ImageDataset) -> None:
+    """A graded model's penultimate activations on its training set, and the labels: what the
+    Part 2 autograder feeds to a student's detector."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"activations": extract_features(model, data.images, progress=False).contiguous(),
+               "labels": data.labels.contiguous()}, str(path))
 
 
 def _answer(recipe: Recipe, model: nn.Module, poison: PoisonResult | None, test: ImageDataset) -> dict:
@@ -320,6 +330,7 @@ def known_zoo_model(model: nn.Module, folder, *, threshold: float = FINGERPRINT_
 
 
 def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's trained parameters by name, as float CPU tensors: its fingerprint."""
     return {name: p.detach().cpu().float() for name, p in model.named_parameters()}
 
 
