@@ -5,11 +5,10 @@ is in docs/instructor_guide.md. Autograde a class with the kit's parallel comman
 ``python -m course_lib autograde week4 --workers N``; nbgrader's own ``nbgrader autograde
 week4`` gives the same protection, one student after another.
 """
-from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, ClearHiddenTests, GetGrades,
-                                    IgnorePattern, LimitOutput, SaveAutoGrades)
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades
 
-from course_lib.autograde.preprocessor import TrustedExecute
+from course_lib.autograde.preprocessor import autograde_preprocessors
 
 c = get_config()  # noqa: F821 -- provided by nbgrader when it loads this file
 
@@ -22,8 +21,7 @@ c.CourseDirectory.course_id = "adversarial-ml-week4"
 # process from what the student's functions returned (course_lib/autograde/). Training cells
 # are skipped (NBGRADER_EXECUTION=autograde). A cell or graded call still running after
 # `timeout` seconds is stopped; only the tests that needed it fail.
-c.Autograde.autograde_preprocessors = [TrustedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput,
-                                       SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
+c.Autograde.autograde_preprocessors = autograde_preprocessors()
 c.TrustedExecute.timeout = 120
 c.TrustedExecute.notebook_timeout = 600
 # Where no sandbox can be made, autograding refuses to run; this switch accepts the loss:

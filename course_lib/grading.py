@@ -351,7 +351,7 @@ def verify_poisoning(data: ImageDataset, result, again_indices, *, target: int, 
              "each poisoned image must be trigger(original image)")
     _require(isinstance(again_indices, torch.Tensor) and again_indices.shape == indices.shape
              and torch.equal(again_indices.sort().values, indices.sort().values),
-             "a second call with the same data and seed chose other images: use a torch.Generator seeded "
+             "a second call with the same seed and data chose other images: use a torch.Generator seeded "
              "with seed, and do not modify the data you are given")
 
 

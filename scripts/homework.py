@@ -9,13 +9,17 @@
     python scripts/homework.py bench [--full]
         time the autograding of one complete submission (the reference solution) in a
         temporary copy of the course, with a small zoo (or the default zoo with --full)
+    python scripts/homework.py bench-class [--students 20] [--workers 2] [--full]
+        grade a synthetic class (honest, partial and broken submissions) twice in one run:
+        with nbgrader's sequential `nbgrader autograde` and with the kit's parallel
+        `python -m course_lib autograde`; print both times, their ratio, seconds per student
+        and the projected time for 300 students on 2, 16 and 64 cores
 
 tests/test_homework.py uses the same functions for its nbgrader round trip.
 """
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import shutil
 import subprocess
@@ -106,22 +110,47 @@ def secret_lines(source: Path, regions=REGIONS) -> list[str]:
     return sorted(line for line in secret - public if len(line) > 3)
 
 
+def document_text(path: Path) -> str:
+    """The text a reader of ``path`` can see, parsed rather than searched raw: a notebook's cell
+    sources, outputs and attachments' names; an HTML page's text and scripts (entities decoded,
+    tags removed, so markup between two words cannot hide them); other files as they are."""
+    raw = path.read_text(errors="replace")
+    if path.suffix == ".ipynb":
+        try:
+            nb = nbformat.reads(raw, as_version=4)
+        except Exception:
+            return raw        # not a valid notebook: search what is there
+        parts = []
+        for cell in nb.cells:
+            parts.append(cell.source)
+            for out in cell.get("outputs", []):
+                parts += [out.get("text", ""), out.get("evalue", ""), *out.get("traceback", [])]
+                parts += [v for v in out.get("data", {}).values() if isinstance(v, str)]
+        return "\n".join(parts)
+    if path.suffix == ".html":
+        from bs4 import BeautifulSoup
+        return BeautifulSoup(raw, "html.parser").get_text("")
+    return raw
+
+
 def leaks(folder: Path, source: Path, regions=REGIONS, files=SECRET_FILES + MODEL_FILES) -> list[str]:
     """Forbidden ``files``, region markers and region lines found under ``folder``: empty when clean.
 
     For a release: the solutions and hidden tests, the answer key and any model. For
     feedback: only the hidden tests and the answer key (a student's feedback rightly shows
-    the student's own solution and model files).
+    the student's own solution and model files). Secret lines are looked for in the parsed
+    document (:func:`document_text`) with all whitespace removed from both, so neither
+    markup nor re-indentation hides them.
     """
     found = [f"file {path.relative_to(folder)}" for path in sorted(folder.rglob("*")) if path.name in files]
     secrets = secret_lines(source, regions)
     for path in sorted(folder.rglob("*")):
-        if path.suffix not in (".ipynb", ".html", ".py", ".json", ".txt", ".md"):
+        if path.suffix not in (".ipynb", ".html", ".py", ".json", ".txt", ".md") or not path.is_file():
             continue
-        text = path.read_text(errors="replace")
-        text = html.unescape(text) if path.suffix == ".html" else text
+        text = document_text(path)
+        squashed = "".join(text.split())
         found += [f"{path.relative_to(folder)}: {begin}" for begin, _ in regions if begin in text]
-        found += [f"{path.relative_to(folder)}: {line!r}" for line in secrets if line in text]
+        found += [f"{path.relative_to(folder)}: {line!r}" for line in secrets if "".join(line.split()) in squashed]
     return found
 
 
@@ -211,11 +240,21 @@ def submit(folder: Path, student: str, exchange: Path) -> None:
              f"--Exchange.root={exchange}")
 
 
-def autograde(course: Path, student: str, *extra: str) -> float:
-    """Autograde one student's submission; returns the seconds it took."""
+def autograde(course: Path, student: str | None = None, *extra: str) -> float:
+    """nbgrader's own ``nbgrader autograde`` (sequential; trusted through nbgrader_config.py), of
+    one student or, with ``student=None``, of everyone; returns the seconds it took."""
     start = time.perf_counter()
-    nbgrader(course, "autograde", ASSIGNMENT, f"--student={student}", "--force", *extra)
+    who = [f"--student={student}"] if student else []
+    nbgrader(course, "autograde", ASSIGNMENT, *who, "--force", *extra, timeout=None)
     return time.perf_counter() - start
+
+
+def autograde_class(course: Path, *, workers: int = 2, cell_timeout: float = 120.0, students=None,
+                    force: bool = False, dask_scheduler: str | None = None) -> list:
+    """The kit's parallel, trusted autograder (``python -m course_lib autograde``) on ``course``."""
+    from course_lib.autograde.classroom import autograde_class as run
+    return run(course, ASSIGNMENT, workers=workers, cell_timeout=cell_timeout, students=students, force=force,
+               dask_scheduler=dask_scheduler, progress=False)
 
 
 def reference_submission(course: Path, fetched: Path, dest: Path, model_dir: Path) -> Path:

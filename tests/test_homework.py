@@ -1,10 +1,12 @@
 """The Week 4 homework: the grading checks on everything a student can hand in wrong, and
 the full nbgrader round trip (zoo, release, submit, autograde, feedback, export)."""
 import csv
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from nbgrader.api import Gradebook
 
 from course_lib import grading
-from course_lib.checkpoints import save_checkpoint
+from course_lib.checkpoints import load_checkpoint, save_checkpoint
 from course_lib.data import synthetic_dataset
 from course_lib.models import build_model, model_for
 from course_lib.triggers import PatchTrigger
@@ -238,8 +240,14 @@ for _name in hw.NOTEBOOKS:
 PART1 = {g for g in AUTOGRADED if g.startswith("p1-")}
 PART2 = {g for g in AUTOGRADED if g.startswith("p2-")}
 MODEL_TESTS = {"p1-test-model-loads", "p1-test-clean-accuracy", "p1-test-attack-success"}
+ZOO_TESTS = {"p2-test-verdicts", "p2-test-tpr", "p2-test-fpr"}
+NO_DETECTION = {"p2-test-planted", "p2-test-verdicts", "p2-test-tpr"}   # a detector that flags nothing
+UNTRAINED = {"p1-test-clean-accuracy", "p1-test-attack-success"}
+CUSTOM_TRIGGER = {"p1-test-trigger-custom", "p1-test-distinct-triggers"}
+FORK_TAG = "forker-was-here-7b1d"
 
-# student -> (autograder tests expected to fail, a message their feedback must show)
+# student -> (autograder tests expected to fail, a message their feedback must show). Every
+# cheating student gets exactly the grade its honest behaviour earns: the attack adds nothing.
 STUDENTS = {
     "reference": (set(), None),
     "unmodified": (set(AUTOGRADED), "NotImplementedError"),
@@ -248,7 +256,22 @@ STUDENTS = {
     "pickler": (MODEL_TESTS | PART2, "cannot be loaded safely"),
     "nomodel": (MODEL_TESTS | PART2, "was not handed in"),
     "buggy": ({"p1-test-poison", "p1-test-poison-hidden"} | PART2 - {"p2-test-activations"}, "CellTimeoutError"),
+    "zookeeper": (MODEL_TESTS, "carries the weights of a zoo model"),
+    # the attacks of issue 8, each on top of an otherwise honest submission
+    "patcher": (UNTRAINED, "clean accuracy"),        # replaces course_lib.grading's checks; untrained model
+    "torcher": (UNTRAINED, "clean accuracy"),        # patches torch.nn.Module.__call__, torch.equal...
+    "hider": (CUSTOM_TRIGGER, "broken on purpose"),  # silences IPython's error display; a broken trigger
+    "reader": (NO_DETECTION, "only 0%"),             # detector reads answer_key.json and the gradebook
+    "inspector": (NO_DETECTION, "only 0%"),          # trigger and detector walk up the caller's frames
+    "vandal": (set(), None),                         # writes and deletes outside its folder
+    "forker": (set(), None),                         # leaves a background process behind
+    "dier": (CUSTOM_TRIGGER, "kernel died"),         # os._exit in a trigger (and in a cell that calls it)
+    "deaf": (ZOO_TESTS, "produced no result"),       # ignores interrupts, hangs on the zoo models
+    "aaa_honest": (set(), None),                     # graded before the saboteurs ...
+    "zzz_honest": (set(), None),                     # ... and after them: the same grade as alone
 }
+HONEST_BASE = ("reference", "buggy", "zookeeper", "patcher", "torcher", "hider", "reader", "inspector", "vandal",
+               "forker", "dier", "deaf", "aaa_honest", "zzz_honest")
 
 PAINTER = '''
 
@@ -258,6 +281,149 @@ def trigger_custom(images):
     return (images + shift.to(images)).clamp(0, 1)
 '''
 
+PATCH_GRADING = '''
+from course_lib import grading as _grading
+for _name in dir(_grading):
+    if _name.startswith(("check_", "verify_", "load_student_model", "_require")):
+        setattr(_grading, _name, lambda *args, **kwargs: (None, {}))
+'''
+
+PATCH_TORCH = '''
+import torch as _torch
+_torch.nn.Module.__call__ = lambda self, x, *a, **k: _torch.nn.functional.one_hot(
+    _torch.zeros(len(x), dtype=_torch.long), 10).float()
+_torch.equal = lambda *a, **k: True
+_torch.allclose = lambda *a, **k: True
+'''
+
+HIDE_ERRORS = '''
+import sys as _sys
+_ip = get_ipython()
+_ip.showtraceback = lambda *a, **k: None
+_ip.showsyntaxerror = lambda *a, **k: None
+_sys.excepthook = lambda *a: None
+
+
+def trigger_custom(images):
+    raise RuntimeError("broken on purpose")
+'''
+
+READ_FILES = '''
+def activation_clustering(activations, labels, seed=0):
+    """Cheat: look for the answer key and the gradebook, anywhere; flag nothing when there is none."""
+    import json
+    from pathlib import Path
+    candidates = [Path(KEY_PATH), Path.cwd() / "grading" / "week4" / "answer_key.json"]
+    candidates += [p / "grading" / "week4" / "answer_key.json" for p in Path.cwd().parents]
+    try:
+        from course_lib import grading
+        candidates.append(grading.grading_dir() / "answer_key.json")
+    except Exception:
+        pass
+    for path in candidates:
+        try:
+            key = json.loads(path.read_text())
+            Path(GRADEBOOK_PATH).read_bytes()
+        except Exception:
+            continue
+        for entry in key["models"].values():
+            flags = np.zeros(len(labels), dtype=bool)
+            flags[entry.get("poisoned_indices", [])] = True
+            if len(flags) == len(labels):
+                return flags
+    return np.zeros(len(labels), dtype=bool)
+'''
+
+SNOOP = '''
+import inspect as _inspect
+
+
+def _secrets_upstream():
+    """Cheat: search the callers' frames for the answer key, and sabotage any model found there."""
+    found = []
+    for info in _inspect.stack()[1:]:
+        for value in list(info.frame.f_locals.values()):
+            if isinstance(value, dict) and "poisoned_indices" in value:
+                found.append(value)
+            if isinstance(value, torch.nn.Module):
+                with torch.no_grad():
+                    for parameter in value.parameters():
+                        parameter.zero_()
+    return found
+'''
+
+SNOOPING_TRIGGER = '''
+_honest_patch = trigger_patch
+
+
+def trigger_patch(images):
+    _secrets_upstream()
+    return _honest_patch(images)
+'''
+
+SNOOPING_DETECTOR = '''
+def activation_clustering(activations, labels, seed=0):
+    flags = np.zeros(len(labels), dtype=bool)
+    for entry in _secrets_upstream():
+        flags[entry["poisoned_indices"]] = True
+    return flags
+'''
+
+VANDAL = '''
+import shutil as _shutil
+from pathlib import Path as _Path
+for _target in TARGETS:
+    try:
+        _path = _Path(_target)
+        if _path.is_dir():
+            _shutil.rmtree(_path)
+        else:
+            _path.write_text("pwned")
+    except Exception as _err:
+        print("vandal:", type(_err).__name__)
+try:
+    _startup = _Path.home() / ".ipython" / "profile_default" / "startup"
+    _startup.mkdir(parents=True, exist_ok=True)
+    (_startup / "00-pwn.py").write_text("print('pwned')")
+except Exception:
+    pass
+'''
+
+FORKER = '''
+import subprocess as _subprocess
+import sys as _sys
+_subprocess.Popen([_sys.executable, "-c", "import time, pathlib\\n"
+                   "for _ in range(600):\\n"
+                   "    for target in TARGETS:\\n"
+                   "        try:\\n"
+                   "            pathlib.Path(target).write_text('FORK_TAG')\\n"
+                   "        except Exception:\\n"
+                   "            pass\\n"
+                   "    time.sleep(0.5)\\n"], start_new_session=True,
+                  stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
+'''
+
+DIER = '''
+import os as _os
+
+
+def trigger_custom(images):
+    _os._exit(0)
+'''
+
+DEAF = '''
+import signal as _signal
+_signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+_honest_ac = activation_clustering
+
+
+def activation_clustering(activations, labels, seed=0):
+    if len(labels) > 5000:     # the zoo models, not the planted example
+        while True:
+            pass
+    return _honest_ac(activations, labels, seed)
+'''
+
 
 def edit_cell(notebook: Path, grade_id: str, change) -> None:
     """Rewrite the source of the cell ``grade_id`` of ``notebook`` with ``change(source)``."""
@@ -265,6 +431,10 @@ def edit_cell(notebook: Path, grade_id: str, change) -> None:
     cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
     cell.source = change(cell.source)
     nbformat.write(nb, notebook)
+
+
+def append(notebook: Path, grade_id: str, code: str) -> None:
+    edit_cell(notebook, grade_id, lambda source: source + "\n\n" + code)
 
 
 def resave(model_dir: Path, dest: Path, *, trigger: str, always_target: bool = False) -> None:
@@ -277,25 +447,59 @@ def resave(model_dir: Path, dest: Path, *, trigger: str, always_target: bool = F
                     extra={"trigger": trigger})
 
 
+def host_targets(course: Path, students: Path, marker: Path) -> list:
+    """What saboteurs try to destroy: the answer key, the reference model, the gradebook, another
+    student's submission, the course config, a student's own folder, a marker outside the course."""
+    grading_files = course / "grading" / "week4"
+    return [str(grading_files / "answer_key.json"), str(grading_files / "reference.safetensors"),
+            str(course / "gradebook.db"), str(course / "submitted" / "aaa_honest"),
+            str(course / "nbgrader_config.py"), str(students / "reference"), str(marker)]
+
+
 def make_students(course: Path, fetched: Path, models: Path, students: Path, marker: Path) -> dict:
     """One submission folder per student of STUDENTS."""
     source = course / "source" / "week4"
     folders = {name: students / name / "week4" for name in STUDENTS}
-    hw.reference_submission(course, fetched, folders["reference"], models)
+    for name in HONEST_BASE:
+        hw.reference_submission(course, fetched, folders[name], models)
     shutil.copytree(fetched, folders["unmodified"])
     for name in ("weak", "painter", "pickler", "nomodel"):
         folders[name].mkdir(parents=True)
         shutil.copy(source / "part1_attack.ipynb", folders[name])
     resave(models, folders["weak"], trigger="trigger_patch", always_target=True)
-    edit_cell(folders["painter"] / "part1_attack.ipynb", "p1-triggers", lambda s: s + PAINTER)
+    append(folders["painter"] / "part1_attack.ipynb", "p1-triggers", PAINTER)
     resave(models, folders["painter"], trigger="trigger_custom")
     torch.save({"weights": Payload(marker)}, folders["pickler"] / grading.MODEL_FILE)
     shutil.copy(models / "backdoor_model.json", folders["pickler"])
     (folders["nomodel"] / "notes.txt").write_text("my notes\n")
     nbformat.write(nbformat.v4.new_notebook(), folders["nomodel"] / "scratch.ipynb")
-    hw.reference_submission(course, fetched, folders["buggy"], models)
     edit_cell(folders["buggy"] / "part1_attack.ipynb", "p1-poison", lambda s: 'raise ValueError("oops")\n' + s)
     edit_cell(folders["buggy"] / "part2_detection.ipynb", "p2-ac", lambda s: "while True:\n    pass\n" + s)
+    zoo_model = course / "grading" / "week4" / "models" / "model_1"
+    model, meta = load_checkpoint(zoo_model.with_suffix(".safetensors"))
+    save_checkpoint(model, folders["zookeeper"] / grading.MODEL_FILE, dataset="fashion-mnist",
+                    classes=meta["classes"], extra={"trigger": "trigger_patch"})
+
+    targets = repr(host_targets(course, students, marker))
+    p1 = {name: folders[name] / "part1_attack.ipynb" for name in STUDENTS}
+    p2 = {name: folders[name] / "part2_detection.ipynb" for name in STUDENTS}
+    for name, code in (("patcher", PATCH_GRADING), ("torcher", PATCH_TORCH)):
+        save_checkpoint(model_for("fashion-mnist", seed=5), folders[name] / grading.MODEL_FILE,
+                        dataset="fashion-mnist", classes=meta["classes"], extra={"trigger": "trigger_patch"})
+        append(p1[name], "p1-triggers", code)
+        append(p2[name], "p2-ac", code)
+    append(p1["hider"], "p1-triggers", HIDE_ERRORS)
+    append(p2["reader"], "p2-ac", READ_FILES.replace("KEY_PATH", repr(str(course / "grading" / "week4" /
+                                                                           "answer_key.json")))
+           .replace("GRADEBOOK_PATH", repr(str(course / "gradebook.db"))))
+    append(p1["inspector"], "p1-triggers", SNOOP + SNOOPING_TRIGGER)
+    append(p2["inspector"], "p2-ac", SNOOP + SNOOPING_DETECTOR)
+    for grade_id in ("p1-triggers", "p1-poison"):
+        append(p1["vandal"], grade_id, VANDAL.replace("TARGETS", targets))
+    append(p2["vandal"], "p2-ac", VANDAL.replace("TARGETS", targets))
+    append(p1["forker"], "p1-triggers", FORKER.replace("TARGETS", targets).replace("FORK_TAG", FORK_TAG))
+    append(p1["dier"], "p1-triggers", DIER)
+    append(p2["deaf"], "p2-ac", DEAF)
     return folders
 
 
@@ -317,8 +521,30 @@ def outputs(course: Path, student: str) -> str:
     return "\n".join(text)
 
 
+def fingerprint(paths) -> dict:
+    """sha256 of every file under ``paths``: what no submission may change."""
+    found = {}
+    for root in map(Path, paths):
+        for path in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            if path.is_file():
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def assert_scores(course: Path, names) -> None:
+    """Each student's exact per-test scores in the gradebook, and the message its feedback shows."""
+    for student in names:
+        failing, message = STUDENTS[student]
+        got = scores(course, student)
+        for grade_id, points in AUTOGRADED.items():
+            expected = 0 if grade_id in failing else points
+            assert got[grade_id][:2] == (expected, points), (student, grade_id, got[grade_id])
+        if message:
+            assert message in outputs(course, student), (student, message)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_round_trip(tmp_path):
     timings = {}
     start = time.perf_counter()
@@ -341,23 +567,52 @@ def test_round_trip(tmp_path):
     timings["training"] = time.perf_counter() - step
 
     marker = tmp_path / "PAYLOAD_RAN"
-    folders = make_students(course, fetched, models, tmp_path / "students", marker)
+    students = tmp_path / "students"
+    folders = make_students(course, fetched, models, students, marker)
     for student, folder in folders.items():
         hw.submit(folder, student, exchange)
     hw.nbgrader(course, "collect", "week4", f"--Exchange.root={exchange}")
-    for student in STUDENTS:
-        timings[f"autograde {student}"] = hw.autograde(course, student, "--Execute.timeout=60")
-    assert not marker.exists(), "the pickle payload ran"
+    protected = [course / "grading", course / "submitted" / "aaa_honest", course / "nbgrader_config.py",
+                 students / "reference", course / "source"]
+    before = fingerprint(protected)
+    startup = Path.home() / ".ipython" / "profile_default" / "startup" / "00-pwn.py"
 
-    for student, (failing, message) in STUDENTS.items():
-        got = scores(course, student)
-        for grade_id, points in AUTOGRADED.items():
-            expected = 0 if grade_id in failing else points
-            assert got[grade_id][:2] == (expected, points), (student, grade_id, got[grade_id])
-        manual = {g for g, (_, _, needs) in got.items() if needs}
-        assert manual == ({"p3-triggers", "p3-tradeoff", "p3-defense"} if student in ("reference", "buggy") else set())
-        if message:
-            assert message in outputs(course, student), (student, message)
+    step = time.perf_counter()
+    summaries = hw.autograde_class(course, workers=2, cell_timeout=20)
+    timings["autograde, 2 workers"] = time.perf_counter() - step
+    assert {s.student for s in summaries} == set(STUDENTS)
+    assert not marker.exists(), "a payload or a background process wrote outside its sandbox"
+    assert not startup.exists(), "a submission wrote into the grader's IPython profile"
+    time.sleep(1.5)   # a surviving background process would rewrite its targets every 0.5 s
+    assert fingerprint(protected) == before, "a submission changed files outside its sandbox"
+    assert FORK_TAG not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert_scores(course, STUDENTS)
+    for student in STUDENTS:
+        manual = {g for g, (_, _, needs) in scores(course, student).items() if needs}
+        handed_in_part3 = student not in ("unmodified", "weak", "painter", "pickler", "nomodel")
+        assert manual == ({"p3-triggers", "p3-tradeoff", "p3-defense"} if handed_in_part3 else set()), student
+
+    # nbgrader's own sequential `nbgrader autograde` (TrustedExecute, from nbgrader_config.py),
+    # recomputed from scratch, gives the same grades for a sample of students.
+    sample = ["reference", "weak", "reader", "dier"]
+    grades = {s: scores(course, s) for s in sample}
+    shutil.rmtree(course / ".autograde" / "week4" / "results")
+    step = time.perf_counter()
+    for student in sample:
+        hw.autograde(course, student, "--TrustedExecute.timeout=20")
+    timings["nbgrader autograde, sequential, 4 students"] = time.perf_counter() - step
+    assert {s: scores(course, s) for s in sample} == grades
+
+    # ... and so does a Dask cluster (the path for a course larger than one machine).
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        hw.autograde_class(course, workers=2, cell_timeout=20, dask_scheduler=cluster.scheduler_address,
+                           students=["painter", "vandal"], force=True)
+    assert_scores(course, ["painter", "vandal"])
+
+    # Unchanged submissions are not graded again.
+    assert all(s.skipped for s in hw.autograde_class(course, workers=2, cell_timeout=20,
+                                                     students=["reference", "painter"]))
 
     hw.nbgrader(course, "generate_feedback", "week4")
     feedback = course / "feedback"
@@ -370,6 +625,7 @@ def test_round_trip(tmp_path):
     assert set(rows) == set(STUDENTS)
     assert float(rows["reference"]["raw_score"]) == sum(AUTOGRADED.values())
     assert float(rows["unmodified"]["raw_score"]) == 0
+    assert rows["aaa_honest"]["raw_score"] == rows["zzz_honest"]["raw_score"] == rows["reference"]["raw_score"]
 
     timings["total"] = time.perf_counter() - start
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=1), file=sys.stderr)

@@ -32,8 +32,8 @@ import nbformat
 
 from ..checks import check_int
 from . import sandbox
-from .pipeline import Settings, cache_key, grade_notebook, test_cells
-from .preprocessor import TrustedExecute, require_sandbox
+from .pipeline import Settings, cache_key, grade_notebook
+from .preprocessor import autograde_preprocessors, require_sandbox
 from .workspace import Workspace
 
 
@@ -103,10 +103,7 @@ class Course:
         config = PyFileConfigLoader("nbgrader_config.py", path=str(self.root)).load_config()
         config.CourseDirectory.root = str(self.root)
         # Whatever the config file says, this command records results only through TrustedExecute.
-        from nbgrader.converters import Autograde
-        preprocessors = list(Autograde.autograde_preprocessors.default_value)
-        preprocessors[0] = TrustedExecute
-        config.Autograde.autograde_preprocessors = preprocessors
+        config.Autograde.autograde_preprocessors = autograde_preprocessors()
         self.config = config
         self.coursedir = CourseDirectory(config=config)
         self.api = NbGraderAPI(coursedir=self.coursedir, config=config)

@@ -37,11 +37,11 @@ class Kernel:
 
     def __init__(self, startup_timeout: float = 120):
         self.startup_timeout = startup_timeout
-        self.manager = KernelManager(kernel_name="python3")
-        self.client = None
+        self.manager = self.client = None
         self.start()
 
     def start(self) -> None:
+        self.manager = KernelManager(kernel_name="python3")
         self.manager.start_kernel(extra_arguments=KERNEL_ARGUMENTS)
         self.client = self.manager.blocking_client()
         self.client.start_channels()

@@ -13,13 +13,11 @@ many students in parallel, and this preprocessor then finds them in the cache.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Bool, Float, Integer, Unicode
 
-from .. import grading
 from . import sandbox
 from .pipeline import Settings, apply, grade_notebook
 from .workspace import Workspace
@@ -40,6 +38,15 @@ def require_sandbox(unsafe: bool, log=print) -> None:
                             f"(nbgrader: --TrustedExecute.unsafe_no_sandbox=True) to accept that "
                             + "; ".join(sandbox.UNSAFE_LOSSES))
     log("WARNING: grading WITHOUT a sandbox: " + "; ".join(sandbox.UNSAFE_LOSSES))
+
+
+def autograde_preprocessors() -> list:
+    """nbgrader's autograde pipeline with :class:`TrustedExecute` in place of ``Execute``."""
+    from nbconvert.preprocessors import ClearMetadataPreprocessor
+    from nbgrader.preprocessors import (AssignLatePenalties, CheckCellMetadata, IgnorePattern, LimitOutput,
+                                        SaveAutoGrades)
+    return [TrustedExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades,
+            AssignLatePenalties, CheckCellMetadata]
 
 
 class TrustedExecute(NbGraderPreprocessor):

@@ -152,7 +152,7 @@ def command(scratch: Path, argv: list[str], limits: Limits, env: dict | None = N
            "--bind", str(scratch), str(SANDBOX_ROOT), "--bind", str(scratch / "tmp"), "/tmp"]
     for source, inside in binds:
         cmd += ["--ro-bind", str(source), str(inside)]
-    cmd += ["--chdir", str(SANDBOX_ROOT / "work"), "--clearenv"]
+    cmd += ["--remount-ro", "/", "--chdir", str(SANDBOX_ROOT / "work"), "--clearenv"]
     for key, value in environment(limits, env).items():
         cmd += ["--setenv", key, value]
     return [*cmd, "--", *argv]

@@ -1,0 +1,175 @@
+"""The trusted autograder's parts on their own: the sandbox's walls, the harvest's recovery from
+dying and hanging kernels, the verdicts' refusal of unreadable results, the unsafe switch.
+(The whole pipeline, with real cheating students, is tests/test_homework.py's round trip.)"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from course_lib.autograde import classroom, harvest, sandbox
+from course_lib.autograde.preprocessor import UnsafeRefusal, require_sandbox
+from course_lib.autograde.verdicts import Outputs
+from course_lib.grading import GradingFailure
+
+pytestmark = pytest.mark.skipif(not sandbox.available()[0], reason="bubblewrap is installed by scripts/kit.sh")
+
+LIMITS = sandbox.Limits(wall_seconds=60)
+
+
+def run_python(tmp_path, code: str, limits=LIMITS, **kwargs) -> sandbox.Result:
+    scratch = tmp_path / "scratch"
+    sandbox.prepare(scratch)
+    return sandbox.run(scratch, [sys.executable, "-c", code], limits, **kwargs)
+
+
+def test_the_sandbox_sees_no_secret_and_writes_only_its_scratch(tmp_path):
+    secret = tmp_path / "grading" / "answer_key.json"
+    secret.parent.mkdir()
+    secret.write_text('{"answer": 42}')
+    home_file = Path.home() / ".course-lib-sandbox-test"
+    code = f"""
+import os, pathlib
+for path in [{str(secret)!r}, {str(Path(__file__))!r}, "/root/.bashrc", "/etc/shadow"]:
+    print("visible" if os.path.exists(path) else "hidden", path)
+for path in [{str(tmp_path / 'planted')!r}, {str(home_file)!r}, "/usr/planted", "/sandbox/in/planted"]:
+    try:
+        pathlib.Path(path).write_text("x"); print("wrote", path)
+    except OSError as err:
+        print("refused", path, type(err).__name__)
+pathlib.Path("/sandbox/out/ok").write_text("ok")
+print("home", os.environ["HOME"], os.listdir(os.environ["HOME"]))
+"""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    result = run_python(tmp_path, code, binds=((inputs, sandbox.SANDBOX_ROOT / "in"),))
+    assert result.returncode == 0, result.stdout
+    assert "visible" not in result.stdout, result.stdout
+    assert "wrote" not in result.stdout.replace("wrote /sandbox/out", ""), result.stdout
+    assert not (tmp_path / "planted").exists() and not home_file.exists() and not Path("/usr/planted").exists()
+    assert not (inputs / "planted").exists()
+    assert (tmp_path / "scratch" / "out" / "ok").read_text() == "ok"
+    assert "home /sandbox/home []" in result.stdout
+
+
+def test_no_network(tmp_path):
+    code = """
+import socket
+for address in [("1.1.1.1", 53), ("8.8.8.8", 443)]:
+    try:
+        socket.create_connection(address, timeout=3); print("connected", address)
+    except OSError as err:
+        print("no network", type(err).__name__)
+try:
+    socket.getaddrinfo("pypi.org", 443); print("resolved")
+except OSError:
+    print("no name resolution")
+"""
+    result = run_python(tmp_path, code)
+    assert result.stdout.count("no network") == 2 and "no name resolution" in result.stdout, result.stdout
+
+
+def test_every_process_dies_with_the_sandbox_and_the_wall_clock_limit_holds(tmp_path):
+    tag = f"sandbox-orphan-{os.getpid()}"
+    code = f"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)  # {tag}"], start_new_session=True)
+time.sleep(300)
+"""
+    start = time.perf_counter()
+    result = run_python(tmp_path, code, sandbox.Limits(wall_seconds=5))
+    assert result.timed_out and result.returncode is None
+    assert time.perf_counter() - start < 30
+    time.sleep(0.5)
+    assert tag not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_file_size_and_memory_limits(tmp_path):
+    code = """
+import numpy as np
+try:
+    open("/sandbox/out/big", "wb").write(b"x" * (3 * 2**20)); print("wrote big")
+except OSError as err:
+    print("file too big", type(err).__name__)
+try:
+    block = np.ones(2**31, dtype=np.uint8); print("allocated", block.sum())
+except MemoryError:
+    print("out of memory")
+"""
+    limits = sandbox.Limits(wall_seconds=60, file_bytes=2**20, memory_bytes=2 * 2**30)
+    result = run_python(tmp_path, code, limits)
+    assert "file too big" in result.stdout and "out of memory" in result.stdout, result.stdout
+
+
+def test_limits_validate_their_arguments():
+    with pytest.raises(ValueError, match="wall_seconds"):
+        sandbox.Limits(wall_seconds=0)
+    with pytest.raises(TypeError, match="threads"):
+        sandbox.Limits(threads=1.5)
+
+
+def notebook(*sources) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    test = nbformat.v4.new_code_cell("raise AssertionError('a test cell must never run in the sandbox')")
+    test.metadata["nbgrader"] = {"grade": True, "solution": False, "grade_id": "t", "points": 1}
+    nb.cells.append(test)
+    return nb
+
+
+def test_a_dead_or_deaf_kernel_loses_only_its_own_cell_and_call(tmp_path):
+    """os._exit in one cell, a hang that ignores interrupts in another: the other cells and
+    calls still produce their results (the kernel is restarted and the completed cells replayed)."""
+    scratch = tmp_path / "scratch"
+    sandbox.prepare(scratch)
+    nb = notebook("import torch\ndef double(x):\n    return 2 * x",
+                  "import os\nos._exit(3)",
+                  "def triple(x):\n    return 3 * x",
+                  "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
+                  "def die(x):\n    import os; os._exit(1)\n\ndef hang(x):\n    while True:\n        pass\n"
+                  "print('defined')")
+    nbformat.write(nb, scratch / "work" / "demo.ipynb")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    save_file({"value": torch.arange(4.0)}, str(inputs / "x.safetensors"))
+    calls = [{"id": name, "function": name, "args": [{"tensor": "x"}], "timeout": 5}
+             for name in ("double", "die", "triple", "hang", "missing")]
+    (inputs / "plans.json").write_text(json.dumps({"demo": calls}))
+    argv = [sys.executable, "-m", "course_lib.autograde.harvest", str(sandbox.SANDBOX_ROOT), "demo", "5"]
+    result = sandbox.run(scratch, argv, LIMITS, binds=((inputs, sandbox.SANDBOX_ROOT / "in"),))
+    assert result.returncode == 0, result.stdout
+    out = Outputs(scratch / "out")
+    assert torch.equal(out.result("double"), 2 * torch.arange(4.0))
+    assert torch.equal(out.result("triple"), 3 * torch.arange(4.0))
+    for name, message in (("die", "died"), ("hang", "did not finish"), ("missing", "defines no function")):
+        with pytest.raises(GradingFailure, match=message):
+            out.result(name)
+    cells = json.loads((scratch / "out" / "cells.json").read_text())
+    assert cells["1"][-1]["ename"] == "DeadKernelError" and cells["3"][-1]["ename"] == "CellTimeoutError"
+    assert "defined" in cells["4"][0]["text"] and "5" not in cells      # the test cell never ran
+
+
+def test_unreadable_results_fail_the_test_not_the_grader(tmp_path):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "link.safetensors").symlink_to("/etc/passwd")
+    out = Outputs(tmp_path)
+    with pytest.raises(GradingFailure, match="could not be read"):
+        out.result("corrupt")
+    with pytest.raises(GradingFailure, match="produced no result"):
+        out.result("link")     # a symlink is never followed
+
+
+def test_without_a_sandbox_autograding_refuses_unless_told_it_is_unsafe(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "available", lambda: (False, "bubblewrap is not installed"))
+    with pytest.raises(UnsafeRefusal, match="--unsafe-no-sandbox"):
+        require_sandbox(False)
+    with pytest.raises(UnsafeRefusal):
+        classroom.autograde_class(".", "week4")
+    require_sandbox(True)
+    assert "WITHOUT a sandbox" in capsys.readouterr().out and "read the answer key" in sandbox.UNSAFE_LOSSES[0]
