@@ -4,7 +4,10 @@
     python -m course_lib bench attack --json      BadNets: clean accuracy, ASR, training seconds
     python -m course_lib bench poison --json      batched poisoning vs the lecture's loop
     python -m course_lib bench defenses --json    every defense on one backdoored model
+    python -m course_lib bench matrix [--fast] --json   every detector on many backdoored and clean models
     python -m course_lib zoo build --out DIR      the homework's model zoo
+    python -m course_lib autograde week4 --course assignments [--workers N] [--dask-scheduler ADDRESS]
+                                                  trusted, sandboxed, parallel autograding (nbgrader)
 """
 from __future__ import annotations
 
@@ -24,10 +27,15 @@ def main(argv=None) -> int:
     elif command == "bench" and rest[:1] == ["defenses"]:
         from .defenses.compare import main as run
         rest = rest[1:]
+    elif command == "bench" and rest[:1] == ["matrix"]:
+        from .defenses.matrix import main as run
+        rest = rest[1:]
     elif command == "bench":
         from .bench import main as run
     elif command == "zoo":
         from .zoo import main as run
+    elif command == "autograde":
+        from .autograde.classroom import main as run
     else:
         print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2

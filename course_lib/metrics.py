@@ -25,7 +25,6 @@ import warnings
 
 import torch
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.transforms.v2 import functional as TF
 
 from .data import ImageDataset
@@ -37,25 +36,33 @@ ROBUSTNESS_TRANSFORMS = ("none", "rotate+15", "rotate-15", "brightness+20%", "br
 CROP_FRACTION = 0.875  # crop_resize keeps 87.5% of the height and width (24 of 28 pixels)
 
 
-def clean_accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 1024, device=None) -> float:
-    """CA: the fraction of clean images classified correctly, in [0, 1]."""
+def clean_accuracy(model: nn.Module, data: ImageDataset, *, accept=None, batch_size: int = 1024,
+                   device=None) -> float:
+    """CA: the fraction of clean images classified correctly, in [0, 1].
+
+    ``accept``: an optional run-time filter in front of the model (e.g. STRIP's
+    ``lambda x: ~detector.rejects(x)``), a callable from images to a boolean (N,) mask; an
+    input it refuses counts as not classified, so not correctly.
+    """
     check_model_and_data(model, data)
     predictions = predict(model, data.images, batch_size=batch_size, device=device)
-    return _fraction(predictions == data.labels)
+    return _fraction((predictions == data.labels) & _accepted(accept, data.images))
 
 
 def attack_success_rate(model: nn.Module, data: ImageDataset, trigger, target: int, *,
-                        exclude_target: bool = True, batch_size: int = 1024, device=None) -> float:
+                        exclude_target: bool = True, accept=None, batch_size: int = 1024, device=None) -> float:
     """ASR: the fraction of triggered test images that ``model`` classifies as ``target``.
 
     Only images whose true label is not ``target`` count: for the others "classified as
     the target" is just a correct prediction. ``exclude_target=False`` reproduces the
     lecture's count over every image, which inflates the ASR by roughly the target
     class's share of the test set (erratum 1); use it only to show the difference.
+    ``accept``: a run-time filter, as for :func:`clean_accuracy`; a refused triggered input
+    does not reach the target.
     """
     images, _ = _triggered_inputs(model, data, trigger, target, exclude_target=exclude_target)
     predictions = predict(model, images, batch_size=batch_size, device=device)
-    return _fraction(predictions == target)
+    return _fraction((predictions == target) & _accepted(accept, images))
 
 
 def robust_accuracy(model: nn.Module, data: ImageDataset, trigger, target: int, *,
@@ -84,6 +91,9 @@ def stealth(clean: torch.Tensor, triggered: torch.Tensor) -> dict[str, torch.Ten
       (sigma 1.5) and averages over the image; the window shrinks to fit images smaller
       than 11 pixels.
     """
+    # torchmetrics imports matplotlib.pyplot when it loads: only load it when stealth is measured
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     clean, triggered = _check_image_pair(clean, triggered)
     diff = (triggered - clean).flatten(1)
     side = min(clean.shape[-2:])
@@ -128,6 +138,19 @@ def robustness(model: nn.Module, data: ImageDataset, trigger, target: int, *, se
     }
     return {name: _fraction(predict(model, transform(images), batch_size=batch_size, device=device) == target)
             for name, transform in transforms.items()}
+
+
+def _accepted(accept, images: torch.Tensor) -> torch.Tensor:
+    """The filter's boolean verdict on ``images`` (all True without a filter)."""
+    if accept is None:
+        return torch.ones(len(images), dtype=torch.bool)
+    if not callable(accept):
+        raise TypeError(f"accept must be a callable from images to a boolean mask, got {type(accept).__name__}")
+    mask = torch.as_tensor(accept(images))
+    if mask.dtype != torch.bool or mask.shape != (len(images),):
+        raise ValueError(f"accept must return a boolean mask of shape ({len(images)},), got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    return mask
 
 
 def _fraction(hits: torch.Tensor) -> float:

@@ -1,28 +1,38 @@
-"""Defenses on real (small) Fashion-MNIST models: one backdoored, one clean, shared by all tests.
+"""Defenses on real (small) Fashion-MNIST models, on two trigger families, plus a clean control.
 
-The fixture trains both on a 20,000-image subset for 2 epochs with the kit's default
-BadNets attack (3x3 checkerboard, bottom-right, 5% of the set relabeled to class 0).
+The fixture trains three models on a 12,000-image subset for 2 epochs: BadNets with the
+kit's 3x3 checkerboard (5% of the set relabeled to class 0), BadNets with a solid 3x3
+square in the top-left corner (5%, relabeled to class 2), and a clean model. Every
+detector and mitigation must hold on both backdoors, not only on the kit's own trigger;
+the detection matrix (``bench matrix``) covers the other families and rates.
 """
 import copy
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from course_lib.defenses import (activation_clustering, anomaly_index, detection_scores, extract_features,
+from course_lib.data import ImageDataset
+from course_lib.defenses import (InputDetector, LabelDetection, Mitigation, SampleDetection, activation_clustering,
+                                 anomaly_index, chance_false_alarm_rate, detection_scores, extract_features,
                                  fine_prune, fit_strip, flag_small_outliers, isolation_forest_outliers,
                                  lecture_batch_noise_training, lecture_transform_sanitize, mitigation_scores,
-                                 neural_cleanse, plot_activation_clusters, plot_pruning_curve,
-                                 plot_reversed_triggers, plot_strip_entropy, prune, pruning_curve, remove,
-                                 spectral_signatures, strip_entropy, strip_rates, train_dp_sgd, unlearn)
-from course_lib.defenses.compare import plot, run_all, to_markdown
-from course_lib.data import ImageDataset
+                                 neural_cleanse, plot_activation_clusters, plot_anomaly_index, plot_comparison,
+                                 plot_pruning_curve, plot_reversed_triggers, plot_strip_entropy, prune, pruning_curve,
+                                 remove, retrain_without, spectral_signatures, strip_entropy, strip_rates,
+                                 train_dp_sgd, unlearn)
+from course_lib.defenses import compare, matrix
 from course_lib.experiments import run_backdoor, run_clean
 from course_lib.metrics import attack_success_rate, clean_accuracy
+from course_lib.triggers import PatchTrigger
 
 pytestmark = pytest.mark.slow
+FAMILIES = ("checkerboard", "square")
 
 
 def fingerprint(*objects) -> str:
@@ -37,135 +47,178 @@ def fingerprint(*objects) -> str:
 
 @pytest.fixture(scope="session")
 def lab(fmnist):
-    """Backdoored and clean models, the defender's clean images and the evaluation images."""
+    """Two backdoored models (two trigger families) and a clean one, the defender's images, the eval images."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train, test = fmnist
-    subset, _ = train.split(20_000, seed=0)
+    subset, _ = train.split(12_000, seed=0)
     defender, evaluation = test.split(2_000, seed=0)
-    backdoored = run_backdoor(subset, evaluation, epochs=2, progress=False)
+    evaluation = evaluation.subset(range(3_000))
+    triggers = {"checkerboard": (PatchTrigger(size=3, pattern="checkerboard"), 0),
+                "square": (PatchTrigger(size=3, pattern="solid", location="top-left"), 2)}
+    runs = {name: run_backdoor(subset, evaluation, trigger=t, target=target, epochs=2, progress=False)
+            for name, (t, target) in triggers.items()}
+    for run in runs.values():
+        assert run.asr > 0.9 and run.clean_acc > 0.8
     clean = run_clean(subset, evaluation, epochs=2, progress=False)
-    assert backdoored.asr > 0.9 and backdoored.clean_acc > 0.8
-    return {"bd": backdoored, "clean": clean, "train": subset, "defender": defender, "eval": evaluation,
-            "poison": backdoored.poison,
-            "features": extract_features(backdoored.model, backdoored.poison.dataset.images, progress=False),
+    features = {name: extract_features(run.model, run.poison.dataset.images, progress=False)
+                for name, run in runs.items()}
+    return {"runs": runs, "clean": clean, "train": subset, "defender": defender, "eval": evaluation,
+            "features": features,
             "clean_features": extract_features(clean.model, subset.images, progress=False)}
 
 
-# --- detectors of poisoned training samples ---------------------------------------------------
+def case_of(lab, family) -> compare.Case:
+    run = lab["runs"][family]
+    return compare.Case(run.model, run.poison.dataset, lab["defender"], lab["eval"], poisoned=run.poison.indices,
+                        trigger=run.poison.trigger, target=run.poison.target, quick=True)
 
-def test_activation_clustering_finds_the_poison_and_only_in_the_target_class(lab):
-    poison = lab["poison"]
-    found = activation_clustering(lab["bd"].model, poison.dataset, features=lab["features"], progress=False)
-    scores = detection_scores(found.suspicious, poison.indices, len(poison.dataset))
+
+# --- sample detectors: scores, flagged samples, flagged classes --------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_clustering_finds_the_poison_and_only_in_the_target_class(lab, family):
+    run = lab["runs"][family]
+    poison = run.poison
+    before = fingerprint(run.model, poison.dataset.images)
+    found = activation_clustering(run.model, poison.dataset, features=lab["features"][family], progress=False)
+    assert fingerprint(run.model, poison.dataset.images) == before
+    assert isinstance(found, SampleDetection) and found.paper == "Chen et al. 2018"
+    assert found.scores.shape == (len(poison.dataset),)
+    scores = detection_scores(found.flagged, poison.indices, len(poison.dataset))
     assert found.flagged_classes == [poison.target]
-    assert scores["tpr"] >= 0.9 and scores["f1"] >= 0.9
-    on_clean = activation_clustering(lab["clean"].model, lab["train"], features=lab["clean_features"],
-                                     progress=False)
-    assert on_clean.flagged_classes == [] and len(on_clean.suspicious) == 0
+    assert scores["f1"] >= 0.9
+    split = found.per_class[poison.target]
+    assert split.reclassification < 1.0  # without the poison, the model no longer calls it the target
     assert plot_activation_clusters(found, poisoned=poison.indices, classes=poison.dataset.classes) is not None
 
 
-def test_activation_clustering_computes_features_itself_without_mutating(lab):
-    small = lab["poison"].dataset.subset(range(3000))
-    before = fingerprint(lab["bd"].model, small.images, small.labels)
-    found = activation_clustering(lab["bd"].model, small, reducer="pca", progress=False)
-    assert fingerprint(lab["bd"].model, small.images, small.labels) == before
-    assert len(found.per_class) == small.num_classes
+def test_activation_clustering_leaves_the_clean_model_alone_and_reports_every_analysis(lab):
+    found = activation_clustering(lab["clean"].model, lab["train"], features=lab["clean_features"], progress=False)
+    assert found.flagged_classes == [] and len(found.flagged) == 0
+    assert set(found.poisoned_by) == {"size", "silhouette", "exclusionary"}
+    # the lecture's rule flags the smaller cluster of every class: on a clean model, a third of the data or more
+    assert sum(len(s.smaller) for s in found.per_class) > 0.2 * len(lab["train"])
+    cheap = activation_clustering(lab["clean"].model, lab["train"].subset(range(3000)), analysis="size",
+                                  reducer="ica", progress=False)
+    assert cheap.per_class[0].reclassification is None and "exclusionary" not in cheap.poisoned_by
 
 
-def test_spectral_signatures_removes_most_poison_and_nothing_on_a_clean_model(lab):
-    poison = lab["poison"]
-    found = spectral_signatures(lab["bd"].model, poison.dataset, features=lab["features"], progress=False)
-    scores = detection_scores(found.suspicious, poison.indices, len(poison.dataset))
-    assert found.flagged_classes == [poison.target]
-    assert scores["tpr"] >= 0.8  # squared projections also rank far-out clean images high
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spectral_signatures_ranks_the_poison_first(lab, family):
+    poison = lab["runs"][family].poison
+    found = spectral_signatures(lab["runs"][family].model, poison.dataset, features=lab["features"][family],
+                                progress=False)
+    assert isinstance(found, SampleDetection) and found.flagged_classes == [poison.target]
+    assert detection_scores(found.flagged, poison.indices, len(poison.dataset))["tpr"] >= 0.95
+    squared = spectral_signatures(lab["runs"][family].model, poison.dataset, score="squared",
+                                  features=lab["features"][family], progress=False)
+    assert set(squared.flagged_classes) == {poison.target}
+
+
+def test_spectral_signatures_removal_and_retraining_removes_the_backdoor(lab):
+    run = lab["runs"]["checkerboard"]
+    found = spectral_signatures(run.model, run.poison.dataset, features=lab["features"]["checkerboard"],
+                                progress=False)
+    repaired = retrain_without(run.poison.dataset, found.flagged, progress=False)
+    assert isinstance(repaired, Mitigation)
+    assert attack_success_rate(repaired.model, lab["eval"], run.poison.trigger, run.poison.target) <= 0.1
     on_clean = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"], progress=False)
-    assert on_clean.flagged_classes == [] and len(on_clean.suspicious) == 0
+    assert on_clean.flagged_classes == [] and len(on_clean.flagged) == 0
+    everywhere = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"],
+                                     bimodality_threshold=None, expected_fraction=0.1, progress=False)
+    assert everywhere.flagged_classes == list(range(10))
+    assert len(everywhere.flagged) == pytest.approx(0.15 * len(lab["train"]), rel=0.01)
 
 
-def test_spectral_signatures_without_class_test_removes_from_every_class(lab):
-    found = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"],
-                                bimodality_threshold=None, expected_fraction=0.1, progress=False)
-    assert found.flagged_classes == list(range(10))
-    assert len(found.suspicious) == pytest.approx(0.15 * len(lab["train"]), rel=0.01)
-
-
-def test_isolation_forest_on_pixel_statistics_and_features(lab):
-    data = lab["poison"].dataset.subset(range(2000))
-    poisoned = lab["poison"].indices[lab["poison"].indices < 2000]
-    flagged = isolation_forest_outliers(data, features="pixel_stats", contamination=0.05)
-    assert len(flagged) == pytest.approx(100, abs=2)
-    learned = isolation_forest_outliers(data, model=lab["bd"].model, contamination=0.1, progress=False)
-    assert len(learned) == pytest.approx(200, abs=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_isolation_forest_on_pixel_statistics_and_features(lab, family):
+    run = lab["runs"][family]
+    data = run.poison.dataset.subset(range(3000))
+    poisoned = run.poison.indices[run.poison.indices < 3000]
+    pixels = isolation_forest_outliers(data, features="pixel_stats", contamination=0.05)
+    learned = isolation_forest_outliers(data, model=run.model, contamination=0.1, progress=False)
+    assert isinstance(learned, SampleDetection) and learned.scores.shape == (3000,)
+    assert len(pixels.flagged) == pytest.approx(150, abs=2) and len(learned.flagged) == pytest.approx(300, abs=2)
     # A 3x3 patch barely moves an image's pixel statistics; the learned features single it out.
-    assert detection_scores(flagged, poisoned, 2000)["tpr"] < 0.1  # measured 0.0
-    assert detection_scores(learned, poisoned, 2000)["tpr"] > 0.6  # measured 0.93
-    assert len(remove(data, flagged)) == len(data) - len(flagged)
+    assert detection_scores(pixels.flagged, poisoned, 3000)["tpr"] < 0.15
+    assert detection_scores(learned.flagged, poisoned, 3000)["tpr"] > 0.5
 
 
-# --- Neural Cleanse ---------------------------------------------------------------------------
+# --- Neural Cleanse: per-label statistics, flagged labels ---------------------------------------
 
-def test_anomaly_index_matches_a_hand_computed_example():
-    # median of [2, 4, 6, 8, 10, 30] = 7; |x - 7| = [5, 3, 1, 1, 3, 23]; MAD = median of those = 3
+def test_anomaly_index_is_signed_and_flags_exactly_the_small_outliers():
+    # median of [2, 4, 6, 8, 10, 30] = 7; |x - 7| = [5, 3, 1, 1, 3, 23]; MAD = 3
     index = anomaly_index([2, 4, 6, 8, 10, 30])
-    expected = torch.tensor([5, 3, 1, 1, 3, 23], dtype=torch.float64) / (1.4826 * 3)
+    expected = torch.tensor([5, 3, 1, -1, -3, -23], dtype=torch.float64) / (1.4826 * 3)
     assert torch.allclose(index, expected)
-    # only small outliers are flagged: 1 is far below the rest, 100 far above
-    assert flag_small_outliers([1, 20, 21, 22, 23, 24, 100]) == [0]
+    values = [1, 20, 21, 22, 23, 24, 100]  # 1 is far below the rest, 100 far above
+    assert flag_small_outliers(values) == [0] == (anomaly_index(values) > 2).nonzero().flatten().tolist()
+    batch = anomaly_index(torch.tensor([[2.0, 4, 6, 8, 10, 30], [1, 20, 21, 22, 23, 24]]))
+    assert torch.allclose(batch[0], expected)
 
 
-def test_neural_cleanse_flags_the_planted_target(lab):
-    model, poison = lab["bd"].model, lab["poison"]
-    before = fingerprint(model, lab["defender"].images)
-    result = neural_cleanse(model, lab["defender"], steps=300, progress=False)
-    assert fingerprint(model, lab["defender"].images) == before
-    # The issue's target: the planted label is flagged with anomaly index > 2. On the test's
-    # small model NC has also flagged a second, clean label (8) in one run: a false alarm
-    # reported in the closing note, not hidden here.
-    assert poison.target in result.flagged
-    assert result.anomaly_index[poison.target] > 2
-    assert result.norms.argmin().item() == poison.target
-    assert plot_reversed_triggers(result, classes=poison.dataset.classes) is not None
-    repaired = unlearn(model, result, lab["defender"], epochs=2, lr=0.05, progress=False)
-    assert fingerprint(model, lab["defender"].images) == before
-    # measured: ASR 1.00 -> 0.02, clean accuracy 0.89 -> 0.83 on this small model
-    assert attack_success_rate(repaired, lab["eval"], poison.trigger, poison.target) < 0.2
-    assert clean_accuracy(repaired, lab["eval"]) > clean_accuracy(model, lab["eval"]) - 0.15
+def test_chance_false_alarm_rate_of_the_mad_rule():
+    rate = chance_false_alarm_rate(10, 2.0, trials=20_000)
+    # far above the 2.3% of one normal value: ten labels, and a median and MAD estimated from them
+    assert 0.15 < rate < 0.5
+    assert chance_false_alarm_rate(10, 3.0, trials=20_000) < rate
+    assert chance_false_alarm_rate(30, 2.0, trials=20_000) > rate
 
 
-# --- Fine-Pruning -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neural_cleanse_flags_the_planted_target_with_triggers_that_hold_out(lab, family):
+    run = lab["runs"][family]
+    before = fingerprint(run.model, lab["defender"].images)
+    result = neural_cleanse(run.model, lab["defender"], steps=300, progress=False)
+    assert fingerprint(run.model, lab["defender"].images) == before
+    assert isinstance(result, LabelDetection) and torch.equal(result.statistic, result.norms)
+    assert run.poison.target in result.flagged and result.norms.argmin().item() == run.poison.target
+    # the kept triggers were selected on held-out images and measured on others
+    assert result.success.min() >= 0.98
+    assert plot_reversed_triggers(result, classes=run.poison.dataset.classes) is not None
+    assert plot_anomaly_index({"backdoored": result}, classes=run.poison.dataset.classes) is not None
+    if family == "checkerboard":
+        repaired = unlearn(run.model, result, lab["defender"], epochs=2, lr=0.05, progress=False)
+        assert isinstance(repaired, Mitigation) and fingerprint(run.model, lab["defender"].images) == before
+        assert attack_success_rate(repaired.model, lab["eval"], run.poison.trigger, run.poison.target) < 0.2
+        assert clean_accuracy(repaired.model, lab["eval"]) > run.clean_acc - 0.15
 
-def test_fine_pruning_lowers_the_attack_success_rate_on_a_copy(lab):
-    model, poison, evaluation = lab["bd"].model, lab["poison"], lab["eval"]
-    before = fingerprint(model)
-    result = fine_prune(model, lab["defender"], progress=False)
-    assert fingerprint(model) == before and result.model is not model
+
+# --- mitigations: a repaired copy -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fine_pruning_lowers_the_attack_success_rate_on_a_copy(lab, family):
+    run = lab["runs"][family]
+    before = fingerprint(run.model)
+    result = fine_prune(run.model, lab["defender"], epochs=3, progress=False)
+    assert fingerprint(run.model) == before and result.model is not run.model and isinstance(result, Mitigation)
     assert 0 < result.fraction < 1 and (result.model.channel_mask.mask == 0).sum() == len(result.pruned)
-    asr_before = attack_success_rate(model, evaluation, poison.trigger, poison.target)
-    asr_after = attack_success_rate(result.model, evaluation, poison.trigger, poison.target)
-    assert asr_after < asr_before - 0.3
-    assert clean_accuracy(result.model, evaluation) > clean_accuracy(model, evaluation) - 0.05
+    assert result.val_acc_pruned >= result.val_acc_before - 0.10  # the stopping rule
+    asr_after = attack_success_rate(result.model, lab["eval"], run.poison.trigger, run.poison.target)
+    assert asr_after < run.asr - 0.3
+    assert clean_accuracy(result.model, lab["eval"]) > run.clean_acc - 0.08
 
 
 def test_pruning_curve_starts_at_the_unpruned_model(lab):
-    model, poison = lab["bd"].model, lab["poison"]
-    curve = pruning_curve(model, lab["defender"], lab["eval"], poison.trigger, poison.target, points=3)
-    assert curve.fractions[0] == 0 and len(curve.asr) == 3
-    assert curve.asr[0] == pytest.approx(attack_success_rate(model, lab["eval"], poison.trigger, poison.target))
+    run = lab["runs"]["checkerboard"]
+    curve = pruning_curve(run.model, lab["defender"], lab["eval"], run.poison.trigger, run.poison.target, points=3)
+    assert curve.fractions[0] == 0 and len(curve.asr) == 3 and curve.asr[0] == pytest.approx(run.asr)
     assert plot_pruning_curve(curve, chosen_fraction=0.5) is not None
-    assert (prune(model, [0, 1]).channel_mask.mask == 0).sum() == 2 and model.channel_mask.mask.all()
+    assert (prune(run.model, [0, 1]).channel_mask.mask == 0).sum() == 2 and run.model.channel_mask.mask.all()
 
 
-# --- STRIP ------------------------------------------------------------------------------------
+# --- STRIP: a fitted input detector ---------------------------------------------------------------
 
-def test_strip_separates_triggered_from_clean_inputs(lab):
-    poison, evaluation = lab["poison"], lab["eval"]
-    detector = fit_strip(lab["bd"].model, lab["defender"], frr=0.01, n_calibration=500)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_strip_separates_triggered_from_clean_inputs(lab, family):
+    poison, evaluation = lab["runs"][family].poison, lab["eval"]
+    detector = fit_strip(lab["runs"][family].model, lab["defender"], frr=0.01, n_calibration=500)
+    assert isinstance(detector, InputDetector) and detector.paper == "Gao et al. 2019"
     keep = evaluation.labels != poison.target
     triggered = poison.trigger(evaluation.images[keep][:500])
     rates = strip_rates(detector, evaluation.images[:500], triggered)
     assert rates["far"] <= 0.1 and rates["frr"] <= 0.05
-    clean_entropy, triggered_entropy = detector.entropy(evaluation.images[:200]), detector.entropy(triggered[:200])
+    clean_entropy, triggered_entropy = detector.scores(evaluation.images[:200]), detector.scores(triggered[:200])
     assert triggered_entropy.median() < clean_entropy.median()
     assert plot_strip_entropy(clean_entropy, triggered_entropy, detector.threshold) is not None
 
@@ -173,7 +226,7 @@ def test_strip_separates_triggered_from_clean_inputs(lab):
 # --- sanitization and differential privacy ----------------------------------------------------
 
 def test_transform_sanitization_returns_a_new_dataset(lab):
-    data = lab["poison"].dataset.subset(range(600))
+    data = lab["runs"]["checkerboard"].poison.dataset.subset(range(600))
     before = fingerprint(data.images)
     sanitized = lecture_transform_sanitize(data, seed=0)
     assert fingerprint(data.images) == before
@@ -183,18 +236,18 @@ def test_transform_sanitization_returns_a_new_dataset(lab):
 
 
 def test_dp_sgd_reports_a_finite_epsilon(lab):
-    data = lab["poison"].dataset.subset(range(2000))
+    data = lab["runs"]["checkerboard"].poison.dataset.subset(range(2000))
     result = train_dp_sgd(data, epochs=1, batch_size=200, progress=False)
+    assert isinstance(result, Mitigation) and result.paper.startswith("Abadi")
     assert math.isfinite(result.epsilon) and result.epsilon > 0 and result.delta == 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     assert clean_accuracy(result.model, lab["eval"]) > 0.4  # measured 0.56 after one epoch on 2,000 images
     more_noise = train_dp_sgd(data, epochs=1, batch_size=200, noise_multiplier=2.0, progress=False)
-    assert more_noise.epsilon < result.epsilon  # measured 0.94 < 3.44: more noise, more privacy
-    noisy = lecture_batch_noise_training(data, epochs=1, batch_size=200, progress=False)
-    assert noisy.epsilon is None
+    assert more_noise.epsilon < result.epsilon  # more noise, more privacy
+    assert lecture_batch_noise_training(data, epochs=1, batch_size=200, progress=False).epsilon is None
 
 
-# --- scoring and the comparison table ---------------------------------------------------------
+# --- scoring, the runners, the comparison table -------------------------------------------------
 
 def test_detection_scores_count_against_the_poisoned_indices():
     scores = detection_scores(torch.tensor([0, 1, 5]), torch.tensor([0, 1, 2, 3]), n=10)
@@ -207,52 +260,71 @@ def test_mitigation_score_survives_a_zero_or_negative_accuracy_drop():
     no_drop = mitigation_scores(ca_before=0.9, ca_after=0.9, asr_before=1.0, asr_after=0.1)
     gain = mitigation_scores(ca_before=0.9, ca_after=0.92, asr_before=1.0, asr_after=0.1)
     assert no_drop["mitigation_score"] == pytest.approx(90) and gain["mitigation_score"] == pytest.approx(90)
-    assert gain["ca_drop"] == pytest.approx(-0.02)
     costly = mitigation_scores(ca_before=0.9, ca_after=0.8, asr_before=1.0, asr_after=0.1)
     assert costly["mitigation_score"] == pytest.approx(9)
 
 
-def test_markdown_and_figure_come_from_the_rows():
-    row = {"defense": "fine_pruning", "paper": "Liu et al. 2018", "tpr": None, "fpr": None, "f1": None,
-           "flagged": None, "flagged_on_clean_model": None, "ca_before": 0.9, "asr_before": 1.0,
-           "ca_after": 0.88, "asr_after": 0.05, "mitigation_score": 47.5, "seconds": 12.0}
-    table = to_markdown([{"defense": "setup"}, row])
-    assert "| fine_pruning |" in table and "0.900 -> 0.880" in table and "47.5" in table
-    assert plot([row]) is not None
+def test_the_strip_runner_measures_through_the_filter(lab):
+    case = case_of(lab, "square")
+    row, results = compare.run_defense("strip", case)
+    assert row["far"] <= 0.1 and row["frr"] <= 0.05 and row["tpr"] == pytest.approx(1 - row["far"])
+    assert row["asr_after"] <= row["far"] + 1e-9 and row["ca_after"] <= row["ca_before"]
+    assert isinstance(results["backdoored"], InputDetector) and results["clean"] is None
 
 
-def test_run_all_builds_the_table_from_runs(fmnist):
+def test_matrix_rows_have_the_issue_fields_and_render(lab):
+    rows = [{**dict.fromkeys(matrix.FIELDS), "trigger": "clean", "rate": 0.0, "seed": s, "defense": d,
+             "flagged": [1] if s == 0 else [], "ca_before": 0.9, "ca_after": None}
+            for s in range(2) for d in ("activation_clustering", "neural_cleanse")]
+    rows.append({**dict.fromkeys(matrix.FIELDS), "trigger": "blend", "rate": 0.05, "target": 4, "seed": 0,
+                 "defense": "neural_cleanse", "flagged": [4], "asr_before": 1.0, "asr_after": 0.1,
+                 "ca_before": 0.9, "ca_after": 0.88})
+    assert matrix.false_alarm_rates(rows) == {"activation_clustering": 0.5, "neural_cleanse": 0.5}
+    assert matrix.detection_value(rows[-1]) == 1.0
+    table = matrix.to_markdown(rows)
+    assert "| blend 5% |" in table and "4 (4)" in table and "clean (seed 1)" in table
+    assert len(matrix.plan(fast=False)) == 7 * 3 + 5 and len(matrix.plan(fast=True)) == 5
+    assert all(len(figure.axes) == 2 for figure in matrix.plot(rows))  # the heat map and its colorbar
+
+
+def test_run_all_builds_the_table_from_the_runners(fmnist):
     """The function behind ``bench defenses`` and the README table, on a small real run."""
     train, test = fmnist
-    small_train, _ = train.split(20_000, seed=0)
+    small_train, _ = train.split(8_000, seed=0)
     small_test, _ = test.split(2_000, seed=1)
     printed = []
-    rows = run_all(small_train, small_test, defenses=("activation_clustering", "strip", "fine_pruning"),
-                   progress=False, on_row=printed.append)
+    rows = run_all_rows = compare.run_all(small_train, small_test, defenses=("activation_clustering", "strip",
+                                                                             "fine_pruning"),
+                                          progress=False, on_row=printed.append)
     assert [r["defense"] for r in rows] == ["setup", "activation_clustering", "strip", "fine_pruning"]
-    assert printed == rows  # every row reached the caller as soon as it was ready
+    assert printed == run_all_rows  # every row reached the caller as soon as it was ready
     setup, ac, strip, fp = rows
-    assert setup["poisoned"] == 1000 and setup["asr_backdoored"] > 0.9
-    assert ac["flagged"] == [setup["target"]] and ac["tpr"] > 0.8 and ac["flagged_on_clean_model"] == []
+    assert setup["poisoned"] == 400 and setup["asr_backdoored"] > 0.9
+    assert ac["flagged"] == [setup["target"]] and ac["f1"] > 0.8 and ac["flagged_on_clean_model"] == []
+    assert ac["asr_after"] < 0.2 and set(ac["f1_by_analysis"]) >= {"size", "silhouette", "exclusionary"}
     assert strip["tpr"] > 0.8 and strip["asr_after"] < 0.2
     assert fp["asr_after"] < fp["asr_before"] and all(r["seconds"] > 0 for r in rows[1:])
-    table = to_markdown(rows)
+    table = compare.to_markdown(rows)
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["activation_clustering", "strip",
                                                                               "fine_pruning"]
+    assert plot_comparison(rows[1:]) is not None
     with pytest.raises(ValueError, match="defenses"):
-        run_all(small_train, small_test, defenses=("activation_clustering", "magic"), progress=False)
+        compare.run_all(small_train, small_test, defenses=("activation_clustering", "magic"), progress=False)
 
 
 # --- bad input --------------------------------------------------------------------------------
 
 def test_bad_inputs_raise_errors_naming_the_argument(lab):
-    model, data, defender = lab["bd"].model, lab["poison"].dataset, lab["defender"]
+    run = lab["runs"]["checkerboard"]
+    model, data, defender = run.model, run.poison.dataset, lab["defender"]
     with pytest.raises(TypeError, match="model"):
         activation_clustering(nn.Linear(3, 2), data.subset(range(100)), progress=False)
     with pytest.raises(TypeError, match="model"):
         fine_prune(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), defender, progress=False)
     with pytest.raises(ValueError, match="n_images"):
         neural_cleanse(model, defender.subset(range(50)), n_images=100, progress=False)
+    with pytest.raises(ValueError, match="n_heldout"):
+        neural_cleanse(model, defender.subset(range(500)), n_images=300, n_heldout=300, progress=False)
     with pytest.raises(ValueError, match="frr"):
         fit_strip(model, defender, frr=1.5)
     with pytest.raises(ValueError, match="n_calibration"):
@@ -270,14 +342,16 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
         isolation_forest_outliers(data, features="learned")
     with pytest.raises(ValueError, match="features"):
         spectral_signatures(model, data, features=torch.zeros(3, 128))
+    with pytest.raises(ValueError, match="score"):
+        spectral_signatures(model, data, score="cubed")
     with pytest.raises(ValueError, match="labels"):
         unlearn(model, neural_cleanse(copy.deepcopy(model), defender, steps=5, n_images=50, progress=False),
                 defender, labels=[11], progress=False)
-    with pytest.raises(ValueError, match="indices"):  # 0.7 must not silently become index 0
+    with pytest.raises(TypeError, match="indices"):  # 0.7 must not silently become index 0
         remove(data, torch.tensor([0.7]))
     with pytest.raises(ValueError, match="indices"):
         remove(data, torch.tensor([len(data)]))
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(TypeError, match="channels"):
         prune(model, [0.7])
     with pytest.raises(ValueError, match="overlays"):
         strip_entropy(model, defender.images[:4], torch.zeros(4, 3, 28, 28))
@@ -285,11 +359,27 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
         two_classes = defender.subset(range(50))
         two_classes = ImageDataset(two_classes.images, two_classes.labels % 2, ("a", "b"), "two")
         neural_cleanse(model, two_classes, n_images=20, steps=5, progress=False)
+    with pytest.raises(ValueError, match="trigger and target"):
+        compare.Case(model, data, defender, lab["eval"], trigger=run.poison.trigger)
+    with pytest.raises(ValueError, match="name"):
+        compare.run_defense("magic", case_of(lab, "checkerboard"))
+    with pytest.raises(ValueError, match="accept"):
+        clean_accuracy(model, lab["eval"], accept=lambda images: torch.ones(3, dtype=torch.bool))
 
 
 def test_removal_takes_a_boolean_mask_as_a_mask(lab):
-    data = lab["poison"].dataset.subset(range(100))
+    data = lab["runs"]["checkerboard"].poison.dataset.subset(range(100))
     mask = torch.zeros(100, dtype=torch.bool)
     mask[[3, 50, 99]] = True
     assert len(remove(data, mask)) == 97
     assert torch.equal(remove(data, mask).images, data.images[~mask])
+
+
+@pytest.mark.parametrize("module", ["course_lib.grading", "course_lib.defenses", "course_lib.defenses.compare"])
+def test_importing_grading_or_defenses_stays_light(module):
+    """Opacus and pyplot load only when DP training or a plot is used (a fresh interpreter)."""
+    code = (f"import sys, {module}; heavy = [m for m in ('opacus', 'matplotlib.pyplot') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"

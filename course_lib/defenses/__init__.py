@@ -1,38 +1,68 @@
-"""Backdoor defenses of the Week 4 lecture, each one measured (``python -m course_lib bench defenses``).
+"""Backdoor defenses of the Week 4 lecture, each one measured (``python -m course_lib bench defenses``
+and, over many triggers, rates and clean models, ``python -m course_lib bench matrix``).
 
 =============================  =====================================  ==============================
 module                         what it does                           paper
 =============================  =====================================  ==============================
-:mod:`.activation_clustering`  flags poisoned training samples        Chen et al. 2018
-:mod:`.spectral_signatures`    flags poisoned training samples        Tran, Li & Madry 2018
-:mod:`.neural_cleanse`         flags backdoored labels; unlearning    Wang et al. 2019
-:mod:`.fine_pruning`           repairs a model: prune + fine-tune     Liu, Dolan-Gavitt & Garg 2018
-:mod:`.strip`                  rejects triggered inputs at run time   Gao et al. 2019
-:mod:`.sanitization`           the lecture's transforms; outliers     Liu, Ting & Zhou 2008
-:mod:`.dp_sgd`                 DP-SGD with Opacus (and the lecture's  Abadi et al. 2016
-                               batch noise, which guarantees nothing)
+:mod:`.base`                   the four kinds of defense and what
+                               each returns (one interface per kind)
+:mod:`.activation_clustering`  sample detector                        Chen et al. 2018
+:mod:`.spectral_signatures`    sample detector                        Tran, Li & Madry 2018
+:mod:`.sanitization`           sample detector (IsolationForest);     Liu, Ting & Zhou 2008; lecture
+                               the lecture's transforms
+:mod:`.neural_cleanse`         model detector; unlearning             Wang et al. 2019
+:mod:`.strip`                  input detector (run time)              Gao et al. 2019
+:mod:`.retraining`             mitigation: retrain without flagged
+                               samples
+:mod:`.fine_pruning`           mitigation: prune + fine-tune          Liu, Dolan-Gavitt & Garg 2018
+:mod:`.dp_sgd`                 mitigation: DP-SGD with Opacus (and    Abadi et al. 2016
+                               the lecture's batch noise, which
+                               guarantees nothing)
 :mod:`.scoring`                TPR/FPR/F1, mitigation score
-:mod:`.compare`                runs them all: table, figure, CLI
+:mod:`.compare`                one runner per defense: the table of
+                               ``bench defenses`` and notebook 6
+:mod:`.matrix`                 the detection matrix
+:mod:`.plots`                  every defense figure
 =============================  =====================================  ==============================
 
 No defense modifies the model or dataset it is given: mitigations return a repaired copy.
+Importing this package stays light: Opacus and matplotlib are loaded only when DP
+training or a plot is first used (the grading code imports the package).
 """
-from .activation_clustering import ActivationClusteringResult, activation_clustering, plot_activation_clusters
+from importlib import import_module
+
+from .activation_clustering import ActivationClusteringResult, activation_clustering
 from .activations import extract_features
-from .dp_sgd import lecture_batch_noise_training, train_dp_sgd
-from .fine_pruning import fine_prune, plot_pruning_curve, prune, pruning_curve, pruning_order
-from .neural_cleanse import (NeuralCleanseResult, anomaly_index, flag_small_outliers, neural_cleanse,
-                             plot_reversed_triggers, unlearn)
-from .sanitization import isolation_forest_outliers, lecture_transform_sanitize, pixel_statistics, remove
+from .base import InputDetector, LabelDetection, Mitigation, SampleDetection
+from .fine_pruning import fine_prune, prune, pruning_curve, pruning_order
+from .neural_cleanse import (NeuralCleanseResult, anomaly_index, chance_false_alarm_rate, flag_small_outliers,
+                             neural_cleanse, unlearn)
+from .retraining import remove, retrain_without
+from .sanitization import isolation_forest_outliers, lecture_transform_sanitize, pixel_statistics
 from .scoring import detection_scores, mitigation_scores
 from .spectral_signatures import SpectralSignaturesResult, spectral_signatures
-from .strip import StripDetector, fit_strip, plot_strip_entropy, strip_entropy, strip_rates
+from .strip import StripDetector, fit_strip, strip_entropy, strip_rates
+
+_LAZY = {  # name -> module, imported on first use (heavy dependencies)
+    "train_dp_sgd": ".dp_sgd", "lecture_batch_noise_training": ".dp_sgd",
+    "plot_activation_clusters": ".plots", "plot_reversed_triggers": ".plots", "plot_anomaly_index": ".plots",
+    "plot_pruning_curve": ".plots", "plot_strip_entropy": ".plots", "plot_comparison": ".plots",
+    "plot_matrix": ".plots",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "activation_clustering", "ActivationClusteringResult", "plot_activation_clusters", "extract_features",
-    "spectral_signatures", "SpectralSignaturesResult", "neural_cleanse", "NeuralCleanseResult", "anomaly_index",
-    "flag_small_outliers", "unlearn", "plot_reversed_triggers", "fine_prune", "prune", "pruning_order",
-    "pruning_curve", "plot_pruning_curve", "fit_strip", "StripDetector", "strip_entropy", "strip_rates",
-    "plot_strip_entropy", "lecture_transform_sanitize", "isolation_forest_outliers", "pixel_statistics", "remove",
-    "train_dp_sgd", "lecture_batch_noise_training", "detection_scores", "mitigation_scores",
+    "SampleDetection", "LabelDetection", "InputDetector", "Mitigation",
+    "activation_clustering", "ActivationClusteringResult", "extract_features",
+    "spectral_signatures", "SpectralSignaturesResult", "isolation_forest_outliers", "pixel_statistics",
+    "neural_cleanse", "NeuralCleanseResult", "anomaly_index", "flag_small_outliers", "chance_false_alarm_rate",
+    "fit_strip", "StripDetector", "strip_entropy", "strip_rates",
+    "remove", "retrain_without", "unlearn", "fine_prune", "prune", "pruning_order", "pruning_curve",
+    "lecture_transform_sanitize", "detection_scores", "mitigation_scores", *_LAZY,
 ]

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..train import model_device
-from ._checks import check_int, check_model
+from ..checks import check_images, check_int, check_model
 
 
 @torch.no_grad()
@@ -24,9 +24,7 @@ def extract_features(model, images: torch.Tensor, *, batch_size: int = 1024, pro
     depend on the batch) and restores the model's previous mode afterwards.
     """
     check_model(model, "features")
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
+    check_images("images", images, min_count=0)
     check_int("batch_size", batch_size)
     device, was_training = model_device(model), model.training
     model.eval()

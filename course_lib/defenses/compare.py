@@ -1,26 +1,30 @@
-"""The defense comparison table, built from runs: ``python -m course_lib bench defenses``.
+"""One runner per defense: the rows of ``bench defenses``, of the detection matrix and of notebook 6.
 
 The lecture ends with a table of stars that nobody measured (docs/DESIGN.md, erratum 11).
-:func:`run_all` instead trains one BadNets model and one clean model on the offline
-default dataset (Fashion-MNIST, the kit's default 3x3 checkerboard trigger, 5% of the
-training set poisoned toward class 0) and runs every defense on them. Each defense
-yields one row (a dict) with:
+Here every defense has one *runner*, ``RUNNERS[name](case) -> (row, result)``, which runs
+it on one :class:`Case` (a model under test, its training data and the ground truth) and
+scores it the same way every time. ``bench defenses`` (:func:`run_all`), the detection
+matrix (:mod:`.matrix`) and notebook 6 all call :func:`run_defense`, so their rows cannot
+drift apart. A row (a dict) holds:
 
-- ``tpr``, ``fpr``, ``f1`` for defenses that flag training samples, scored against the
-  poisoned indices the attack returned; for STRIP, which flags test *inputs*, TPR is the
-  share of triggered inputs rejected (1 - FAR) and FPR the share of clean inputs rejected;
-- ``flagged``: the classes/labels a defense accuses on the backdoored model, and
-  ``flagged_on_clean_model`` the same on the clean model (false alarms);
+- ``tpr``, ``fpr``, ``f1`` for sample detectors, scored against the poisoned indices the
+  attack returned (on a clean model, ``fpr`` is the share of its training set flagged);
+  for STRIP, ``tpr`` is the share of triggered inputs rejected (1 - FAR) and ``fpr`` the
+  share of clean inputs rejected (FRR), also given as ``far`` and ``frr``;
+- ``flagged``: the classes (sample detectors) or labels (Neural Cleanse) accused, and
+  ``flagged_on_clean_model`` the same on the clean control model, when one is given;
+- ``anomaly_index``: Neural Cleanse's signed index per label;
 - ``ca_before``/``ca_after``, ``asr_before``/``asr_after`` and the derived ``ca_drop``,
-  ``asr_reduction`` and ``mitigation_score`` (see :mod:`.scoring`). "After" means: the
-  model retrained without the flagged samples (detectors of samples), the repaired copy
-  (Neural Cleanse unlearning, Fine-Pruning), the model trained with the defense
-  (sanitization, DP-SGD), or the model behind the STRIP filter, where a rejected input
-  counts as not classified (neither correct nor the target);
-- ``seconds``: wall time of the defense, including any retraining.
+  ``asr_reduction`` and ``mitigation_score`` (see :mod:`.scoring`). "After" means: a fresh
+  model retrained without the flagged samples (sample detectors; unchanged when nothing
+  was flagged), the repaired copy (Neural Cleanse unlearning, Fine-Pruning), the model
+  trained with the defense (sanitization, DP-SGD), or the model behind the STRIP filter,
+  where a rejected input counts as not classified;
+- ``seconds``: wall time of the defense including its mitigation, ``cpu_seconds`` the
+  process's CPU time (wall time also counts other users of a shared machine).
 
-The clean half of the test set is the defender's trusted data (Neural Cleanse, Fine-
-Pruning, STRIP); CA and ASR are measured on the other half.
+The defender's trusted data (``Case.defender``: clean images the victim never saw) feed
+Neural Cleanse, Fine-Pruning and STRIP; CA and ASR are measured on ``Case.eval``.
 """
 from __future__ import annotations
 
@@ -28,29 +32,32 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
+from ..checks import check_choice, check_dataset, check_model
 from ..data import ImageDataset, load_splits
 from ..experiments import run_backdoor, run_clean
 from ..metrics import attack_success_rate, clean_accuracy
-from ..models import model_for
-from ..train import pick_device, predict, train
-from .sanitization import isolation_forest_outliers, lecture_transform_sanitize, remove
-from .activation_clustering import activation_clustering
+from .activation_clustering import MEASURED_ANALYSES, activation_clustering
 from .activations import extract_features
-from .dp_sgd import lecture_batch_noise_training, train_dp_sgd
 from .fine_pruning import fine_prune, pruning_curve
 from .neural_cleanse import neural_cleanse, unlearn
+from .retraining import retrain_without
+from .sanitization import isolation_forest_outliers, lecture_transform_sanitize
 from .scoring import detection_scores, mitigation_scores
 from .spectral_signatures import spectral_signatures
 from .strip import fit_strip
 
-DEFENSES = ("activation_clustering", "spectral_signatures", "isolation_forest_features",
-            "isolation_forest_pixel_stats", "neural_cleanse", "fine_pruning", "strip",
-            "lecture_transform_sanitization", "dp_sgd", "lecture_batch_noise")
+DEFENDER_IMAGES = 5000  # clean test images the defender trusts (at most half); the rest measure CA and ASR
+STRIP_TEST_IMAGES = 1000  # STRIP blends every input 16 times: its rates are measured on this many eval images
+SAMPLE_DETECTORS = ("activation_clustering", "spectral_signatures", "isolation_forest_features",
+                    "isolation_forest_pixel_stats")
+MODEL_DETECTORS = ("neural_cleanse",)
+INPUT_DETECTORS = ("strip",)
+MITIGATIONS = ("fine_pruning", "lecture_transform_sanitization", "dp_sgd", "lecture_batch_noise")
+DEFENSES = SAMPLE_DETECTORS + MODEL_DETECTORS + ("fine_pruning",) + INPUT_DETECTORS + MITIGATIONS[1:]
 PAPERS = {
     "activation_clustering": "Chen et al. 2018",
     "spectral_signatures": "Tran, Li & Madry 2018",
@@ -63,213 +70,289 @@ PAPERS = {
     "dp_sgd": "Abadi et al. 2016 (Opacus)",
     "lecture_batch_noise": "lecture (batch-level noise, no guarantee)",
 }
-DEFENDER_IMAGES = 5000  # clean test images the defender trusts (at most half); the rest measure CA and ASR
+# Neural Cleanse search budgets: the full one (Wang et al.'s scale) and a quick one for live runs
+NC_SETTINGS = {"full": {"n_images": 1000, "steps": 400}, "quick": {"n_images": 500, "steps": 200}}
 
 
-def _clock() -> tuple[float, float]:
-    """Wall time and CPU time (all threads) now. On a shared machine wall time also counts
-    the other users; CPU time does not, so rows carry both."""
-    return time.perf_counter(), time.process_time()
+@dataclass
+class Case:
+    """One model under test, its training data and what the scoring needs.
+
+    ``poisoned``: indices of the poisoned samples in ``train_data`` (empty for a clean
+    model); ``trigger``/``target``: the planted backdoor (None for a clean model);
+    ``defender``: trusted clean images; ``eval``: clean images that measure CA and ASR;
+    ``epochs``/``arch``/``seed``/``device``: how the victim was trained (retraining repeats
+    it); ``quick``: smaller search budgets for live runs.
+    """
+
+    model: torch.nn.Module
+    train_data: ImageDataset
+    defender: ImageDataset
+    eval: ImageDataset
+    poisoned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    trigger: object = None
+    target: int | None = None
+    epochs: int = 2
+    arch: str | None = None
+    seed: int = 0
+    device: object = None
+    quick: bool = False
+    progress: bool = False
+    _features: torch.Tensor | None = field(default=None, repr=False)
+    _before: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        check_model(self.model, "features")
+        for name in ("train_data", "defender", "eval"):
+            check_dataset(name, getattr(self, name))
+        if (self.trigger is None) != (self.target is None):
+            raise ValueError("trigger and target must be given together (a backdoored model) or both be None")
+
+    @property
+    def backdoored(self) -> bool:
+        return self.trigger is not None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``model.features`` of the training set, computed once and shared by the detectors."""
+        if self._features is None:
+            self._features = extract_features(self.model, self.train_data.images, progress=self.progress)
+        return self._features
+
+    def measure(self, model) -> tuple[float, float | None]:
+        """(CA, ASR) of ``model`` on ``eval`` (ASR None for a clean case)."""
+        return clean_accuracy(model, self.eval), self.asr(model)
+
+    def asr(self, model, accept=None) -> float | None:
+        if not self.backdoored:
+            return None
+        return attack_success_rate(model, self.eval, self.trigger, self.target, accept=accept)
+
+    @property
+    def before(self) -> tuple[float, float | None]:
+        """(CA, ASR) of the model under test, measured once."""
+        if self._before is None:
+            self._before = self.measure(self.model)
+        return self._before
 
 
-class _Bench:
-    """The shared state of one comparison: data, the two models, their features."""
-
-    def __init__(self, train_data, test_data, *, epochs, seed, device, progress):
-        self.seed, self.progress, self.epochs = seed, progress, epochs
-        self.device = pick_device(device)
-        self.defender, self.eval = test_data.split(min(DEFENDER_IMAGES, len(test_data) // 2), seed=seed)
-        self.backdoored = run_backdoor(train_data, self.eval, epochs=epochs, seed=seed, device=self.device,
-                                       progress=progress)
-        self.clean = run_clean(train_data, self.eval, epochs=epochs, seed=seed, device=self.device,
-                               progress=progress)
-        self.poison = self.backdoored.poison
-        self.clean_train = train_data
-        self.features = extract_features(self.backdoored.model, self.poison.dataset.images, progress=progress)
-        self.clean_features = extract_features(self.clean.model, train_data.images, progress=progress)
-
-    def measure(self, model) -> tuple[float, float]:
-        """(CA, ASR) of ``model`` on the evaluation half of the test set."""
-        return (clean_accuracy(model, self.eval),
-                attack_success_rate(model, self.eval, self.poison.trigger, self.poison.target))
-
-    def retrain(self, data: ImageDataset):
-        """A fresh model trained like the backdoored one, on ``data``."""
-        model = model_for(data, seed=self.seed)
-        train(model, data, epochs=self.epochs, seed=self.seed, device=self.device, progress=self.progress)
-        return model
-
-    def row(self, name, start, *, after=None, detection=None, **fields) -> dict:
-        """Assemble one result row; ``after`` is (CA, ASR) after the defense, if it mitigates."""
-        ca, asr = self.backdoored.clean_acc, self.backdoored.asr
-        row = {"defense": name, "paper": PAPERS[name], "tpr": None, "fpr": None, "f1": None,
-               "flagged": None, "flagged_on_clean_model": None, "ca_before": ca, "asr_before": asr,
-               "ca_after": None, "asr_after": None, "ca_drop": None, "asr_reduction": None,
-               "mitigation_score": None}
-        if detection is not None:
-            row.update({key: detection[key] for key in ("tpr", "fpr", "f1")})
-        if after is not None:
-            row.update(ca_after=after[0], asr_after=after[1])
+def _row(case: Case, name: str, start, *, detection=None, after=None, **fields) -> dict:
+    """One result row (see the module docstring)."""
+    ca, asr = case.before
+    row = {"defense": name, "paper": PAPERS[name], "tpr": None, "fpr": None, "f1": None, "flagged": None,
+           "flagged_on_clean_model": None, "ca_before": ca, "asr_before": asr, "ca_after": None,
+           "asr_after": None, "ca_drop": None, "asr_reduction": None, "mitigation_score": None}
+    if detection is not None:
+        row.update({key: detection[key] for key in ("tpr", "fpr", "f1")})
+    if after is not None:
+        row.update(ca_after=after[0], asr_after=after[1])
+        if asr is not None:
             row.update(mitigation_scores(ca_before=ca, ca_after=after[0], asr_before=asr, asr_after=after[1]))
-        row.update(fields)
-        row["seconds"] = round(time.perf_counter() - start[0], 1)
-        row["cpu_seconds"] = round(time.process_time() - start[1], 1)
-        return row
-
-    def sample_detector_row(self, name, start, flagged, flagged_clean, classes=None, classes_clean=None, **fields):
-        """Score flagged training samples, retrain without them, and build the row.
-
-        ``flagged_clean``: what the detector flags on the clean model's training set, or None
-        for a detector whose flagged fraction is an input (then ``clean_model_fpr`` is None).
-        """
-        detection = detection_scores(flagged, self.poison.indices, len(self.poison.dataset))
-        after = self.measure(self.retrain(remove(self.poison.dataset, flagged)))
-        return self.row(name, start, after=after, detection=detection, flagged=classes,
-                        flagged_on_clean_model=classes_clean,
-                        clean_model_fpr=None if flagged_clean is None else len(flagged_clean) / len(self.clean_train),
-                        **fields)
-
-
-def _activation_clustering(b: _Bench) -> dict:
-    start = _clock()
-    found = activation_clustering(b.backdoored.model, b.poison.dataset, features=b.features, seed=b.seed,
-                                  progress=b.progress)
-    on_clean = activation_clustering(b.clean.model, b.clean_train, features=b.clean_features, seed=b.seed,
-                                     progress=b.progress)
-    return b.sample_detector_row("activation_clustering", start, found.suspicious, on_clean.suspicious,
-                                 found.flagged_classes, on_clean.flagged_classes)
-
-
-def _spectral_signatures(b: _Bench) -> dict:
-    start = _clock()
-    found = spectral_signatures(b.backdoored.model, b.poison.dataset, features=b.features, progress=b.progress)
-    on_clean = spectral_signatures(b.clean.model, b.clean_train, features=b.clean_features, progress=b.progress)
-    return b.sample_detector_row("spectral_signatures", start, found.suspicious, on_clean.suspicious,
-                                 found.flagged_classes, on_clean.flagged_classes)
-
-
-def _isolation_forest(b: _Bench, kind: str) -> dict:
-    start = _clock()
-    name = "isolation_forest_features" if kind == "learned" else "isolation_forest_pixel_stats"
-    found = isolation_forest_outliers(b.poison.dataset, model=b.backdoored.model, features=kind,
-                                      seed=b.seed, progress=b.progress)
-    # No clean-model run: IsolationForest removes its ``contamination`` fraction of any data
-    # set by construction, so its "false alarms on a clean model" would be that input back.
-    return b.sample_detector_row(name, start, found, None)
-
-
-def _neural_cleanse(b: _Bench) -> dict:
-    start = _clock()
-    n_images = min(1000, len(b.defender))
-    found = neural_cleanse(b.backdoored.model, b.defender, n_images=n_images, seed=b.seed, progress=b.progress)
-    on_clean = neural_cleanse(b.clean.model, b.defender, n_images=n_images, seed=b.seed, progress=b.progress)
-    after = None
-    if found.flagged:
-        after = b.measure(unlearn(b.backdoored.model, found, b.defender, seed=b.seed,
-                                  device=b.device, progress=b.progress))
-    target = b.poison.target
-    return b.row("neural_cleanse", start, after=after, flagged=found.flagged,
-                 flagged_on_clean_model=on_clean.flagged,
-                 target_anomaly_index=round(found.anomaly_index[target].item(), 2),
-                 max_anomaly_index_clean_model=round(on_clean.anomaly_index.max().item(), 2),
-                 search_seconds=[round(found.seconds, 1), round(on_clean.seconds, 1)],
-                 mask_norms=[round(v, 1) for v in found.norms.tolist()],
-                 mask_norms_clean_model=[round(v, 1) for v in on_clean.norms.tolist()])
-
-
-def _fine_pruning(b: _Bench) -> dict:
-    start = _clock()
-    result = fine_prune(b.backdoored.model, b.defender, seed=b.seed, device=b.device, progress=b.progress)
-    row = b.row("fine_pruning", start, after=b.measure(result.model), pruned_fraction=round(result.fraction, 3))
-    curve = pruning_curve(b.backdoored.model, b.defender, b.eval, b.poison.trigger, b.poison.target, points=9)
-    row["curve"] = {"fractions": [round(f, 3) for f in curve.fractions],
-                    "clean_acc": [round(v, 4) for v in curve.clean_acc], "asr": [round(v, 4) for v in curve.asr]}
+    row.update(fields)
+    row["seconds"] = round(time.perf_counter() - start[0], 1)
+    row["cpu_seconds"] = round(time.process_time() - start[1], 1)
     return row
 
 
-def _strip(b: _Bench) -> dict:
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object]:
+    """Detect, score against the ground truth, retrain without the flagged samples."""
     start = _clock()
-    n_calibration = min(1000, len(b.defender) // 2)
-    detector = fit_strip(b.backdoored.model, b.defender, n_calibration=n_calibration, seed=b.seed)
-    keep = b.eval.labels != b.poison.target
-    triggered = b.poison.trigger(b.eval.images[keep])
-    rejected_clean, rejected_triggered = detector.rejects(b.eval.images), detector.rejects(triggered)
-    predicted_clean = predict(b.backdoored.model, b.eval.images)
-    predicted_triggered = predict(b.backdoored.model, triggered)
-    after = (((predicted_clean == b.eval.labels) & ~rejected_clean).float().mean().item(),
-             ((predicted_triggered == b.poison.target) & ~rejected_triggered).float().mean().item())
-    clean_detector = fit_strip(b.clean.model, b.defender, n_calibration=n_calibration, seed=b.seed)
-    detection = {"tpr": rejected_triggered.float().mean().item(), "fpr": rejected_clean.float().mean().item(),
-                 "f1": None}
-    return b.row("strip", start, after=after, detection=detection, far=1 - detection["tpr"], frr_target=detector.frr,
-                 clean_model_rejects_triggered=clean_detector.rejects(triggered).float().mean().item())
+    found = detect(case)
+    detection = detection_scores(found.flagged, case.poisoned, len(case.train_data))
+    after = None
+    if case.backdoored:
+        after = case.before if len(found.flagged) == 0 else case.measure(retrain_without(
+            case.train_data, found.flagged, epochs=case.epochs, arch=case.arch, seed=case.seed,
+            device=case.device, progress=case.progress).model)
+    extra = {}
+    if name == "activation_clustering":  # every analysis of the same clusters, for the matrix
+        extra["f1_by_analysis"] = {a: detection_scores(found.flagged_by(a), case.poisoned, len(case.train_data))["f1"]
+                                   for a in MEASURED_ANALYSES}
+        extra["flagged_by_analysis"] = {a: found.classes_by(a) for a in MEASURED_ANALYSES}
+    return _row(case, name, start, detection=detection, after=after, flagged=found.flagged_classes,
+                flagged_samples=len(found.flagged), **extra), found
 
 
-def _transform_sanitization(b: _Bench) -> dict:
+def _activation_clustering(case: Case):
+    return _sample_detector("activation_clustering", case, lambda c: activation_clustering(
+        c.model, c.train_data, features=c.features, epochs=c.epochs, arch=c.arch, device=c.device, seed=c.seed,
+        progress=c.progress))
+
+
+def _spectral_signatures(case: Case):
+    row, found = _sample_detector("spectral_signatures", case, lambda c: spectral_signatures(
+        c.model, c.train_data, features=c.features, progress=c.progress))
+    squared = spectral_signatures(case.model, case.train_data, score="squared", features=case.features,
+                                  progress=False)  # the paper's score, measured beside the default
+    row["f1_by_score"] = {"one_sided": row["f1"],
+                          "squared": detection_scores(squared.flagged, case.poisoned, len(case.train_data))["f1"]}
+    return row, found
+
+
+def _isolation_forest(kind: str):
+    name = "isolation_forest_features" if kind == "learned" else "isolation_forest_pixel_stats"
+    # IsolationForest flags its ``contamination`` share of any data set by construction, so
+    # its "false alarms" on a clean model are that input back (the row's fpr says so).
+    return lambda case: _sample_detector(name, case, lambda c: isolation_forest_outliers(
+        c.train_data, model=c.model, features=kind, seed=c.seed, progress=c.progress))
+
+
+def _neural_cleanse(case: Case):
     start = _clock()
-    sanitized = lecture_transform_sanitize(b.poison.dataset, seed=b.seed)
-    return b.row("lecture_transform_sanitization", start, after=b.measure(b.retrain(sanitized)))
+    settings = NC_SETTINGS["quick" if case.quick else "full"]
+    n_images = min(settings["n_images"], len(case.defender) // 2)
+    found = neural_cleanse(case.model, case.defender, n_images=n_images, steps=settings["steps"], seed=case.seed,
+                           progress=case.progress)
+    after = None
+    if case.backdoored:
+        after = case.before if not found.flagged else case.measure(unlearn(
+            case.model, found, case.defender, epochs=2 if case.quick else 5, seed=case.seed, device=case.device,
+            progress=case.progress).model)
+    return _row(case, "neural_cleanse", start, after=after, flagged=found.flagged,
+                anomaly_index=[round(v, 2) for v in found.anomaly_index.tolist()],
+                mask_norms=[round(v, 1) for v in found.norms.tolist()],
+                heldout_success_min=round(found.success.min().item(), 4),
+                search_seconds=round(found.seconds, 1)), found
 
 
-def _dp_sgd(b: _Bench) -> dict:
+def _fine_pruning(case: Case):
     start = _clock()
-    result = train_dp_sgd(b.poison.dataset, epochs=b.epochs, seed=b.seed, progress=b.progress)
-    return b.row("dp_sgd", start, after=b.measure(result.model), epsilon=round(result.epsilon, 2),
-                 delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=result.max_grad_norm)
+    result = fine_prune(case.model, case.defender, epochs=2 if case.quick else 5, seed=case.seed,
+                        device=case.device, progress=case.progress)
+    row = _row(case, "fine_pruning", start, after=case.measure(result.model) if case.backdoored else None,
+               pruned_fraction=round(result.fraction, 3), val_acc_before=round(result.val_acc_before, 4),
+               val_acc_pruned=round(result.val_acc_pruned, 4), val_acc_after=round(result.val_acc_after, 4))
+    return row, result
 
 
-def _batch_noise(b: _Bench) -> dict:
+def _strip(case: Case):
     start = _clock()
-    result = lecture_batch_noise_training(b.poison.dataset, epochs=b.epochs, seed=b.seed, progress=b.progress)
-    return b.row("lecture_batch_noise", start, after=b.measure(result.model), epsilon=None,
-                 noise_multiplier=result.noise_multiplier, max_grad_norm=result.max_grad_norm)
+    detector = fit_strip(case.model, case.defender, n_calibration=min(1000, len(case.defender) // 2),
+                         seed=case.seed)
+    test = case.eval.subset(range(min(STRIP_TEST_IMAGES, len(case.eval))))
+    rejected = detector.rejects(test.images)  # the filter's verdicts, computed once (16 blends per input)
+    frr = rejected.float().mean().item()
+    far = after = None
+    if case.backdoored:
+        rejected_triggered = detector.rejects(case.trigger(test.images[test.labels != case.target]))
+        far = 1 - rejected_triggered.float().mean().item()
+        # the metrics see the filter as ``accept``: given the same images, it answers the verdicts above
+        after = (clean_accuracy(case.model, test, accept=lambda images: ~rejected),
+                 attack_success_rate(case.model, test, case.trigger, case.target,
+                                     accept=lambda images: ~rejected_triggered))
+    detection = {"tpr": None if far is None else 1 - far, "fpr": frr, "f1": None}
+    return _row(case, "strip", start, detection=detection, after=after, far=far, frr=frr,
+                frr_target=detector.frr), detector
+
+
+def _trained_with(name: str, train_fn):
+    """A mitigation that trains a new model on the (poisoned) training set."""
+    def run(case: Case):
+        start = _clock()
+        result = train_fn(case)
+        fields = {}
+        if hasattr(result, "epsilon"):
+            fields = {"epsilon": None if result.epsilon is None else round(result.epsilon, 2),
+                      "delta": result.delta, "noise_multiplier": result.noise_multiplier,
+                      "max_grad_norm": result.max_grad_norm}
+        model = getattr(result, "model", result)
+        return _row(case, name, start, after=case.measure(model), **fields), result
+    return run
+
+
+def _transform_sanitization(case: Case):
+    sanitized = lecture_transform_sanitize(case.train_data, seed=case.seed)
+    return retrain_without(sanitized, [], epochs=case.epochs, arch=case.arch, seed=case.seed, device=case.device,
+                           progress=case.progress, paper=PAPERS["lecture_transform_sanitization"])
+
+
+def _dp_sgd(case: Case):
+    from .dp_sgd import train_dp_sgd  # Opacus loads only when DP-SGD runs
+    return train_dp_sgd(case.train_data, epochs=1 if case.quick else case.epochs, seed=case.seed,
+                        progress=case.progress)
+
+
+def _batch_noise(case: Case):
+    from .dp_sgd import lecture_batch_noise_training
+    return lecture_batch_noise_training(case.train_data, epochs=1 if case.quick else case.epochs, seed=case.seed,
+                                        progress=case.progress)
 
 
 RUNNERS = {
     "activation_clustering": _activation_clustering,
     "spectral_signatures": _spectral_signatures,
-    "isolation_forest_features": lambda b: _isolation_forest(b, "learned"),
-    "isolation_forest_pixel_stats": lambda b: _isolation_forest(b, "pixel_stats"),
+    "isolation_forest_features": _isolation_forest("learned"),
+    "isolation_forest_pixel_stats": _isolation_forest("pixel_stats"),
     "neural_cleanse": _neural_cleanse,
     "fine_pruning": _fine_pruning,
     "strip": _strip,
-    "lecture_transform_sanitization": _transform_sanitization,
-    "dp_sgd": _dp_sgd,
-    "lecture_batch_noise": _batch_noise,
+    "lecture_transform_sanitization": _trained_with("lecture_transform_sanitization", _transform_sanitization),
+    "dp_sgd": _trained_with("dp_sgd", _dp_sgd),
+    "lecture_batch_noise": _trained_with("lecture_batch_noise", _batch_noise),
 }
+CLASS_VERDICTS = SAMPLE_DETECTORS[:2] + MODEL_DETECTORS  # defenses whose verdict on a clean model means something
+
+
+def run_defense(name: str, case: Case, clean_case: Case | None = None) -> tuple[dict, dict]:
+    """Run defense ``name`` on ``case`` (and, for a detector with a class verdict, on the clean
+    control ``clean_case``); return its row and ``{"backdoored": result, "clean": result}``."""
+    check_choice("name", name, DEFENSES)
+    row, result = RUNNERS[name](case)
+    results = {"backdoored": result, "clean": None}
+    if clean_case is not None and name in CLASS_VERDICTS:
+        clean_row, results["clean"] = RUNNERS[name](clean_case)
+        row["flagged_on_clean_model"] = clean_row["flagged"]
+        row["seconds"] = round(row["seconds"] + clean_row["seconds"], 1)
+        row["cpu_seconds"] = round(row["cpu_seconds"] + clean_row["cpu_seconds"], 1)
+    return row, results
 
 
 def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | None = None, *,
             fast: bool = False, defenses=DEFENSES, epochs: int = 2, seed: int = 0, device=None,
             progress: bool = True, on_row=None) -> list[dict]:
-    """Run ``defenses`` on a BadNets model and a clean model; return one row per defense.
+    """``bench defenses``: every defense on one BadNets model (the kit's checkerboard, 5% of
+    the training set, target 0) and one clean model; one row per defense.
 
     Data default to the offline Fashion-MNIST. ``fast`` trains on a 20,000-image subset.
     ``on_row(row)`` is called as soon as each row is ready (the CLI prints it).
     """
-    unknown = [d for d in defenses if d not in RUNNERS]
-    if unknown:
-        raise ValueError(f"defenses must be names from {DEFENSES}, got unknown {unknown}")
+    for name in defenses:
+        check_choice("defenses", name, DEFENSES)
     if train_data is None or test_data is None:
         train_data, test_data = load_splits("fashion-mnist")
     if fast:
         train_data = train_data.split(min(20_000, len(train_data) - 1), seed=seed)[0]
     start = _clock()
-    bench = _Bench(train_data, test_data, epochs=epochs, seed=seed, device=device, progress=progress)
-    setup = {"defense": "setup", "train_images": len(train_data), "poisoned": len(bench.poison.indices),
-             "target": bench.poison.target, "ca_backdoored": bench.backdoored.clean_acc,
-             "asr_backdoored": bench.backdoored.asr, "ca_clean_model": bench.clean.clean_acc,
-             "asr_clean_model": attack_success_rate(bench.clean.model, bench.eval, bench.poison.trigger,
-                                                    bench.poison.target),
+    defender, evaluation = test_data.split(min(DEFENDER_IMAGES, len(test_data) // 2), seed=seed)
+    backdoored = run_backdoor(train_data, evaluation, epochs=epochs, seed=seed, device=device, progress=progress)
+    clean = run_clean(train_data, evaluation, epochs=epochs, seed=seed, device=device, progress=progress)
+    common = dict(defender=defender, eval=evaluation, epochs=epochs, seed=seed, device=device, progress=progress)
+    case = Case(backdoored.model, backdoored.poison.dataset, poisoned=backdoored.poison.indices,
+                trigger=backdoored.poison.trigger, target=backdoored.poison.target, **common)
+    clean_case = Case(clean.model, train_data, **common)
+    setup = {"defense": "setup", "train_images": len(train_data), "poisoned": len(case.poisoned),
+             "target": case.target, "ca_backdoored": case.before[0], "asr_backdoored": case.before[1],
+             "ca_clean_model": clean_case.before[0],
+             "asr_clean_model": attack_success_rate(clean.model, evaluation, case.trigger, case.target),
              "seconds": round(time.perf_counter() - start[0], 1),
              "cpu_seconds": round(time.process_time() - start[1], 1), "torch_threads": torch.get_num_threads()}
     rows = [setup]
     if on_row:
         on_row(setup)
     for name in defenses:
-        rows.append(RUNNERS[name](bench))
+        row, _ = run_defense(name, case, clean_case)
+        if name == "fine_pruning":  # the teaching curve (it needs the trigger, which a defender lacks)
+            curve = pruning_curve(case.model, case.defender, case.eval, case.trigger, case.target, points=9)
+            row["curve"] = {"fractions": [round(f, 3) for f in curve.fractions],
+                            "clean_acc": [round(v, 4) for v in curve.clean_acc],
+                            "asr": [round(v, 4) for v in curve.asr]}
+        rows.append(row)
         if on_row:
-            on_row(rows[-1])
+            on_row(row)
     return rows
 
 
@@ -298,31 +381,6 @@ def to_markdown(results: list[dict]) -> str:
             f"{_cell(row['asr_before'], 3)} -> {_cell(row['asr_after'], 3)} | "
             f"{_cell(row['mitigation_score'], 1)} | {row['seconds']:.0f} |")
     return "\n".join(lines)
-
-
-def plot(results: list[dict]):
-    """Bar chart of CA and ASR after each defense (dashed lines: before), and wall times."""
-    rows = [r for r in results if r["defense"] != "setup"]
-    names = [r["defense"].replace("_", " ") for r in rows]
-    y = np.arange(len(rows))
-    fig, (ax, ax_time) = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.5), sharey=True,
-                                      gridspec_kw={"width_ratios": [3, 1]})
-    ca = [np.nan if r["ca_after"] is None else r["ca_after"] for r in rows]
-    asr = [np.nan if r["asr_after"] is None else r["asr_after"] for r in rows]
-    ax.barh(y - 0.2, ca, height=0.4, label="clean accuracy after")
-    ax.barh(y + 0.2, asr, height=0.4, label="attack success rate after")
-    ax.axvline(rows[0]["ca_before"], color="C0", linestyle="--", label="CA before")
-    ax.axvline(rows[0]["asr_before"], color="C1", linestyle="--", label="ASR before")
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("CA and ASR after each defense (none = detection only)", fontsize=9)
-    ax_time.barh(y, [r["seconds"] for r in rows], color="gray")
-    ax_time.set_xlabel("seconds", fontsize=8)
-    ax_time.set_title("wall time", fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def main(argv=None) -> int:

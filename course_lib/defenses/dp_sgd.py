@@ -25,33 +25,32 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..checks import check_dataset, check_float, check_int
 from ..data import ImageDataset
 from ..models import model_for
-from ._checks import check_dataset, check_int, check_number
+from .base import Mitigation
 
 
 @dataclass
-class DPResult:
-    """A privately trained model and its privacy guarantee."""
+class DPResult(Mitigation):
+    """A privately trained model (a :class:`~.base.Mitigation`) and its privacy guarantee."""
 
-    model: nn.Module
-    epsilon: float | None        # None for the lecture's batch-noise variant: no guarantee exists
-    delta: float | None
-    noise_multiplier: float
-    max_grad_norm: float
+    epsilon: float | None = None   # None for the lecture's batch-noise variant: no guarantee exists
+    delta: float | None = None
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 0.0
     loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def _private_model(data: ImageDataset, arch, seed: int) -> nn.Module:
     """A fresh kit model as Opacus needs it: GroupNorm instead of BatchNorm, no in-place ReLU
     (Opacus's per-sample gradient hooks must see each layer's output unmodified)."""
+    from opacus.validators import ModuleValidator  # Opacus is heavy: imported only to train with it
+
     model = model_for(data, arch=arch, seed=seed)
     fixed = ModuleValidator.fix(model)
     for module in fixed.modules():
@@ -65,9 +64,9 @@ def _check_dp_args(data, epochs, batch_size, lr, noise_multiplier, max_grad_norm
     check_dataset("data", data)
     check_int("epochs", epochs)
     check_int("batch_size", batch_size, 1, len(data))
-    check_number("lr", lr, 0.0, 10.0, low_open=True)
-    check_number("noise_multiplier", noise_multiplier, 0.0, 100.0)
-    check_number("max_grad_norm", max_grad_norm, 0.0, 1e6, low_open=True)
+    check_float("lr", lr, 0.0, 10.0, low_open=True)
+    check_float("noise_multiplier", noise_multiplier, 0.0, 100.0)
+    check_float("max_grad_norm", max_grad_norm, 0.0, 1e6, low_open=True)
 
 
 def train_dp_sgd(data: ImageDataset, *, epochs: int = 2, batch_size: int = 256, lr: float = 0.5,
@@ -79,8 +78,10 @@ def train_dp_sgd(data: ImageDataset, *, epochs: int = 2, batch_size: int = 256, 
     seeded generator. Runs on the CPU: the models are small and Opacus's per-sample
     gradients are simplest there.
     """
+    from opacus import PrivacyEngine
+
     _check_dp_args(data, epochs, batch_size, lr, noise_multiplier, max_grad_norm)
-    check_number("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
+    check_float("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
     model = _private_model(data, arch, seed)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size, shuffle=True,
@@ -92,7 +93,7 @@ def train_dp_sgd(data: ImageDataset, *, epochs: int = 2, batch_size: int = 256, 
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, noise_generator=torch.Generator().manual_seed(seed + 1))
-    result = DPResult(model, None, delta, noise_multiplier, max_grad_norm)
+    result = DPResult("Abadi et al. 2016 (Opacus)", model, 0.0, None, delta, noise_multiplier, max_grad_norm)
     start = time.perf_counter()
     model.train()
     with warnings.catch_warnings():  # PyTorch notes that the input images need no gradient: true
@@ -130,7 +131,8 @@ def lecture_batch_noise_training(data: ImageDataset, *, epochs: int = 2, batch_s
     model = model_for(data, arch=arch, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    result = DPResult(model, None, None, noise_multiplier, max_grad_norm)
+    result = DPResult("lecture (batch-level noise, no guarantee)", model, 0.0, None, None, noise_multiplier,
+                      max_grad_norm)
     start = time.perf_counter()
     model.train()
     for _ in tqdm(range(epochs), desc="batch noise", disable=not progress, leave=False):

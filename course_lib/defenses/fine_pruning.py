@@ -29,15 +29,16 @@ import copy
 import time
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..checks import check_dataset, check_float, check_indices, check_int, check_model
 from ..data import ImageDataset
 from ..metrics import attack_success_rate, clean_accuracy
 from ..train import model_device, train
-from ._checks import check_dataset, check_int, check_model, check_number
-from .scoring import as_mask
+from .base import Mitigation
+
+PAPER = "Liu, Dolan-Gavitt & Garg 2018"
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def pruning_order(model, clean_data: ImageDataset) -> torch.Tensor:
 def prune(model, channels) -> torch.nn.Module:
     """A copy of ``model`` with the given last-conv-layer channels switched off."""
     check_model(model, "channel_mask")
-    off = as_mask(channels, len(model.channel_mask.mask), "channels")
+    off = check_indices("channels", channels, len(model.channel_mask.mask))
     pruned = copy.deepcopy(model)
     pruned.channel_mask.mask[off.to(pruned.channel_mask.mask.device)] = 0.0
     return pruned
@@ -109,17 +110,16 @@ def pruning_curve(model, clean_data: ImageDataset, eval_data: ImageDataset, trig
 
 
 @dataclass
-class FinePruningResult:
-    """The mitigated copy and what was done: ``pruned`` channels, clean accuracy on the
-    defender's validation images before pruning, after pruning and after fine-tuning."""
+class FinePruningResult(Mitigation):
+    """The mitigated copy (a :class:`~.base.Mitigation`) and what was done: ``pruned``
+    channels, clean accuracy on the defender's validation images before pruning, after
+    pruning (the stopping rule's measure) and after fine-tuning."""
 
-    model: torch.nn.Module
-    pruned: torch.Tensor
-    fraction: float
-    val_acc_before: float
-    val_acc_pruned: float
-    val_acc_after: float
-    seconds: float
+    pruned: torch.Tensor | None = None
+    fraction: float = 0.0
+    val_acc_before: float = 0.0
+    val_acc_pruned: float = 0.0
+    val_acc_after: float = 0.0
 
 
 def fine_prune(model, clean_data: ImageDataset, *, max_accuracy_drop: float = 0.10,
@@ -140,10 +140,10 @@ def fine_prune(model, clean_data: ImageDataset, *, max_accuracy_drop: float = 0.
     """
     check_model(model, "channel_mask")
     check_dataset("clean_data", clean_data, min_size=2)
-    check_number("max_accuracy_drop", max_accuracy_drop, 0.0, 1.0)
-    check_number("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    check_float("max_accuracy_drop", max_accuracy_drop, 0.0, 1.0)
+    check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
     check_int("epochs", epochs)
-    check_number("lr", lr, 0.0, float("inf"), low_open=True)
+    check_float("lr", lr, 0.0, float("inf"), low_open=True)
     start = time.perf_counter()
     n_val = min(len(clean_data) - 1, max(1, round(val_fraction * len(clean_data))))
     val, tune = clean_data.split(n_val, seed=seed)
@@ -153,8 +153,8 @@ def fine_prune(model, clean_data: ImageDataset, *, max_accuracy_drop: float = 0.
     mitigated = prune(model, order[:count])
     train(mitigated, tune, epochs=epochs, lr=lr, seed=seed,
           device=device if device is not None else model_device(model), progress=progress)
-    return FinePruningResult(mitigated, order[:count].sort().values, count / len(order), before, pruned_acc,
-                             clean_accuracy(mitigated, val), time.perf_counter() - start)
+    return FinePruningResult(PAPER, mitigated, time.perf_counter() - start, order[:count].sort().values,
+                             count / len(order), before, pruned_acc, clean_accuracy(mitigated, val))
 
 
 def _prune_count(model, order, val, floor: float) -> tuple[int, float]:
@@ -170,19 +170,3 @@ def _prune_count(model, order, val, floor: float) -> tuple[int, float]:
             break
         best, best_acc = count, acc
     return best, best_acc
-
-
-def plot_pruning_curve(curve: PruningCurve, chosen_fraction: float | None = None):
-    """CA and ASR versus the fraction of last-conv channels pruned."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(curve.fractions, curve.clean_acc, "o-", label="clean accuracy")
-    ax.plot(curve.fractions, curve.asr, "s-", label="attack success rate")
-    if chosen_fraction is not None:
-        ax.axvline(chosen_fraction, color="gray", linestyle="--", label="fine-pruning stops here")
-    ax.set_xlabel("fraction of last-conv channels pruned (least active on clean data first)")
-    ax.set_ylabel("rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title("Fine-Pruning: pruning curve before fine-tuning", fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -14,8 +14,11 @@ classified as t, while keeping the mask small:
 The weight ``cost_t`` is adapted during the search (Wang et al., Sec. IV-B): raised when
 the stamp already fools the model on at least ``success_threshold`` of the images (now
 shrink the mask), lowered when it does not (first make it work). The smallest mask that
-succeeded is kept. A label is flagged when its mask's L1 norm is a small outlier by the
-MAD test: anomaly index ``|x - median| / (1.4826 * MAD) > 2`` on the low side.
+succeeded is kept. "Succeeded" is judged on clean images *held out* of the optimization
+(``n_heldout`` of them, with half the failures the threshold allows), so the kept
+trigger also works on images it was not fitted to; its success rate is then reported on
+the remaining clean images. A label is flagged when its mask's L1 norm is a small outlier by the
+MAD test: anomaly index ``(median - x) / (1.4826 * MAD) > 2`` (:func:`anomaly_index`).
 
 Errata (docs/DESIGN.md, 3): the lecture's sketch *maximizes* the cross-entropy (a sign error),
 optimizes a 5x5 patch fixed in one corner on uniform noise instead of a full-image mask
@@ -25,6 +28,13 @@ Here all labels are optimized together in one batch: masks (K, 1, H, W) and patt
 (K, C, H, W), the same clean images repeated for each label. On a CPU that is several
 times faster than K separate searches. Mask and pattern live in tanh space so that
 Adam's unconstrained steps always map to valid values in [0, 1].
+
+**False alarms by chance.** The MAD rule flags a label whose norm lies more than two
+robust standard deviations below the median. Even on a clean model, whose ten norms are
+just ten draws from one distribution, some draw lands there now and then:
+:func:`chance_false_alarm_rate` measures how often (by simulation with normal draws; about
+one clean model in five with 10 labels). A flag is a reason to look at the reversed
+trigger, not a proof.
 
 Mitigation (:func:`unlearn`, Wang et al. Sec. VI-C): fine-tune a copy of the model on
 clean images, some of them stamped with the reversed trigger but keeping their *correct*
@@ -36,70 +46,92 @@ import copy
 import time
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_budget, check_dataset, check_float, check_int, check_model
 from ..data import ImageDataset
 from ..train import model_device, train
-from ._checks import check_budget, check_dataset, check_int, check_model, check_number
+from .base import LabelDetection, Mitigation
+
+PAPER = "Wang et al. 2019"
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD estimate the standard deviation of normal data
 
 
 def anomaly_index(values) -> torch.Tensor:
-    """``|x - median| / (1.4826 * MAD)`` of each value (Wang et al. 2019, Sec. IV-C).
+    """``(median - x) / (1.4826 * MAD)`` of each value: how many robust standard deviations
+    it lies *below* the median (negative above it). Wang et al. 2019, Sec. IV-C.
 
     MAD is the median absolute deviation from the median. Unlike the mean and standard
     deviation, median and MAD barely move when one value is an outlier, so the outlier
-    stands out. All indices are 0 when the MAD is 0 and all values are equal; an index is
-    inf for a value that differs from the others when the MAD is 0.
+    stands out. Wang et al. write the index unsigned, ``|x - median| / (1.4826 * MAD)``,
+    and flag only values below the median: keeping the sign says both in one number, so
+    "flagged" is exactly "index > threshold" (a plot of it shows the rule). ``values`` is
+    (K,) or a batch (T, K) of independent sets. With MAD 0, a value equal to the median
+    scores 0 and any other one +-inf.
     """
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if len(x) < 3:
-        raise ValueError(f"values must hold at least 3 numbers for a median test, got {len(x)}")
-    deviation = (x - _median(x)).abs()
-    mad = _median(deviation)
-    if mad == 0:
-        return torch.where(deviation == 0, 0.0, float("inf")).to(torch.float64)
-    return deviation / (MAD_CONSISTENCY * mad)
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if x.ndim not in (1, 2) or x.shape[-1] < 3:
+        raise ValueError(f"values must hold at least 3 numbers for a median test (shape (K,) or (T, K)), "
+                         f"got shape {tuple(x.shape)}")
+    median = _median(x)
+    mad = _median((x - median).abs())
+    below = median - x
+    index = below / (MAD_CONSISTENCY * mad)
+    return torch.where(mad == 0, torch.sign(below) * torch.where(below == 0, 0.0, float("inf")), index)
 
 
 def _median(x: torch.Tensor) -> torch.Tensor:
-    """The usual median: the mean of the two middle values for an even count (as numpy does;
-    ``torch.median`` returns the lower one)."""
-    ordered = x.sort().values
-    return ordered[[(len(x) - 1) // 2, len(x) // 2]].mean()
+    """The usual median along the last dimension, kept as a size-1 dimension: the mean of the
+    two middle values for an even count (as numpy does; ``torch.median`` takes the lower one)."""
+    ordered, k = x.sort(-1).values, x.shape[-1]
+    return ordered[..., [(k - 1) // 2, k // 2]].mean(-1, keepdim=True)
 
 
 def flag_small_outliers(values, threshold: float = 2.0) -> list[int]:
-    """Positions whose value is below the median with an anomaly index above ``threshold``."""
-    check_number("threshold", threshold, 0.0, float("inf"), low_open=True)
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    index = anomaly_index(x)
-    below = x < _median(x)
-    return [i for i in range(len(x)) if below[i] and index[i] > threshold]
+    """Positions whose :func:`anomaly_index` exceeds ``threshold`` (small outliers only)."""
+    check_float("threshold", threshold, 0.0, float("inf"), low_open=True)
+    index = anomaly_index(torch.as_tensor(values, dtype=torch.float64).flatten())
+    return (index > threshold).nonzero().flatten().tolist()
+
+
+def chance_false_alarm_rate(n_labels: int = 10, threshold: float = 2.0, *, trials: int = 100_000,
+                             seed: int = 0) -> float:
+    """How often the MAD rule flags some label when nothing is planted.
+
+    Draws ``trials`` sets of ``n_labels`` independent normal values (a clean model's mask
+    norms, idealized) and returns the share of sets in which at least one value has an
+    :func:`anomaly_index` above ``threshold``. For one normal value the chance of lying 2
+    standard deviations below the mean is 2.3%; with 10 labels, and a median and MAD
+    estimated from those same 10 values, some label is flagged far more often.
+    """
+    check_int("n_labels", n_labels, 3)
+    check_float("threshold", threshold, 0.0, float("inf"), low_open=True)
+    check_int("trials", trials)
+    draws = torch.randn(trials, n_labels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (anomaly_index(draws) > threshold).any(-1).double().mean().item()
 
 
 @dataclass
-class NeuralCleanseResult:
-    """Reversed triggers and the verdict.
+class NeuralCleanseResult(LabelDetection):
+    """Reversed triggers and the verdict: a :class:`~.base.LabelDetection` whose
+    ``statistic`` is each label's mask L1 norm.
 
-    ``masks`` (K, 1, H, W) and ``patterns`` (K, C, H, W) in [0, 1]: the smallest successful
-    stamp found for each label; ``norms`` (K,): their L1 norms; ``success`` (K,): the share
-    of clean images the stamp sends to the label; ``anomaly_index`` (K,); ``flagged``: the
-    labels judged backdoored; ``seconds``: wall time of the search.
+    ``masks`` (K, 1, H, W) and ``patterns`` (K, C, H, W) in [0, 1]: the smallest stamp found
+    for each label that succeeded on the held-out selection images; ``success`` (K,): the
+    share of *other* held-out clean images the stamp sends to the label.
     """
 
-    masks: torch.Tensor
-    patterns: torch.Tensor
-    norms: torch.Tensor
-    success: torch.Tensor
-    anomaly_index: torch.Tensor
-    flagged: list[int]
-    threshold: float
-    seconds: float
+    masks: torch.Tensor | None = None
+    patterns: torch.Tensor | None = None
+    success: torch.Tensor | None = None
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """The mask L1 norms (the statistic of the MAD test)."""
+        return self.statistic
 
     def stamp(self, images: torch.Tensor, label: int) -> torch.Tensor:
         """Apply the reversed trigger of ``label``: ``(1 - m) * x + m * p`` (new tensor)."""
@@ -107,14 +139,17 @@ class NeuralCleanseResult:
         return (1 - self.masks[label]) * images + self.masks[label] * self.patterns[label]
 
 
-def neural_cleanse(model, clean_data: ImageDataset, *, n_images: int = 1000, steps: int = 400,
+def neural_cleanse(model, clean_data: ImageDataset, *, n_images: int = 1000, n_heldout: int = 300,
+                   steps: int = 400,
                    batch_size: int = 24, lr: float = 0.1, init_cost: float = 1e-3,
                    success_threshold: float = 0.99, patience: int = 3, round_steps: int = 5,
                    threshold: float = 2.0, seed: int = 0, progress: bool = True) -> NeuralCleanseResult:
     """Reverse-engineer a trigger for every label of ``model`` and flag the backdoored ones.
 
     ``clean_data``: images the defender trusts (a held-out set); ``n_images`` of them are
-    drawn with ``seed`` and ``batch_size`` of those are stamped per label and step.
+    drawn with ``seed`` for the optimization (``batch_size`` stamped per label and step),
+    ``n_heldout`` others judge success when a smaller mask is kept, and the rest (at most
+    1,000) measure the reported ``success``.
     The cost schedule looks at the success rate over rounds of ``round_steps`` steps:
     ``patience`` rounds above ``success_threshold`` multiply the label's cost by 1.5,
     ``patience`` rounds below divide it by 1.5 ** 1.5 (Wang et al.'s constants).
@@ -126,39 +161,52 @@ def neural_cleanse(model, clean_data: ImageDataset, *, n_images: int = 1000, ste
         raise ValueError(f"clean_data must have at least 3 classes for the median test over labels, "
                          f"got {clean_data.num_classes}")
     check_budget("n_images", n_images, clean_data, "clean_data")
+    check_int("n_heldout", n_heldout, 1)
+    if n_images + n_heldout >= len(clean_data):
+        raise ValueError(f"n_images + n_heldout must leave images of clean_data to report success on: "
+                         f"{n_images} + {n_heldout} >= {len(clean_data)}")
     check_int("steps", steps)
     check_int("batch_size", batch_size)
     check_int("patience", patience)
     check_int("round_steps", round_steps)
-    check_number("lr", lr, 0.0, float("inf"), low_open=True)
-    check_number("init_cost", init_cost, 0.0, float("inf"), low_open=True)
-    check_number("success_threshold", success_threshold, 0.0, 1.0, low_open=True)
-    check_number("threshold", threshold, 0.0, float("inf"), low_open=True)
+    check_float("lr", lr, 0.0, float("inf"), low_open=True)
+    check_float("init_cost", init_cost, 0.0, float("inf"), low_open=True)
+    check_float("success_threshold", success_threshold, 0.0, 1.0, low_open=True)
+    check_float("threshold", threshold, 0.0, float("inf"), low_open=True)
     start = time.perf_counter()
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    images = clean_data.images[torch.randperm(len(clean_data), generator=gen)[:n_images]]
-    masks, patterns, success = _search(frozen, images, clean_data.num_classes, steps=steps,
-                                       batch_size=batch_size, lr=lr, init_cost=init_cost,
-                                       success_threshold=success_threshold, patience=patience,
-                                       round_steps=round_steps, gen=gen, progress=progress)
+    order = torch.randperm(len(clean_data), generator=gen)
+    images, heldout = clean_data.images[order[:n_images]], clean_data.images[order[n_images:n_images + n_heldout]]
+    reported = clean_data.images[order[n_images + n_heldout:][:1000]]
+    masks, patterns = _search(frozen, images, heldout, clean_data.num_classes, steps=steps,
+                              batch_size=batch_size, lr=lr, init_cost=init_cost,
+                              success_threshold=success_threshold, patience=patience,
+                              round_steps=round_steps, gen=gen, progress=progress)
     norms = masks.flatten(1).sum(1)
-    return NeuralCleanseResult(masks, patterns, norms, success, anomaly_index(norms).float(),
-                               flag_small_outliers(norms, threshold), threshold, time.perf_counter() - start)
+    success = torch.stack([_success_rate(frozen, reported, masks[k], patterns[k], k) for k in range(len(masks))])
+    return NeuralCleanseResult(PAPER, norms, anomaly_index(norms).float(), flag_small_outliers(norms, threshold),
+                               threshold, time.perf_counter() - start, masks, patterns, success)
 
 
-def _search(model, images, num_classes, *, steps, batch_size, lr, init_cost, success_threshold,
+def _search(model, images, heldout, num_classes, *, steps, batch_size, lr, init_cost, success_threshold,
             patience, round_steps, gen, progress):
-    """The batched optimization of all K masks and patterns; returns the best ones found."""
+    """The batched optimization of all K masks and patterns; returns the smallest ones that
+    reached ``success_threshold`` on the optimization rounds *and* on the ``heldout`` images."""
     device = model_device(model)
     k, (c, h, w) = num_classes, images.shape[1:]
+    # Rounds that met the threshold on the optimization batches propose candidates; the
+    # smallest candidate that also succeeds on the held-out images is kept. The smallest
+    # mask that passes a sample tends to pass it by luck, so the held-out check allows half
+    # the failures the threshold allows: the kept trigger then meets the threshold on
+    # images it has never seen.
+    selection_bar = 1 - (1 - success_threshold) / 2
     mask_raw = torch.zeros(k, 1, h, w, device=device, requires_grad=True)     # mask 0.5 everywhere
     pattern_raw = torch.zeros(k, c, h, w, device=device, requires_grad=True)  # pattern 0.5 everywhere
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
     targets = torch.arange(k, device=device).repeat_interleave(batch_size)
     schedule = _CostSchedule(k, init_cost, success_threshold, patience, device)
-    best_norm = torch.full((k,), float("inf"), device=device)
-    best_mask, best_pattern = torch.zeros_like(mask_raw), torch.zeros_like(pattern_raw)
+    passed = [[] for _ in range(k)]  # per label: (norm, mask, pattern) of every round that succeeded
     hits = torch.zeros(k, device=device)
     for step in tqdm(range(steps), desc="neural cleanse", disable=not progress, leave=False):
         x = images[torch.randint(len(images), (batch_size,), generator=gen)].to(device)
@@ -174,15 +222,17 @@ def _search(model, images, num_classes, *, steps, batch_size, lr, init_cost, suc
         hits += (logits.argmax(1) == targets).view(k, batch_size).float().mean(1).detach()
         if (step + 1) % round_steps == 0:
             rate = hits / round_steps
-            improved = (rate >= success_threshold) & (norm.detach() < best_norm)
-            best_norm = torch.where(improved, norm.detach(), best_norm)
-            best_mask[improved], best_pattern[improved] = mask.detach()[improved], pattern.detach()[improved]
+            for label in (rate >= success_threshold).nonzero().flatten().tolist():
+                passed[label].append((norm[label].item(), mask[label].detach(), pattern[label].detach()))
             schedule.update(rate)
             hits.zero_()
-    never = best_norm.isinf()  # labels that never reached the threshold: report the last try
-    best_mask[never], best_pattern[never] = _squash(mask_raw).detach()[never], _squash(pattern_raw).detach()[never]
-    success = _success_rate(model, images, best_mask, best_pattern)
-    return best_mask.cpu(), best_pattern.cpu(), success.cpu()
+    best_mask, best_pattern = _squash(mask_raw).detach(), _squash(pattern_raw).detach()  # fallback: the last try
+    for label in range(k):  # the smallest mask that also works on held-out images
+        for _, m, p in sorted(passed[label], key=lambda candidate: candidate[0]):
+            if _success_rate(model, heldout, m, p, label) >= selection_bar:
+                best_mask[label], best_pattern[label] = m, p
+                break
+    return best_mask.cpu(), best_pattern.cpu()
 
 
 def _squash(raw: torch.Tensor) -> torch.Tensor:
@@ -212,23 +262,19 @@ class _CostSchedule:
 
 
 @torch.no_grad()
-def _success_rate(model, images, masks, patterns, batch_size: int = 512) -> torch.Tensor:
-    """Share of ``images`` that each label's stamp sends to that label, (K,)."""
+def _success_rate(model, images, mask, pattern, label: int, batch_size: int = 512) -> torch.Tensor:
+    """Share of ``images`` that the stamp (``mask``, ``pattern``) sends to ``label``."""
     device = model_device(model)
-    rates = []
-    for label in range(len(masks)):
-        hits = 0
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device)
-            stamped = (1 - masks[label]) * x + masks[label] * patterns[label]
-            hits += (model(stamped).argmax(1) == label).sum().item()
-        rates.append(hits / len(images))
-    return torch.tensor(rates)
+    mask, pattern, hits = mask.to(device), pattern.to(device), 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        hits += (model((1 - mask) * x + mask * pattern).argmax(1) == label).sum().item()
+    return torch.tensor(hits / len(images))
 
 
 def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, labels=None,
             stamp_fraction: float = 0.2, epochs: int = 5, lr: float = 0.02, seed: int = 0,
-            device=None, progress: bool = True):
+            device=None, progress: bool = True) -> Mitigation:
     """A copy of ``model`` fine-tuned to ignore the reversed triggers (Wang et al. Sec. VI-C).
 
     ``stamp_fraction`` of ``clean_data`` gets the reversed trigger of one of ``labels``
@@ -236,8 +282,9 @@ def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, lab
     the whole set for ``epochs`` with peak learning rate ``lr``. Too little training
     (one epoch at 0.01, as for Wang et al.'s larger sets) removes the backdoor but also
     much of the target class: the model first learns "avoid the target", and needs a few
-    epochs to relearn the class from its real features. The model and the data given are
-    not modified.
+    epochs to relearn the class from its real features. Every label unlearned costs some
+    clean accuracy: a false alarm (a clean label flagged) teaches the copy to ignore a stamp
+    that is really part of that class's look. The model and the data given are not modified.
     """
     check_model(model, "forward")
     check_dataset("clean_data", clean_data)
@@ -246,7 +293,8 @@ def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, lab
         raise ValueError("labels is empty and result flagged no label: there is no trigger to unlearn")
     for label in labels:
         check_int("labels", label, 0, len(result.masks) - 1)
-    check_number("stamp_fraction", stamp_fraction, 0.0, 1.0, low_open=True)
+    check_float("stamp_fraction", stamp_fraction, 0.0, 1.0, low_open=True)
+    start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(clean_data), generator=gen)[:max(1, round(stamp_fraction * len(clean_data)))]
     images = clean_data.images.clone()
@@ -256,23 +304,4 @@ def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, lab
     mitigated = copy.deepcopy(model)
     train(mitigated, clean_data.replace(images=images), epochs=epochs, lr=lr, seed=seed,
           device=device if device is not None else model_device(model), progress=progress)
-    return mitigated
-
-
-def plot_reversed_triggers(result: NeuralCleanseResult, classes=None):
-    """Masks (top row) and masked patterns m * p (bottom row) of every label, with norms."""
-    k = len(result.masks)
-    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.2), squeeze=False)
-    for label in range(k):
-        name = classes[label] if classes is not None else str(label)
-        flag = " (flagged)" if label in result.flagged else ""
-        axes[0, label].imshow(result.masks[label, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[0, label].set_title(f"{name}{flag}\nL1={result.norms[label]:.0f} "
-                                 f"a={result.anomaly_index[label]:.1f}", fontsize=7)
-        stamp = (result.masks[label] * result.patterns[label]).permute(1, 2, 0).squeeze(-1)
-        axes[1, label].imshow(stamp.numpy(), cmap="gray" if stamp.ndim == 2 else None, vmin=0, vmax=1)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle("Neural Cleanse: reversed masks (top) and stamps m*p (bottom)", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return Mitigation(PAPER + " (unlearning)", mitigated, time.perf_counter() - start)

@@ -22,18 +22,21 @@ Neither recipe modifies the dataset given; both return new objects.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 from sklearn.ensemble import IsolationForest
 from torchvision.transforms.v2 import functional as TF
 
+from ..checks import check_choice, check_dataset, check_float
 from ..data import ImageDataset
-from ._checks import check_dataset, check_number
-from .scoring import as_mask
 from .activations import extract_features
+from .base import SampleDetection
 
 FEATURE_KINDS = ("learned", "pixel_stats")
+PAPERS = {"learned": "Liu, Ting & Zhou 2008 (on penultimate features)",
+          "pixel_stats": "lecture (IsolationForest on pixel statistics)"}
 
 
 def lecture_transform_sanitize(data: ImageDataset, *, max_degrees: float = 5.0, max_brightness: float = 0.1,
@@ -45,9 +48,9 @@ def lecture_transform_sanitize(data: ImageDataset, *, max_degrees: float = 5.0, 
     brightness scaled by a uniform factor in [1 - max_brightness, 1 + max_brightness].
     """
     check_dataset("data", data)
-    check_number("max_degrees", max_degrees, 0.0, 180.0)
-    check_number("max_brightness", max_brightness, 0.0, 1.0)
-    check_number("blur_sigma", blur_sigma, 0.0, 10.0, low_open=True)
+    check_float("max_degrees", max_degrees, 0.0, 180.0)
+    check_float("max_brightness", max_brightness, 0.0, 1.0)
+    check_float("blur_sigma", blur_sigma, 0.0, 10.0, low_open=True)
     gen = torch.Generator().manual_seed(seed)
     choice = torch.randint(3, (len(data),), generator=gen)
     uniform = torch.rand(len(data), generator=gen) * 2 - 1       # one draw in [-1, 1] per image
@@ -79,31 +82,24 @@ def pixel_statistics(images: torch.Tensor) -> torch.Tensor:
 
 
 def isolation_forest_outliers(data: ImageDataset, *, model=None, features: str = "learned",
-                              contamination: float = 0.05, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Sorted indices of the ``contamination`` share of ``data`` an Isolation Forest finds most anomalous.
+                              contamination: float = 0.05, seed: int = 0, progress: bool = True) -> SampleDetection:
+    """Flag the ``contamination`` share of ``data`` an Isolation Forest finds most anomalous.
 
     ``features="learned"`` uses ``model.features`` (penultimate activations; ``model``
     required), ``"pixel_stats"`` the lecture's :func:`pixel_statistics` (no model needed).
+    ``scores`` are the negated ``score_samples`` (higher = more anomalous). The forest has
+    no class-level verdict: ``flagged_classes`` lists every class a flagged sample is in.
     """
     check_dataset("data", data, min_size=2)
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
-    check_number("contamination", contamination, 0.0, 0.5, low_open=True)
-    if features == "learned":
-        if model is None:
-            raise ValueError('model is required when features="learned"')
-        x = extract_features(model, data.images, progress=progress)
-    else:
-        x = pixel_statistics(data.images)
+    check_choice("features", features, FEATURE_KINDS)
+    check_float("contamination", contamination, 0.0, 0.5, low_open=True)
+    if features == "learned" and model is None:
+        raise ValueError('model is required when features="learned"')
+    start = time.perf_counter()
+    x = extract_features(model, data.images, progress=progress) if features == "learned" \
+        else pixel_statistics(data.images)
+    x = x.double().numpy()
     forest = IsolationForest(contamination=contamination, random_state=seed, n_jobs=1)
-    outlier = forest.fit_predict(x.double().numpy()) == -1
-    return torch.from_numpy(outlier).nonzero().flatten()
-
-
-def remove(data: ImageDataset, indices) -> ImageDataset:
-    """A copy of ``data`` without the samples at ``indices``: the input of a retraining."""
-    check_dataset("data", data)
-    keep = ~as_mask(indices, len(data), "indices")
-    if not keep.any():
-        raise ValueError("indices must leave at least one sample of data")
-    return data.subset(keep)
+    flagged = torch.from_numpy(forest.fit_predict(x) == -1).nonzero().flatten()
+    return SampleDetection(PAPERS[features], torch.from_numpy(-forest.score_samples(x)).float(), flagged,
+                           data.labels[flagged].unique().tolist(), time.perf_counter() - start)

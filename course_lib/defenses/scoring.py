@@ -15,27 +15,9 @@ half a point between runs anyway (binomial standard error sqrt(0.9 * 0.1 / 5000)
 """
 from __future__ import annotations
 
-import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
-from ._checks import check_int, check_number
-
-
-def as_mask(indices, n: int, name: str = "indices") -> torch.Tensor:
-    """A boolean (n,) mask that is True at ``indices`` (indices or a boolean mask of length n)."""
-    idx = torch.as_tensor(indices)
-    if idx.dtype == torch.bool:
-        if idx.shape != (n,):
-            raise ValueError(f"{name} as a boolean mask must have length {n}, got {tuple(idx.shape)}")
-        return idx.clone()
-    if idx.numel() and (idx.is_floating_point() or idx.is_complex()):  # [] is a float tensor
-        raise ValueError(f"{name} must be integer indices or a boolean mask, got dtype {idx.dtype}")
-    idx = idx.long().flatten()
-    if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"{name} must lie in [0, {n - 1}]")
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[idx] = True
-    return mask
+from ..checks import check_float, check_indices, check_int
 
 
 def detection_scores(flagged, poisoned, n: int) -> dict[str, float | int | None]:
@@ -45,7 +27,7 @@ def detection_scores(flagged, poisoned, n: int) -> dict[str, float | int | None]
     None when nothing was poisoned (there is nothing to catch), FPR None when everything was.
     """
     check_int("n", n)
-    flagged_mask, poisoned_mask = as_mask(flagged, n, "flagged"), as_mask(poisoned, n, "poisoned")
+    flagged_mask, poisoned_mask = check_indices("flagged", flagged, n), check_indices("poisoned", poisoned, n)
     tn, fp, fn, tp = confusion_matrix(poisoned_mask.numpy(), flagged_mask.numpy(), labels=[False, True]).ravel()
     return {
         "flagged": int(tp + fp),
@@ -67,8 +49,8 @@ def mitigation_scores(*, ca_before: float, ca_after: float, asr_before: float, a
     """
     for name, value in (("ca_before", ca_before), ("ca_after", ca_after),
                         ("asr_before", asr_before), ("asr_after", asr_after)):
-        check_number(name, value, 0.0, 1.0)
-    check_number("min_drop", min_drop, 0.0, 1.0, low_open=True)
+        check_float(name, value, 0.0, 1.0)
+    check_float("min_drop", min_drop, 0.0, 1.0, low_open=True)
     ca_drop, asr_reduction = ca_before - ca_after, asr_before - asr_after
     return {"ca_drop": ca_drop, "asr_reduction": asr_reduction,
             "mitigation_score": asr_reduction / max(ca_drop, min_drop)}

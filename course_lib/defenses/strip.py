@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import torch
 
+from ..checks import check_dataset, check_float, check_images, check_int, check_model
 from ..data import ImageDataset
 from ..train import predict_logits
-from ._checks import check_dataset, check_int, check_model, check_number
+from .base import InputDetector
+
+PAPER = "Gao et al. 2019"
 
 
 def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_overlays: int = 16,
@@ -34,10 +36,8 @@ def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_over
     Each image is blended with ``n_overlays`` images drawn (with ``seed``) from ``overlays``.
     """
     check_model(model, "forward")
-    for name, tensor in (("images", images), ("overlays", overlays)):
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or len(tensor) == 0:
-            raise ValueError(f"{name} must be a non-empty 4-D tensor (N, C, H, W), got "
-                             f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+    check_images("images", images)
+    check_images("overlays", overlays)
     if images.shape[1:] != overlays.shape[1:]:
         raise ValueError(f"overlays must have the images' shape (C, H, W) = {tuple(images.shape[1:])}, "
                          f"got {tuple(overlays.shape[1:])}")
@@ -54,8 +54,9 @@ def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_over
 
 
 @dataclass
-class StripDetector:
-    """A fitted STRIP detector: inputs with entropy below ``threshold`` are rejected."""
+class StripDetector(InputDetector):
+    """A fitted STRIP detector (an :class:`~.base.InputDetector`): its score is the STRIP
+    entropy, and inputs scoring below ``threshold`` are rejected."""
 
     model: torch.nn.Module
     overlays: torch.Tensor
@@ -64,14 +65,11 @@ class StripDetector:
     calibration_entropy: torch.Tensor
     n_overlays: int
     seed: int
+    paper: str = PAPER
 
-    def entropy(self, images: torch.Tensor) -> torch.Tensor:
-        """STRIP entropy of each image, (N,)."""
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """STRIP entropy of each image, (N,): low = the prediction survives blending = suspicious."""
         return strip_entropy(self.model, images, self.overlays, n_overlays=self.n_overlays, seed=self.seed + 1)
-
-    def rejects(self, images: torch.Tensor) -> torch.Tensor:
-        """Boolean (N,): True for inputs judged trojaned."""
-        return self.entropy(images) < self.threshold
 
 
 def fit_strip(model, clean_data: ImageDataset, *, frr: float = 0.01, n_calibration: int = 1000,
@@ -80,7 +78,7 @@ def fit_strip(model, clean_data: ImageDataset, *, frr: float = 0.01, n_calibrati
     ``frr`` quantile of their entropy; the rest serve as the pool of overlay images."""
     check_model(model, "forward")
     check_dataset("clean_data", clean_data, min_size=2)
-    check_number("frr", frr, 0.0, 1.0, low_open=True, high_open=True)
+    check_float("frr", frr, 0.0, 1.0, low_open=True, high_open=True)
     check_int("n_calibration", n_calibration, 1, len(clean_data) - 1)  # keep at least one overlay image
     order = torch.randperm(len(clean_data), generator=torch.Generator().manual_seed(seed))
     calibration, overlays = clean_data.images[order[:n_calibration]], clean_data.images[order[n_calibration:]]
@@ -94,19 +92,3 @@ def strip_rates(detector: StripDetector, clean_images: torch.Tensor, triggered_i
     """FRR on held-out clean inputs and FAR (triggered inputs accepted) on triggered ones."""
     return {"frr": detector.rejects(clean_images).float().mean().item(),
             "far": 1.0 - detector.rejects(triggered_images).float().mean().item()}
-
-
-def plot_strip_entropy(clean_entropy: torch.Tensor, triggered_entropy: torch.Tensor, threshold: float):
-    """Histograms of STRIP entropy for clean and triggered inputs, with the threshold."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    top = max(clean_entropy.max().item(), triggered_entropy.max().item())
-    bins = torch.linspace(0, top + 1e-6, 40).tolist()
-    ax.hist(clean_entropy.tolist(), bins=bins, alpha=0.6, label="clean inputs")
-    ax.hist(triggered_entropy.tolist(), bins=bins, alpha=0.6, label="triggered inputs")
-    ax.axvline(threshold, color="black", linestyle="--", label="threshold (reject below)")
-    ax.set_xlabel("mean prediction entropy over blends (nats)")
-    ax.set_ylabel("inputs")
-    ax.legend(fontsize=8)
-    ax.set_title("STRIP: entropy of superimposed inputs", fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -1,4 +1,4 @@
-"""What every backdoor trigger has in common, and the small checks they all share.
+"""What every backdoor trigger has in common, and the placement checks they all share.
 
 A trigger is a function from images to images: the attacker stamps it on a few training
 images (relabelled to the target class) and later on any test input to fire the
@@ -15,37 +15,15 @@ backdoor. In this course a trigger is a callable object that
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 
 import torch
 
+from ..checks import check_float, check_int  # noqa: F401  (the trigger modules import them from here)
+
 #: Named places for a square trigger; an ``(x, y)`` pair (column, row of the
 #: square's top-left pixel) is accepted too.
 LOCATIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` as an int, or an error naming ``name`` if it is not an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(name: str, value, low: float, high: float, *, low_open: bool = False,
-                high_open: bool = False) -> float:
-    """``value`` as a float, or an error such as "alpha must be in (0, 1], got 1.5"."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if math.isnan(value) or too_low or too_high:
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
 
 
 def check_location(location):

@@ -1,0 +1,251 @@
+"""The detection matrix: every detector on many backdoored and clean models.
+
+``python -m course_lib bench matrix [--fast] --json``. One defense tested on one trigger
+teaches more than it knows (the kit's thresholds were once set on its own checkerboard).
+The matrix trains one model per (trigger family, poisoning rate) and several clean models
+(different seeds), and runs every detector and its mitigation on each through the same
+runners as ``bench defenses`` and notebook 6 (:func:`.compare.run_defense`).
+
+The models are trained on a **subset** of Fashion-MNIST (10,000 training images, 2 epochs;
+``--fast``: 6,000 images, three families at 5% and two clean models) so that the whole
+matrix fits in 30 minutes on 2 cores; the defender trusts 2,000 test images and CA/ASR
+are measured on 3,000 others. For the same reason every defense runs with the quick
+budgets of a live notebook (``Case.quick``: Neural Cleanse 500 images x 200 steps,
+Fine-Pruning and unlearning with 2 fine-tuning epochs). Models run in parallel worker processes, each limited to one
+thread (more threads than cores on a 2-core machine slows everything down).
+
+Trigger families (the dirty-label ones relabel images of other classes to ``target``):
+``checkerboard`` (3x3 patch), ``square`` (solid 3x3 patch), ``blend`` (noise blended at
+alpha 0.1), ``sig`` (sine stripes), ``wanet`` (smooth warp), ``corners`` (3x3 squares in
+the four corners), and ``clean_label`` (Turner et al.'s label-consistent attack with a
+5x5 checkerboard: target-class images made hard by PGD on a surrogate model; ``rate`` is
+still the share of the *training set*, so 10% poisons the whole target class).
+DP-SGD and the lecture's training-time recipes are not in the matrix (they do not
+detect), nor is the IsolationForest on pixel statistics (it caught no poison in ``bench
+defenses``); Fine-Pruning is, as the mitigation that needs no detector.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from ..checks import check_int
+
+FAMILIES = ("checkerboard", "square", "blend", "sig", "wanet", "corners", "clean_label")
+DETECTORS = ("activation_clustering", "spectral_signatures", "isolation_forest_features", "neural_cleanse",
+             "strip", "fine_pruning")
+FIELDS = ("trigger", "rate", "target", "seed", "defense", "tpr", "fpr", "f1", "flagged", "anomaly_index", "far",
+          "frr", "asr_before", "asr_after", "seconds")
+TARGETS = {"checkerboard": 0, "square": 2, "blend": 4, "sig": 6, "wanet": 8, "corners": 3, "clean_label": 7}
+PLANS = {
+    "full": {"families": FAMILIES, "rates": (0.01, 0.05, 0.10), "clean_seeds": (0, 1, 2, 3, 4),
+             "train_images": 10_000},
+    "fast": {"families": ("checkerboard", "blend", "wanet"), "rates": (0.05,), "clean_seeds": (0, 1),
+             "train_images": 6_000},
+}
+DEFENDER_IMAGES, EVAL_IMAGES, EPOCHS = 2000, 3000, 2
+
+
+def make_trigger(family: str):
+    """The trigger of a dirty-label family (``clean_label`` uses a 5x5 checkerboard)."""
+    from ..triggers import BlendTrigger, DistributedTrigger, PatchTrigger, SIGTrigger, WaNetTrigger
+
+    return {"checkerboard": lambda: PatchTrigger(size=3, pattern="checkerboard"),
+            "square": lambda: PatchTrigger(size=3, pattern="solid"),
+            "blend": lambda: BlendTrigger(alpha=0.1),
+            "sig": lambda: SIGTrigger(),
+            "wanet": lambda: WaNetTrigger(),
+            "corners": lambda: DistributedTrigger(),
+            "clean_label": lambda: PatchTrigger(size=5, pattern="checkerboard")}[family]()
+
+
+def plan(fast: bool = False) -> list[dict]:
+    """The models of the matrix: one spec per backdoored (family, rate) and per clean seed."""
+    p = PLANS["fast" if fast else "full"]
+    specs = [{"trigger": f, "rate": r, "target": TARGETS[f], "seed": 0} for f in p["families"] for r in p["rates"]]
+    specs += [{"trigger": "clean", "rate": 0.0, "target": None, "seed": s} for s in p["clean_seeds"]]
+    return [{**s, "train_images": p["train_images"]} for s in specs]
+
+
+def run_model(spec: dict) -> list[dict]:
+    """Train the model of ``spec`` and run every detector on it; one row per detector."""
+    import torch
+
+    torch.set_num_threads(1)
+    from ..attacks import badnets, label_consistent
+    from ..data import load_splits
+    from ..experiments import run_clean
+    from ..models import model_for
+    from ..train import train
+    from .compare import Case, run_defense
+
+    full_train, test = load_splits("fashion-mnist")
+    train_data, spare = full_train.split(spec["train_images"], seed=0)
+    defender, rest = test.split(DEFENDER_IMAGES, seed=0)
+    evaluation = rest.subset(range(EVAL_IMAGES))
+    seed, family = spec["seed"], spec["trigger"]
+    start = time.perf_counter()
+    if family == "clean":
+        case_data, poisoned, trigger, target = train_data, torch.empty(0, dtype=torch.long), None, None
+    else:
+        trigger, target = make_trigger(family), spec["target"]
+        if family == "clean_label":
+            surrogate = run_clean(spare.subset(range(spec["train_images"])), evaluation, seed=seed,
+                                  progress=False).model
+            share = min(1.0, spec["rate"] * len(train_data) / int((train_data.labels == target).sum()))
+            poison = label_consistent(train_data, trigger=trigger, target=target, rate=share, surrogate=surrogate,
+                                      eps=32 / 255, seed=seed, progress=False)
+        else:
+            poison = badnets(train_data, trigger=trigger, target=target, rate=spec["rate"], seed=seed)
+        case_data, poisoned = poison.dataset, poison.indices
+    model = model_for(case_data, seed=seed)
+    train(model, case_data, epochs=EPOCHS, seed=seed, progress=False)
+    case = Case(model, case_data, defender, evaluation, poisoned=poisoned, trigger=trigger, target=target,
+                epochs=EPOCHS, seed=seed, quick=True)
+    train_seconds = round(time.perf_counter() - start, 1)
+    rows = []
+    for name in DETECTORS:
+        if name == "fine_pruning" and not case.backdoored:
+            continue  # a mitigation only: nothing to measure on a clean model
+        row, _ = run_defense(name, case)
+        rows.append({**{k: row.get(k) for k in FIELDS}, **{k: spec[k] for k in ("trigger", "rate", "target", "seed")},
+                     "ca_before": row["ca_before"], "ca_after": row["ca_after"], "train_seconds": train_seconds,
+                     **{k: row[k] for k in ("f1_by_analysis", "flagged_by_analysis", "f1_by_score",
+                                            "heldout_success_min", "pruned_fraction") if k in row}})
+    return rows
+
+
+def _init_worker():
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_matrix(*, fast: bool = False, workers: int = 2, on_row=None) -> list[dict]:
+    """Run the matrix on ``workers`` processes (one thread each); rows in plan order."""
+    check_int("workers", workers)
+    specs = plan(fast)
+    rows = []
+    with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        for model_rows in pool.map(run_model, specs):
+            for row in model_rows:
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
+
+
+def load_rows(path) -> list[dict]:
+    """The rows of a saved ``bench matrix --json`` run (one JSON object per line; the total is dropped)."""
+    with open(path) as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r.get("defense") != "total"]
+
+
+def model_name(row: dict) -> str:
+    if row["trigger"] == "clean":
+        return f"clean (seed {row['seed']})"
+    return f"{row['trigger']} {row['rate']:.0%}"
+
+
+def detection_value(row: dict) -> float | None:
+    """One number per cell of the detection heat map: F1 for sample detectors, 1 - FAR for
+    STRIP, 1 if Neural Cleanse flagged the true target (0 if not); None for clean models."""
+    if row["trigger"] == "clean" or row["defense"] == "fine_pruning":
+        return None
+    if row["defense"] == "strip":
+        return None if row["far"] is None else 1 - row["far"]
+    if row["defense"] == "neural_cleanse":
+        return float(row["target"] in row["flagged"])
+    return row["f1"]
+
+
+def false_alarm_rates(rows: list[dict]) -> dict[str, float]:
+    """Per detector with a class verdict: the share of clean models on which it flagged anything."""
+    rates = {}
+    for name in ("activation_clustering", "spectral_signatures", "neural_cleanse"):
+        clean = [r for r in rows if r["trigger"] == "clean" and r["defense"] == name]
+        if clean:
+            rates[name] = sum(bool(r["flagged"]) for r in clean) / len(clean)
+    return rates
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The matrix as a markdown table: one line per model, the headline number of each defense."""
+    header = ("| model | CA | ASR | AC F1 (flagged) | SS F1 / ASR after | IF-features F1 | NC flagged (target) | "
+              "STRIP FAR / FRR | Fine-Pruning ASR after | AC / SS / IF / unlearn ASR after |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_model.setdefault(model_name(row), {})[row["defense"]] = row
+    for name, cells in by_model.items():
+        any_row = next(iter(cells.values()))
+        get = lambda d, k: cells.get(d, {}).get(k)  # noqa: E731
+        f = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
+        target = any_row["target"]
+        nc_flagged = get("neural_cleanse", "flagged")
+        lines.append(
+            f"| {name} | {f(any_row['ca_before'], 3)} | {f(any_row['asr_before'], 3)} | "
+            f"{f(get('activation_clustering', 'f1'))} ({_labels(get('activation_clustering', 'flagged'))}) | "
+            f"{f(get('spectral_signatures', 'f1'))} / {f(get('spectral_signatures', 'asr_after'))} | "
+            f"{f(get('isolation_forest_features', 'f1'))} | "
+            f"{_labels(nc_flagged)}{'' if target is None else f' ({target})'} | "
+            f"{f(get('strip', 'far'))} / {f(get('strip', 'frr'))} | {f(get('fine_pruning', 'asr_after'))} | "
+            + " / ".join(f(get(d, "asr_after")) for d in ("activation_clustering", "spectral_signatures",
+                                                          "isolation_forest_features", "neural_cleanse")) + " |")
+    rates = false_alarm_rates(rows)
+    lines.append("")
+    lines.append("False alarms over the clean models (share of clean models with any class or label flagged): "
+                 + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()) + ".")
+    return "\n".join(lines)
+
+
+def _labels(values) -> str:
+    if values is None:
+        return "-"
+    return "none" if not values else ",".join(map(str, values))
+
+
+def plot(rows: list[dict]):
+    """Two heat maps: detection (F1 / 1 - FAR / target flagged) and ASR after each mitigation."""
+    from .plots import plot_matrix
+
+    backdoored = [r for r in rows if r["trigger"] != "clean"]
+    detection = {(model_name(r), r["defense"]): detection_value(r) for r in backdoored
+                 if r["defense"] != "fine_pruning"}
+    asr_after = {(model_name(r), r["defense"]): r["asr_after"] for r in backdoored}
+    return (plot_matrix(detection, title="Detection: F1 (sample detectors), 1 - FAR at FRR 1% (STRIP), "
+                                         "true target flagged (Neural Cleanse)", value_label="detection (1 = perfect)"),
+            plot_matrix(asr_after, title="Attack success rate after each mitigation (retraining, unlearning, "
+                                         "Fine-Pruning; STRIP: behind the filter)",
+                        value_label="ASR after (0 = backdoor gone)"))
+
+
+def main(argv=None) -> int:
+    """``bench matrix [--fast] [--json] [--workers N]``."""
+    parser = argparse.ArgumentParser(prog="python -m course_lib bench matrix",
+                                     description="Every detector on many backdoored and clean models.")
+    parser.add_argument("--fast", action="store_true", help="3 trigger families at 5%%, 2 clean models")
+    parser.add_argument("--json", action="store_true", help="one JSON object per (model, defense) per line")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    printer = (lambda row: print(json.dumps(row), flush=True)) if args.json else None
+    rows = run_matrix(fast=args.fast, workers=args.workers, on_row=printer)
+    total = {"defense": "total", "models": len(plan(args.fast)), "rows": len(rows),
+             "seconds": round(time.perf_counter() - start, 1), "workers": args.workers}
+    if args.json:
+        print(json.dumps(total), flush=True)
+    else:
+        print(to_markdown(rows))
+        print(f"\ntotal wall time: {total['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
