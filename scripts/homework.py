@@ -20,6 +20,7 @@ tests/test_homework.py uses the same functions for its nbgrader round trip.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import nbformat
 import torch
+
+from course_lib.checkpoints import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
@@ -267,28 +270,111 @@ def reference_submission(course: Path, fetched: Path, dest: Path, model_dir: Pat
     return dest
 
 
+def prepared_course(tmp: Path, full: bool) -> tuple[Path, Path, Path]:
+    """A course in ``tmp`` ready to take submissions: zoo, release, a fetched copy and the
+    reference solution's trained model. Returns (course, fetched release, model folder)."""
+    course = copy_course(tmp / "course")
+    start = time.perf_counter()
+    build_zoo(course, small=not full, progress=False)
+    print(f"zoo ({'default' if full else 'small'}): {time.perf_counter() - start:.0f} s", flush=True)
+    generate(course)
+    fetched = fetch(course, tmp / "exchange", tmp / "template")
+    models = tmp / "model"
+    models.mkdir()
+    start = time.perf_counter()
+    train_solution_model(course / "source" / ASSIGNMENT / "part1_attack.ipynb", models, num_train=20_000, epochs=2)
+    print(f"training the reference model (20,000 images, 2 epochs): {time.perf_counter() - start:.0f} s", flush=True)
+    return course, fetched, models
+
+
 def bench(full: bool) -> None:
-    """Print the autograding time of one complete submission."""
+    """Print the autograding time of one complete submission, sandboxed and trusted."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        course = copy_course(tmp / "course")
-        start = time.perf_counter()
-        build_zoo(course, small=not full, progress=False)
-        print(f"zoo ({'default' if full else 'small'}): {time.perf_counter() - start:.0f} s")
-        generate(course)
-        fetched = fetch(course, tmp / "exchange", tmp / "template")
-        models = tmp / "model"
-        models.mkdir()
-        start = time.perf_counter()
-        train_solution_model(course / "source" / ASSIGNMENT / "part1_attack.ipynb", models,
-                             num_train=20_000, epochs=2)
-        print(f"training the reference model (20,000 images, 2 epochs): {time.perf_counter() - start:.0f} s")
+        course, fetched, models = prepared_course(tmp, full)
         submission = reference_submission(course, fetched, tmp / "students" / ASSIGNMENT, models)
         submit(submission, "reference", tmp / "exchange")
         nbgrader(course, "collect", ASSIGNMENT, f"--Exchange.root={tmp / 'exchange'}")
         seconds = autograde(course, "reference")
-        print(f"autograde, one complete submission ({len(NOTEBOOKS)} notebooks): {seconds:.1f} s")
+        print(f"nbgrader autograde, one complete submission ({len(NOTEBOOKS)} notebooks): {seconds:.1f} s")
+        shutil.rmtree(course / ".autograde" / ASSIGNMENT / "results")
+        start = time.perf_counter()
+        summary, = autograde_class(course, workers=1, students=["reference"])
+        print(f"python -m course_lib autograde, the same submission: {time.perf_counter() - start:.1f} s "
+              f"(grading {summary.seconds:.1f} s, score {sum(v[0] for v in summary.scores.values()):g})")
+
+
+SYNTHETIC_KINDS = ("honest", "honest", "partial", "honest", "broken")
+
+
+def synthetic_class(course: Path, fetched: Path, models: Path, folder: Path, count: int) -> dict:
+    """``count`` submissions: 3 in 5 honest (the reference solution), 1 in 5 partial (Part 2 not
+    done, a weak model), 1 in 5 broken (a cell that raises, a pickle for a model, no Part 3).
+    Returns {student: kind}."""
+    kinds = {}
+    for i in range(count):
+        kind = SYNTHETIC_KINDS[i % len(SYNTHETIC_KINDS)]
+        student = f"student{i:03d}"
+        dest = reference_submission(course, fetched, folder / student / ASSIGNMENT, models)
+        if kind == "partial":
+            shutil.copy(fetched / "part2_detection.ipynb", dest)
+            model, meta = load_checkpoint(dest / MODEL_FILES[0])
+            with torch.no_grad():
+                model.head.bias[0] += 50.0
+            save_checkpoint(model, dest / MODEL_FILES[0], dataset=meta["dataset"], classes=meta["classes"],
+                            extra=meta["extra"])
+        elif kind == "broken":
+            nb = nbformat.read(dest / "part1_attack.ipynb", as_version=4)
+            for cell in nb.cells:
+                if cell.metadata.get("nbgrader", {}).get("grade_id") == "p1-poison":
+                    cell.source = 'raise ValueError("not finished")\n' + cell.source
+            nbformat.write(nb, dest / "part1_attack.ipynb")
+            (dest / MODEL_FILES[0]).write_bytes(b"not a safetensors file")
+            (dest / "part3_analysis.ipynb").unlink()
+        submit(dest, student, folder.parent / "exchange")
+        kinds[student] = kind
+    return kinds
+
+
+def gradebook_scores(course: Path) -> dict:
+    """{student: {grade id: score}} for every autograded submission."""
+    from nbgrader.api import Gradebook
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", course_id=COURSE_ID) as gb:
+        return {s.student.id: {g.name: g.score for nb in s.notebooks for g in nb.grades}
+                for s in gb.find_assignment(ASSIGNMENT).submissions}
+
+
+def bench_class(count: int, workers: int, full: bool) -> dict:
+    """nbgrader's sequential autograde against the kit's parallel one, on one synthetic class."""
+    from course_lib.autograde.classroom import autograde_class as run
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        course, fetched, models = prepared_course(tmp, full)
+        kinds = synthetic_class(course, fetched, models, tmp / "students", count)
+        nbgrader(course, "collect", ASSIGNMENT, f"--Exchange.root={tmp / 'exchange'}")
+        sequential = autograde(course)
+        first = gradebook_scores(course)
+        shutil.rmtree(course / ".autograde" / ASSIGNMENT / "results")
+        timings: dict = {}
+        start = time.perf_counter()
+        summaries = run(course, ASSIGNMENT, workers=workers, force=True, progress=False, timings=timings)
+        parallel = time.perf_counter() - start
+        same = gradebook_scores(course) == first
+    worker = sum(s.seconds for s in summaries) / count           # one student, one worker, cores / workers threads
+    serial = (timings["prepare"] + timings["record"]) / count     # per student, in the one recording process
+    result = {"students": count, "kinds": {k: list(kinds.values()).count(k) for k in set(kinds.values())},
+              "workers": workers, "cores": os.cpu_count(), "sequential_seconds": round(sequential, 1),
+              "parallel_seconds": round(parallel, 1), "speedup": round(sequential / parallel, 2),
+              "same_grades": same, "sequential_seconds_per_student": round(sequential / count, 2),
+              "parallel_seconds_per_student": round(parallel / count, 2),
+              "worker_seconds_per_student": round(worker, 2), "serial_seconds_per_student": round(serial, 2),
+              "phases": {k: round(v, 1) for k, v in timings.items()}}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cpu = worker * threads
+    result["projected_minutes_300_students"] = {
+        cores: round(300 * (serial + cpu / cores) / 60, 1) for cores in (2, 16, 64)}
+    return result
 
 
 def main(argv=None) -> None:
@@ -298,6 +384,10 @@ def main(argv=None) -> None:
     commands.add_parser("solutions", help="write solutions/week4 from the source notebooks")
     timing = commands.add_parser("bench", help="time the autograding of one submission")
     timing.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
+    whole = commands.add_parser("bench-class", help="sequential nbgrader vs the kit's parallel autograder")
+    whole.add_argument("--students", type=int, default=20)
+    whole.add_argument("--workers", type=int, default=2)
+    whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     args = parser.parse_args(argv)
     if args.command == "release":
         release = generate(COURSE)
@@ -308,8 +398,10 @@ def main(argv=None) -> None:
     elif args.command == "solutions":
         for path in make_solutions(COURSE / "source" / ASSIGNMENT, SOLUTIONS / ASSIGNMENT):
             print(f"wrote {path.relative_to(ROOT)}")
-    else:
+    elif args.command == "bench":
         bench(args.full)
+    else:
+        print(json.dumps(bench_class(args.students, args.workers, args.full)))
 
 
 if __name__ == "__main__":

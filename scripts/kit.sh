@@ -6,8 +6,9 @@
 #   bash scripts/kit.sh setup                 set up only
 #
 # Setup = a virtual environment in .venv with torch + the matching torchvision from PyPI
-# and the kit installed in editable mode, plus Debian's dataset-fashion-mnist when apt is
-# available (the offline default dataset). Re-running it skips whatever is already there.
+# and the kit installed in editable mode, plus, when apt is available, Debian's
+# dataset-fashion-mnist (the offline default dataset) and bubblewrap (the sandbox the
+# homework's autograder runs student code in). Re-running it skips whatever is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +31,7 @@ apt_install() {  # apt_install PACKAGE [TEST-PATH]: install a Debian package unl
 
 setup() {
   apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+  apt_install bubblewrap /usr/bin/bwrap
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi

@@ -176,9 +176,15 @@ def make_executor(workers: int, dask_scheduler: str | None):
 def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_scheduler: str | None = None,
                     force: bool = False, time_limit: float = 900.0, threads: int | None = None,
                     cell_timeout: float = 120.0, unsafe_no_sandbox: bool = False, progress: bool = True,
-                    students: list | None = None) -> list[Summary]:
-    """Grade every collected submission of ``assignment``; returns one Summary per student."""
+                    students: list | None = None, timings: dict | None = None) -> list[Summary]:
+    """Grade every collected submission of ``assignment``; returns one Summary per student.
+
+    ``timings``, when given, receives the seconds of the three phases: ``prepare`` (staging and
+    sanitizing, here), ``grade`` (the workers) and ``record`` (nbgrader, here).
+    """
     check_int("workers", workers, 1)
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
     require_sandbox(unsafe_no_sandbox, lambda text: print(text, file=sys.stderr))
     course = Course(course_dir, assignment)
     workspace = Workspace(course.root, assignment)
@@ -196,11 +202,14 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
             continue
         jobs.append(Job(student, str(staged), {n: nbformat.writes(nb) for n, nb in notebooks.items()},
                         str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads))
+    timings["prepare"] = time.perf_counter() - start
     _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
+    timings["grade"] = time.perf_counter() - start - timings["prepare"]
     for student, summary in summaries.items():
         if not summary.skipped:
             course.record(student)
         summary.scores = course.scores(student)
+    timings["record"] = time.perf_counter() - start - timings["prepare"] - timings["grade"]
     return [summaries[s] for s in sorted(summaries)]
 
 
