@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from course_lib.autograde import classroom, harvest, sandbox
+from course_lib.autograde import classroom, sandbox
 from course_lib.autograde.preprocessor import UnsafeRefusal, require_sandbox
 from course_lib.autograde.verdicts import Outputs
 from course_lib.grading import GradingFailure
