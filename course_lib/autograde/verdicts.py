@@ -107,6 +107,12 @@ def as_dataset(returned, like: ImageDataset):
         raise GradingFailure(f"the poisoned dataset is not a valid ImageDataset: {err}") from None
 
 
+@functools.lru_cache(maxsize=2)
+def _train_split(dataset: str) -> ImageDataset:
+    """The training split the poisoning cases are cut from, loaded once per grading process."""
+    return load_dataset(dataset, "train")
+
+
 class Context:
     """Everything one submission's verdicts are decided from, loaded once and on demand."""
 
@@ -117,9 +123,9 @@ class Context:
     def test(self) -> ImageDataset:
         return grading.evaluation_data(self.files.dataset)
 
-    @functools.cached_property
+    @property
     def train(self) -> ImageDataset:
-        return load_dataset(self.files.dataset, "train")
+        return _train_split(self.files.dataset)
 
     @functools.cached_property
     def model(self):
