@@ -5,7 +5,8 @@ folder (``notebooks/``), with ``RESULTS_DIR`` and ``CACHE_DIR`` injected after i
 ``parameters`` cell (papermill's convention) so that nothing is written into the repository.
 The seven run in order and share one model cache, as they do in a lecture; notebook 7 then
 gathers the results of the first six. Each notebook writes the numbers it measured to
-``RESULTS_DIR/<name>.json`` (see :mod:`course_lib.lecture`); the checks below read them.
+``RESULTS_DIR/<name>.json`` (see :mod:`course_lib.lecture`); the checks below read them and
+assert the claims that the notebooks' prose makes about this run's numbers.
 
 The time limit per notebook is generous (COURSE_NOTEBOOK_LIMIT_S, default 600 s) because a
 shared CI machine can be much slower than the 2-core laptop the notebooks are sized for
@@ -13,8 +14,10 @@ shared CI machine can be much slower than the 2-core laptop the notebooks are si
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -87,7 +90,18 @@ def check_01(r):
 def check_02(r):
     assert r["kit_flip_kept"] == pytest.approx(0.8, abs=1e-3)
     assert r["lecture_recipe_kept"] > 0.81          # the lecture's recipe keeps ~1 in 10 "flipped" labels
-    assert r["availability"]["0.0"] >= 0.85 > r["availability"]["0.6"]
+    acc = {float(k): v for k, v in r["availability"].items()}
+    assert acc[0.0] >= 0.85 > acc[0.6]
+    # the collapse point the notebook prints is the first rate below halfway between clean and chance,
+    # and it comes before the 90% at which the labels stop carrying any signal (the text's argument)
+    halfway = (acc[0.0] + 0.1) / 2
+    assert r["collapse"]["halfway"] == pytest.approx(halfway)
+    assert r["collapse"]["rate"] == min(k for k, v in acc.items() if v < halfway) == 0.7  # takeaway: 70% on seeds 0-2
+    assert acc[0.9] < halfway
+    # the takeaway: targeted flipping shows in the headline accuracy as about a tenth of the source class's loss
+    t = r["targeted"]
+    assert t["source_drop"] >= 0.3 and abs(t["overall_drop"] - t["source_drop"] / 10) < 0.02
+    assert r["per_class_drop_60"]["max"] - r["per_class_drop_60"]["min"] > 0.1, "the damage is uneven"
     assert r["targeted"]["0.5"]["source_to_target"] >= 0.3
     assert r["backdoor_preview"]["asr"] >= 0.9
 
@@ -106,8 +120,18 @@ def check_04(r):
     assert 0.05 <= r["clean_model_asr_lecture_counting"] <= 0.2
     assert r["asr_lecture_counting"] > r["framework"]["pixel 5x5"]["asr"] - 0.01
     assert r["rate_sweep"]["0.05"]["asr"] >= 0.9
+    # erratum 4, as the notebook shows it: the lecture's sign leaves its patch no better than the random start
+    # at the corner it trains for, fixing the sign alone helps there, and only the kit's way works anywhere
     patch = r["physical_patch_on_clean_model"]
-    assert patch["PhysicalPatch.optimize, 14x14"] > patch["lecture's recipe, 14x14"]
+    written, fixed = patch["lecture's recipe, as written"], patch["lecture's recipe, sign fixed"]
+    start, kit = patch["random start (not optimized)"], patch["PhysicalPatch.optimize"]
+    assert written["corner"] <= start["corner"] < fixed["corner"]
+    assert kit["random"] > max(fixed["random"], written["random"], start["random"])
+    # the takeaway: the ASR jumps between two neighbouring rates while the clean accuracy hardly moves
+    sweep = r["rate_sweep"]
+    low, high = r["rate_sweep_largest_step"]
+    assert sweep[high]["asr"] - sweep[low]["asr"] >= 0.5
+    assert max(v["clean_acc"] for v in sweep.values()) - min(v["clean_acc"] for v in sweep.values()) < 0.02
 
 
 def check_05(r):
@@ -116,6 +140,14 @@ def check_05(r):
     assert set(r["robustness"]["pixel 3x3 (default)"]) >= {"none", "jpeg75", "rotate+15"}
     assert r["opacity_asr"]["1.0"] >= 0.9 and "psnr" in r["explorer_state"]
     assert max(r["checklist"].values()) < r["checklist_criteria"], "the takeaway says no trigger meets them all"
+    check_05_ssim(r)
+    # the scatter's point: a faint spread-out blend survives transformations that defeat the visible patch
+    worst = {name: min(v for t, v in rob.items() if t != "none") for name, rob in r["robustness"].items()}
+    assert r["stealth"]["blend a=0.1"]["psnr"] > r["stealth"]["pixel 3x3 (default)"]["psnr"]
+    assert worst["blend a=0.1"] > worst["pixel 3x3 (default)"]
+    # the takeaway: triggers that work on clean copies can fail after a rotation or a crop
+    assert any(e["asr"] > 0.9 and min(r["robustness"][name][t] for t in ("rotate+15", "rotate-15", "crop_resize")) <= 0.8
+               for name, e in r["effectiveness"].items())
 
 
 def check_06(r):
@@ -128,8 +160,30 @@ def check_06(r):
         "the measured comparison table must have a row per defense of bench defenses"
 
 
+def check_05_ssim(r):
+    """The text: the two SSIMs agree on the local triggers; where they disagree, the trigger is spread out."""
+    local = ["pixel 3x3 (default)", "dynamic", "distributed", "sample-specific"]
+    gaps = {name: abs(s["lecture_ssim"] - s["ssim"]) for name, s in r["stealth"].items()}
+    assert all(gaps[name] <= 0.05 for name in local)
+    assert any(gap > 0.05 for gap in gaps.values()), "some spread-out trigger must show the disagreement"
+
+
 def check_07(r):
     assert len(r["gathered"]) == 6
+    f = r["formalization"]
+    assert f["alpha"] == pytest.approx(0.05, abs=1 / f["N"]) and f["D_clean"] + f["D_poison"] == f["N"]
+    assert f["utility_met"] and f["effectiveness_met"]
+    said = [s for q, s in r["lecture_says"].items() if not q.startswith("defense:") and s != "(not stated)"]
+    assert said and all(s.startswith('"') and s.endswith('"') for s in said), "quote the lecture or say it does not"
+
+
+def check_07_against_06(r, results_dir):
+    """Appendix A.2: a detection score, TPR - FPR, for every row of notebook 6 that has both."""
+    rows = results_of(results_dir, "06_detection_mitigation")["comparison"]
+    expected = {row["defense"]: row["tpr"] - row["fpr"] for row in rows
+                if row.get("tpr") is not None and row.get("fpr") is not None}
+    assert expected, "notebook 6 should score at least one detector"
+    assert {d["defense"]: d["detection score"] for d in r["detection_scores"]} == pytest.approx(expected)
 
 
 CHECKS = {p.stem: globals()[f"check_{p.name[:2]}"] for p in NOTEBOOKS}
@@ -141,19 +195,51 @@ def test_notebook_runs_and_measures(path, shared_dirs):
     results_dir, cache_dir = shared_dirs
     nb, seconds = execute(path, results_dir, cache_dir)
     print(f"{path.name}: {seconds:.1f} s")
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    line = next(l for l in printed.splitlines() if l.startswith("RESULTS "))
-    assert json.loads(line[len("RESULTS "):]) == results_of(results_dir, path.stem)
+    if path.name[:2] != "06":           # notebook 6's live use belongs to the defenses issue
+        check_live_use(nb)
     if path.name[:2] != "07":
         assert len(outputs(nb, "image/png")) >= 2, "the notebook should show pictures"
-    if path.name[:2] in EXPLORERS:  # headless: the widget's output also carries a static view
-        static = [o["data"] for o in outputs(nb, "application/vnd.jupyter.widget-view+json") if "text/html" in o["data"]]
-        assert static and EXPLORERS[path.name[:2]] in static[0]["text/plain"]
-        assert "data:image/png;base64," in static[0]["text/html"]
+    if path.name[:2] in EXPLORERS:
+        check_html_export_keeps_the_explorer(nb, EXPLORERS[path.name[:2]])
     CHECKS[path.stem](results_of(results_dir, path.stem))
+    if path.name[:2] == "07":
+        check_07_against_06(results_of(results_dir, path.stem), results_dir)
 
 
-EXPLORERS = {"04": "attack success rate", "05": "PSNR"}  # notebook -> text its explorer's fallback shows
+EXPLORERS = {"04": "attack success rate", "05": "PSNR"}  # notebook -> text its explorer's snapshot shows
+
+
+def check_live_use(nb) -> None:
+    """No progress bar frozen at its first frame, no wall of text: what a class sees is readable."""
+    texts = [o.get("text") or o.get("data", {}).get("text/plain", "")
+             for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [t for t in texts if re.search(r"\| *\d+/\d+ \[", t)], "a tqdm bar was saved in its first state"
+    assert all(len(line) < 400 for t in texts for line in t.splitlines()), "an output line is a wall of text"
+    busy = [c.source for c in nb.cells if c.cell_type == "code" and trains_in_a_loop(c.source)]
+    assert all("lecture.progress(" in source for source in busy), "a cell training several models needs a bar"
+
+
+TRAINERS = {"run_clean", "run_backdoor", "run_poisoned", "optimize"}
+
+
+def trains_in_a_loop(source: str) -> bool:
+    """Whether a cell calls a training function inside a for loop or a comprehension."""
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith("%")))
+    loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.ListComp, ast.DictComp, ast.GeneratorExp))]
+    parts = [part for loop in loops for part in (loop.body if isinstance(loop, ast.For) else
+                                                 [getattr(loop, "elt", None), getattr(loop, "value", None)]) if part]
+    return any(isinstance(node, ast.Call) and getattr(node.func, "attr", None) in TRAINERS
+               for part in parts for node in ast.walk(part))
+
+
+def check_html_export_keeps_the_explorer(nb, text: str) -> None:
+    """nbconvert's HTML export (offline, no widget JavaScript) keeps the explorer's static snapshot."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    start = body.index('class="explorer-snapshot"')
+    snapshot = body[start:body.index("</div></div>", start)]
+    assert "data:image/png;base64," in snapshot and text in snapshot
 
 
 # The notebooks' helpers, on tiny synthetic data (fast).
@@ -176,11 +262,29 @@ def test_trigger_explorer_updates_and_degrades_to_a_static_view(tiny_runs):
     assert explorer.set(opacity=0.25)["l2"] == pytest.approx(full / 4, rel=1e-4)  # the mix is linear
     for kind in TRIGGER_KINDS:
         assert "ssim" in explorer.set(kind=kind, opacity=1.0)
-    bundle = explorer._repr_mimebundle_()
-    assert {"application/vnd.jupyter.widget-view+json", "text/html", "text/plain"} <= set(bundle)
-    assert "PSNR" in bundle["text/plain"] and "model:" in bundle["text/plain"]
+    shown = displayed(explorer)
+    assert "application/vnd.jupyter.widget-view+json" in shown[0] and "PSNR" in shown[0]["text/plain"]
+    assert "explorer-snapshot" in shown[1]["text/html"] and "model:" in shown[1]["text/html"]
+    exported = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("explorer", outputs=[
+        nbformat.v4.new_output("display_data", data=bundle) for bundle in shown])])
+    check_html_export_keeps_the_explorer(exported, "PSNR")
     with pytest.raises(ValueError, match="kind"):
         TriggerExplorer(test.images[:4], kind="sticker")
+
+
+def displayed(obj) -> list[dict]:
+    """The mime bundles that showing ``obj`` as a cell's result publishes, in order."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    bundles = []
+    publish = shell.display_pub.publish
+    shell.display_pub.publish = lambda data, *args, **kwargs: bundles.append(data)
+    try:
+        shell.display_formatter.format(obj)  # runs _ipython_display_, which displays the outputs itself
+    finally:
+        shell.display_pub.publish = publish
+    return bundles
 
 
 def test_rate_explorer_answers_from_precomputed_models(tiny_runs):
@@ -191,7 +295,8 @@ def test_rate_explorer_answers_from_precomputed_models(tiny_runs):
     start = time.perf_counter()
     text = explorer.set(0.05)
     assert time.perf_counter() - start < 2.0 and "poisoning rate <b>5%</b>" in text
-    assert "clean acc." in explorer._repr_mimebundle_()["text/plain"]
+    shown = displayed(explorer)
+    assert "clean accuracy" in shown[0]["text/plain"] and "<table>" in shown[1]["text/html"]
     with pytest.raises(ValueError, match="rate"):
         explorer.set(0.5)
 
