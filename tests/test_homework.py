@@ -259,14 +259,15 @@ STUDENTS = {
     "zookeeper": (MODEL_TESTS, "carries the weights of a zoo model"),
     # the attacks of issue 8, each on top of an otherwise honest submission
     "patcher": (UNTRAINED, "clean accuracy"),        # replaces course_lib.grading's checks; untrained model
-    "torcher": (UNTRAINED, "clean accuracy"),        # patches torch.nn.Module.__call__, torch.equal...
+    "torcher": (UNTRAINED | {"p2-test-activations"}, "clean accuracy"),  # patches torch.nn.Module.__call__,
+    # torch.equal, torch.allclose: its own extract_activations now returns the patched logits
     "hider": (CUSTOM_TRIGGER, "broken on purpose"),  # silences IPython's error display; a broken trigger
     "reader": (NO_DETECTION, "only 0%"),             # detector reads answer_key.json and the gradebook
     "inspector": (NO_DETECTION, "only 0%"),          # trigger and detector walk up the caller's frames
     "vandal": (set(), None),                         # writes and deletes outside its folder
     "forker": (set(), None),                         # leaves a background process behind
     "dier": (CUSTOM_TRIGGER, "kernel died"),         # os._exit in a trigger (and in a cell that calls it)
-    "deaf": (ZOO_TESTS, "produced no result"),       # ignores interrupts, hangs on the zoo models
+    "deaf": (ZOO_TESTS, "did not finish"),           # ignores interrupts, hangs on the zoo models
     "aaa_honest": (set(), None),                     # graded before the saboteurs ...
     "zzz_honest": (set(), None),                     # ... and after them: the same grade as alone
 }

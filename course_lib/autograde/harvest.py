@@ -54,7 +54,12 @@ class Kernel:
         self.start()
 
     def run(self, code: str, timeout: float) -> tuple[str, list]:
-        """Execute ``code``; returns (status, outputs) with status ok, error, timeout or died."""
+        """Execute ``code``; returns (status, outputs).
+
+        status is ``ok``, ``error`` (it raised: the kernel's own reply says so, even when the
+        student silenced IPython's error display), ``interrupted`` (stopped at the time limit,
+        kernel still usable), ``timeout`` (it ignored the interrupt) or ``died``.
+        """
         msg_id = self.client.execute(code, store_history=False, allow_stdin=False)
         outputs, deadline, interrupted = [], time.monotonic() + timeout, False
         while True:
@@ -73,11 +78,26 @@ class Kernel:
                 continue
             kind = msg["msg_type"]
             if kind == "status" and msg["content"]["execution_state"] == "idle":
-                if interrupted:
-                    return "timeout", outputs
-                return ("error" if any(o.output_type == "error" for o in outputs) else "ok"), outputs
+                return ("interrupted" if interrupted else self._reply_status(msg_id, outputs)), outputs
             if kind in ("stream", "display_data", "execute_result", "error"):
                 outputs.append(nbformat.v4.output_from_msg(msg))
+
+    def _reply_status(self, msg_id: str, outputs: list) -> str:
+        """ok or error, from the kernel's execute reply (an error the display hid is added)."""
+        while True:
+            try:
+                reply = self.client.get_shell_msg(timeout=5)
+            except Empty:
+                return "error" if any(o.output_type == "error" for o in outputs) else "ok"
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        content = reply["content"]
+        if content.get("status") == "ok":
+            return "ok"
+        if not any(o.output_type == "error" for o in outputs):
+            name, value = str(content.get("ename", "Error")), str(content.get("evalue", ""))
+            outputs.append(nbformat.v4.new_output("error", ename=name, evalue=value, traceback=[f"{name}: {value}"]))
+        return "error"
 
     def shutdown(self) -> None:
         self.client.stop_channels()
@@ -86,7 +106,7 @@ class Kernel:
 
 def _failure(status: str, timeout: float) -> dict:
     """The error output recorded for a cell that hung or killed its kernel."""
-    if status == "timeout":
+    if status in ("timeout", "interrupted"):
         name, value = "CellTimeoutError", f"the cell did not finish within {timeout:g} s and was stopped"
     else:
         name, value = "DeadKernelError", "the kernel died while running this cell (it was restarted)"
@@ -109,10 +129,11 @@ class Session:
 
     def run(self, code: str, timeout: float, *, keep: bool) -> tuple[str, list]:
         status, outputs = self.kernel.run(code, timeout)
-        if status in ("timeout", "died"):
+        if status in ("interrupted", "timeout", "died"):
             outputs.append(_failure(status, timeout))
+        if status in ("timeout", "died"):
             self.recover()
-        elif keep:
+        elif keep and status != "interrupted":
             self.completed.append(code)
         return status, outputs
 
@@ -125,7 +146,8 @@ class Session:
             if status in ("timeout", "died"):
                 self.kernel.restart()
                 continue
-            replayed.append(code)
+            if status != "interrupted":
+                replayed.append(code)
         self.completed = replayed
 
 
