@@ -140,7 +140,8 @@ def test_a_dead_or_deaf_kernel_loses_only_its_own_cell_and_call(tmp_path):
              for name in ("double", "die", "triple", "hang", "missing")]
     (inputs / "plans.json").write_text(json.dumps({"demo": calls}))
     argv = [sys.executable, "-m", "course_lib.autograde.harvest", str(sandbox.SANDBOX_ROOT), "demo", "15"]
-    result = sandbox.run(scratch, argv, sandbox.Limits(wall_seconds=300), binds=((inputs, sandbox.SANDBOX_ROOT / "in"),))
+    binds = ((inputs, sandbox.SANDBOX_ROOT / "in"),)
+    result = sandbox.run(scratch, argv, sandbox.Limits(wall_seconds=300), binds=binds)
     assert result.returncode == 0, result.stdout
     out = Outputs(scratch / "out")
     assert torch.equal(out.result("double"), 2 * torch.arange(4.0))
