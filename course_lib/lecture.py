@@ -183,42 +183,6 @@ def rate_sweep(lab: Lab, rates, *, trigger=None, target: int = 0) -> dict[float,
     return runs
 
 
-class timer:
-    """``with timer() as t: ...`` then ``t.seconds``: the wall time of a block, for cost columns."""
-
-    def __enter__(self):
-        self.start, self.seconds = time.perf_counter(), None
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = round(time.perf_counter() - self.start, 1)
-        return False
-
-
-def defense_row(name: str, seconds: float, *, ca_before: float, asr_before: float, detection: dict | None = None,
-                after: tuple[float, float] | None = None, flagged=None, flagged_on_clean_model=None,
-                paper: str = "") -> dict:
-    """One row of the defense comparison, in the format of :mod:`course_lib.defenses.compare`.
-
-    ``detection`` is :func:`~course_lib.defenses.scoring.detection_scores`' dict (or any
-    dict with tpr/fpr/f1); ``after`` the (CA, ASR) after the defense, scored with
-    :func:`~course_lib.defenses.scoring.mitigation_scores`. Render a list of rows with
-    ``compare.to_markdown`` and ``compare.plot``.
-    """
-    from .defenses.scoring import mitigation_scores
-    row = {"defense": name, "paper": paper, "tpr": None, "fpr": None, "f1": None, "flagged": flagged,
-           "flagged_on_clean_model": flagged_on_clean_model, "ca_before": ca_before, "asr_before": asr_before,
-           "ca_after": None, "asr_after": None, "ca_drop": None, "asr_reduction": None,
-           "mitigation_score": None, "seconds": seconds}
-    if detection is not None:
-        row.update({key: detection.get(key) for key in ("tpr", "fpr", "f1")})
-    if after is not None:
-        row.update(ca_after=after[0], asr_after=after[1])
-        row.update(mitigation_scores(ca_before=ca_before, ca_after=after[0], asr_before=asr_before,
-                                     asr_after=after[1]))
-    return row
-
-
 def progress(items, desc: str):
     """Iterate over ``items`` behind a progress bar (for cells that train several models).
 
