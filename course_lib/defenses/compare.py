@@ -259,8 +259,7 @@ def _trained_with(name: str, train_fn):
             fields = {"epsilon": None if result.epsilon is None else round(result.epsilon, 2),
                       "delta": result.delta, "noise_multiplier": result.noise_multiplier,
                       "max_grad_norm": result.max_grad_norm}
-        model = getattr(result, "model", result)
-        return _row(case, name, start, after=case.measure(model), **fields), result
+        return _row(case, name, start, after=case.measure(result.model), **fields), result
     return run
 
 

@@ -33,7 +33,7 @@ Adam's unconstrained steps always map to valid values in [0, 1].
 robust standard deviations below the median. Even on a clean model, whose ten norms are
 just ten draws from one distribution, some draw lands there now and then:
 :func:`chance_false_alarm_rate` measures how often (by simulation with normal draws; about
-one clean model in five with 10 labels). A flag is a reason to look at the reversed
+one clean model in three with 10 labels: 33%). A flag is a reason to look at the reversed
 trigger, not a proof.
 
 Mitigation (:func:`unlearn`, Wang et al. Sec. VI-C): fine-tune a copy of the model on
@@ -226,13 +226,25 @@ def _search(model, images, heldout, num_classes, *, steps, batch_size, lr, init_
                 passed[label].append((norm[label].item(), mask[label].detach(), pattern[label].detach()))
             schedule.update(rate)
             hits.zero_()
-    best_mask, best_pattern = _squash(mask_raw).detach(), _squash(pattern_raw).detach()  # fallback: the last try
-    for label in range(k):  # the smallest mask that also works on held-out images
-        for _, m, p in sorted(passed[label], key=lambda candidate: candidate[0]):
-            if _success_rate(model, heldout, m, p, label) >= selection_bar:
-                best_mask[label], best_pattern[label] = m, p
-                break
+    best_mask, best_pattern = _squash(mask_raw).detach(), _squash(pattern_raw).detach()  # if nothing ever passed
+    for label in range(k):
+        chosen = _select(model, heldout, passed[label], label, selection_bar)
+        if chosen is not None:
+            best_mask[label], best_pattern[label] = chosen
     return best_mask.cpu(), best_pattern.cpu()
+
+
+def _select(model, heldout, candidates, label, bar):
+    """The smallest candidate (mask, pattern) whose success on ``heldout`` reaches ``bar``; if
+    none does, the candidate with the highest held-out success (None without candidates)."""
+    best, best_rate = None, -1.0
+    for _, m, p in sorted(candidates, key=lambda candidate: candidate[0]):
+        rate = _success_rate(model, heldout, m, p, label).item()
+        if rate >= bar:
+            return m, p
+        if rate > best_rate:
+            best, best_rate = (m, p), rate
+    return best
 
 
 def _squash(raw: torch.Tensor) -> torch.Tensor:
