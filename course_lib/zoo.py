@@ -71,10 +71,10 @@ FORMAT = "course_lib.zoo/2"
 FINGERPRINT_THRESHOLD = 0.5
 """Relative L2 distance below which :func:`known_zoo_model` says a model carries a zoo model's
 weights. Measured on Fashion-MNIST (small CNN, docs/instructor_guide.md section 1): models
-trained from different random initializations lie 1.03-1.04 apart, whatever their data;
-a model trained from a zoo model's weights stays 0.005-0.3 from it (0.28 after the whole
-homework recipe, 20,000 images for 2 epochs), because training never forgets its starting
-point. 0.5 lies in the middle of that gap: it catches copies and fine-tuned copies and
+trained from different random initializations lie 1.02-1.05 apart, whatever their data;
+a model trained further from a zoo model's weights stays 0.005-0.3 from it (0.28 after 2
+epochs on 20,000 poisoned images at the homework's learning rate): training never forgets
+its starting point. 0.5 lies in the middle of that gap: it catches copies and fine-tuned copies and
 leaves every model trained from scratch (zoo weight seeds are never 0, the notebook's seed)."""
 
 
