@@ -50,6 +50,7 @@ class Job:
     settings: Settings
     time_limit: float
     threads: int
+    reuse: bool = True              # False with --force: grade again even if a result is cached
 
 
 @dataclass
@@ -84,7 +85,8 @@ def grade_student(job: Job) -> Summary:
         limits = sandbox.Limits(**{**job.settings.limits.__dict__, "wall_seconds": max(1.0, remaining)})
         settings = Settings(job.settings.cell_timeout, limits, job.settings.unsafe_no_sandbox)
         result = grade_notebook(nbformat.reads(text, as_version=4), Path(job.folder), name, workspace.files,
-                                workspace.inputs(), settings, zoo=workspace.zoo, cache=workspace.cache(job.student))
+                                workspace.inputs(), settings, zoo=workspace.zoo, cache=workspace.cache(job.student),
+                                reuse=job.reuse)
         summary.failed += [g for g, v in result.verdicts.items() if not v.passed]
         if result.note:
             summary.notes.append(f"{name}: {result.note}")
@@ -197,11 +199,12 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     for student in students or course.students():
         staged = course.stage(student, workspace.root / "staging" / student)
         notebooks = {n: nb for n in names if (nb := course.sanitized(student, n)) is not None}
-        if not force and _unchanged(course, workspace, student, staged, notebooks, inputs, settings):
+        if not force and _unchanged(course, workspace, student, staged, notebooks, inputs):
             summaries[student] = Summary(student, skipped=True)
             continue
         jobs.append(Job(student, str(staged), {n: nbformat.writes(nb) for n, nb in notebooks.items()},
-                        str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads))
+                        str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads,
+                        reuse=not force))
     timings["prepare"] = time.perf_counter() - start
     _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
     timings["grade"] = time.perf_counter() - start - timings["prepare"]
@@ -213,14 +216,14 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     return [summaries[s] for s in sorted(summaries)]
 
 
-def _unchanged(course, workspace, student, staged, notebooks, inputs, settings) -> bool:
+def _unchanged(course, workspace, student, staged, notebooks, inputs) -> bool:
     """Graded before, and every notebook's cached result still matches its inputs."""
     if not (course.root / course.coursedir.autograded_directory / student / course.assignment).is_dir():
         return False
     cache = workspace.cache(student)
     for name, nb in notebooks.items():
         cached = cache / f"{name}.json"
-        if not cached.is_file() or json.loads(cached.read_text())["key"] != cache_key(nb, staged, inputs, settings):
+        if not cached.is_file() or json.loads(cached.read_text())["key"] != cache_key(nb, staged, inputs):
             return False
     return True
 

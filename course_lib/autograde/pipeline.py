@@ -89,7 +89,9 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def cache_key(nb, folder: Path, inputs: Path, settings: Settings) -> str:
+def cache_key(nb, folder: Path, inputs: Path) -> str:
+    """What a result depends on: the notebook's cells, the files handed in, the grader's inputs
+    and the grading code. Not the time limits: rerun with ``--force`` after changing them."""
     digest = hashlib.sha256()
     cells = [(c.cell_type, c.source, c.get("metadata", {}).get("nbgrader", {})) for c in nb.cells]
     digest.update(json.dumps(cells, sort_keys=True).encode())
@@ -97,7 +99,6 @@ def cache_key(nb, folder: Path, inputs: Path, settings: Settings) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update((inputs / "plans.json").read_bytes())
-    digest.update(json.dumps([settings.cell_timeout, asdict(settings.limits), settings.unsafe_no_sandbox]).encode())
     digest.update(code_version().encode())
     return digest.hexdigest()
 
@@ -153,12 +154,16 @@ def safe_outputs(outputs: list) -> list:
 
 
 def grade_notebook(nb, folder: Path, name: str, files: grading.GradingFiles, inputs: Path, settings: Settings,
-                   *, zoo: Path | None = None, cache: Path | None = None) -> NotebookResult:
-    """Grade notebook ``name`` (already sanitized by nbgrader) of the submission in ``folder``."""
+                   *, zoo: Path | None = None, cache: Path | None = None, reuse: bool = True) -> NotebookResult:
+    """Grade notebook ``name`` (already sanitized by nbgrader) of the submission in ``folder``.
+
+    The result is stored in ``cache``; with ``reuse``, a stored result with the same key is
+    returned instead of grading again.
+    """
     start = time.perf_counter()
-    key = cache_key(nb, folder, inputs, settings)
+    key = cache_key(nb, folder, inputs)
     cached = cache / f"{name}.json" if cache is not None else None
-    if cached is not None and cached.is_file():
+    if reuse and cached is not None and cached.is_file():
         result = NotebookResult.from_json(cached.read_text())
         if result.key == key:
             return result
