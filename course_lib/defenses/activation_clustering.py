@@ -27,23 +27,23 @@ al.'s three analyses:
 **Default, chosen on the detection matrix** (``python -m course_lib bench matrix``; every
 matrix row reports the F1 of each analysis on the same clusters, ``f1_by_analysis``, and
 the README has the table): ``"silhouette+exclusionary"``, a class is poisoned only when
-its split is well separated *and* its smaller cluster fails reclassification. Measured:
+its split is well separated *and* its smaller cluster fails reclassification. Measured
+(every trigger family at 5% and five clean models):
 
-- exclusionary reclassification alone flagged classes on every clean model: Fashion-MNIST's
-  confusable classes (Shirt, Pullover, Coat) have an atypical subgroup that a model trained
-  without it calls by a neighbouring class (l/p 0.04-0.7 on clean models);
-- the silhouette alone flagged the Trouser or Sneaker class (silhouette 0.44-0.48) on two of
-  three clean models;
-- both together flagged no class on those clean models and kept F1 >= 0.97 on the
-  checkerboard and solid-square models at 5%;
-- relative size alone: F1 0.5-0.6 (every lopsided clean class is flagged too).
+- exclusionary reclassification alone flagged classes on all five clean models:
+  Fashion-MNIST's confusable classes (Pullover, Coat, Shirt) have an atypical subgroup that
+  a model trained without it calls by a neighbouring class (l/p well below 1);
+- the silhouette alone flagged the Trouser or Sneaker class on three of the five clean
+  models, and relative size alone on all five;
+- both together flagged no class on any clean model and reached F1 0.98-1.00 on the
+  checkerboard, solid-square, four-corner and clean-label models;
+- no analysis finds the spread-out triggers (blend, SIG, WaNet: F1 0): 2-means does not
+  separate their poison from the class (silhouette about 0.2-0.3).
 
-What no analysis catches here: the spread-out triggers (blend, SIG, WaNet), whose poison
-2-means does not separate from the class (silhouette 0.2-0.3), and a 1% rate, where the
-smaller cluster is mostly clean images. Exclusionary reclassification also fails when
-the cluster leaves some poison behind: the fresh model learns the trigger again from it.
-The silhouette threshold 0.44 was set on the kit's checkerboard models and is the one
-number here tuned to a trigger; the matrix shows where it holds.
+Exclusionary reclassification also fails when the smaller cluster leaves some poison
+behind: the fresh model learns the trigger again from it. The silhouette threshold 0.44
+was set on the kit's checkerboard models and is the one number here tuned to a trigger;
+the matrix shows where it holds.
 
 The reduction is PCA, not Chen et al.'s FastICA: ICA rescales every component to unit
 variance, so the one direction that separates the poison weighs no more than nine

@@ -16,10 +16,10 @@ Two scores (``score=``):
 - ``"one_sided"`` (default): the signed projection, oriented so that the tail holding the
   minority points positive (the poison is a minority of its class, so the projection is
   skewed toward it). Chosen by measurement on the detection matrix, whose rows report the
-  F1 of both scores (``f1_by_score``): on the checkerboard and solid-square models at 5%
-  the one-sided score reached F1 0.78 (TPR 1.00; the F1 is capped by the removal budget,
-  which takes 1.5 times the expected share) against 0.67-0.71 for the squared one, and
-  retraining after its removal brought the ASR from 0.98-1.00 down to 0.02-0.03.
+  F1 of both scores (``f1_by_score``): on the checkerboard, solid-square and four-corner
+  models at 5% the one-sided score reached F1 0.77-0.78 (the F1 is capped by the removal
+  budget, which takes 1.5 times the expected share) against 0.65-0.71 for the squared one,
+  and retraining after its removal brought the ASR from 0.98-1.00 down to 0.02-0.03.
 
 Removing samples from *every* class throws away clean data in every class. The kit adds
 a class-level test that the paper does not have (``bimodality_threshold=None`` gives the
@@ -27,8 +27,8 @@ paper's behavior): a class is flagged only when the projections on v form two gr
 measured by Sarle's bimodality coefficient ``(skewness^2 + 1) / kurtosis`` (about 0.33 for
 a normal distribution, up to 1 for two separated spikes), above 0.7. That threshold was
 set on the kit's checkerboard models; on the matrix it also caught the solid square and
-flagged no clean model, but it misses the spread-out triggers (blend, SIG) entirely, where
-the poison shifts the activations too little to split the projection in two.
+the four corners and flagged no clean model, but it flags nothing on the blend, SIG,
+WaNet and clean-label models: there the poison does not split the projection in two.
 """
 from __future__ import annotations
 
