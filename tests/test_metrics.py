@@ -67,6 +67,20 @@ def test_asr_excludes_target_images_and_the_lecture_count_inflates_it(flat):
     assert clean_accuracy(full, flat) == 1.0  # a stealthy backdoor: clean inputs unaffected
 
 
+def test_a_run_time_filter_counts_refused_inputs_as_not_classified(flat):
+    """``accept``: the filter in front of the model (STRIP's use); one rule for CA and ASR behind it."""
+    full = RuleModel(backdoor_below=2.0)
+    refuse_patched = lambda x: x[:, 0, -3:, -3:].mean(dim=(1, 2)) <= 0.95  # noqa: E731  a perfect trigger filter
+    assert attack_success_rate(full, flat, WHITE_PATCH, TARGET, accept=refuse_patched) == 0.0
+    assert clean_accuracy(full, flat, accept=refuse_patched) == 1.0
+    refuse_dark = lambda x: x[:, 0, 14, 14] >= 0.5  # noqa: E731  refuses classes 0-4: half the clean inputs
+    assert clean_accuracy(full, flat, accept=refuse_dark) == 0.5
+    with pytest.raises(TypeError, match="accept"):
+        clean_accuracy(full, flat, accept=0.5)
+    with pytest.raises(ValueError, match="accept"):
+        clean_accuracy(full, flat, accept=lambda x: torch.ones(3, dtype=torch.bool))
+
+
 def test_robust_accuracy(flat):
     assert robust_accuracy(RuleModel(), flat, WHITE_PATCH, TARGET) == 1.0
     assert robust_accuracy(RuleModel(backdoor_below=0.45), flat, WHITE_PATCH, TARGET) == pytest.approx(50 / 90)
