@@ -13,6 +13,7 @@ many students in parallel, and this preprocessor then finds them in the cache.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from nbgrader.preprocessors import NbGraderPreprocessor
@@ -54,14 +55,15 @@ class TrustedExecute(NbGraderPreprocessor):
 
     timeout = Integer(120, help="seconds each cell (and each graded call) may run").tag(config=True)
     notebook_timeout = Integer(600, help="wall-clock seconds one notebook's sandbox may run").tag(config=True)
-    threads = Integer(1, help="torch/OpenMP/BLAS threads inside the sandbox").tag(config=True)
+    threads = Integer(0, help="torch/OpenMP/BLAS threads inside the sandbox (0: one per core, as nbgrader "
+                      "grades one student at a time)").tag(config=True)
     memory_gb = Float(12.0, help="address-space limit of each process in the sandbox, in GiB").tag(config=True)
     unsafe_no_sandbox = Bool(False, help="grade without a sandbox where none can be made (unsafe)").tag(config=True)
     grading_dir = Unicode("", help="the instructor's grading folder (default <course>/grading/<assignment>)"
                           ).tag(config=True)
 
     def settings(self) -> Settings:
-        limits = sandbox.Limits(wall_seconds=float(self.notebook_timeout), threads=self.threads,
+        limits = sandbox.Limits(wall_seconds=float(self.notebook_timeout), threads=self.threads or os.cpu_count() or 1,
                                 memory_bytes=int(self.memory_gb * 2**30))
         return Settings(cell_timeout=float(self.timeout), limits=limits, unsafe_no_sandbox=self.unsafe_no_sandbox)
 
