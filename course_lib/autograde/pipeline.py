@@ -167,10 +167,20 @@ def grade_notebook(nb, folder: Path, name: str, files: grading.GradingFiles, inp
         result = NotebookResult.from_json(cached.read_text())
         if result.key == key:
             return result
-    result = NotebookResult(key)
+    result = _grade(nb, folder, name, files, inputs, settings, zoo, NotebookResult(key))
+    result.seconds = time.perf_counter() - start
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(result.to_json())
+    return result
+
+
+def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings, zoo, result: NotebookResult):
+    """Run the notebook in a sandbox and decide its tests (a notebook without code, like
+    Part 3's written answers, has nothing to run)."""
     calls = json.loads((inputs / "plans.json").read_text()).get(name)
     if not calls and not any(c.cell_type == "code" for c in nb.cells):
-        return result                   # nothing to run (Part 3: written answers only)
+        return result
     with tempfile.TemporaryDirectory(prefix="course-sandbox-") as tmp:
         scratch = Path(tmp)
         sandbox.prepare(scratch)
@@ -185,12 +195,7 @@ def grade_notebook(nb, folder: Path, name: str, files: grading.GradingFiles, inp
         except ValueError:
             raw = {}
         result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
-        ctx = Context(Outputs(scratch / "out"), folder, files)
-        result.verdicts = decide(test_cells(nb), ctx)
-    result.seconds = time.perf_counter() - start
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(result.to_json())
+        result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files))
     return result
 
 
