@@ -69,8 +69,8 @@ def write_inputs(folder: Path, files: grading.GradingFiles) -> dict:
     _tensor(folder, "contract", test.images[:CONTRACT_IMAGES])
     _tensor(folder, "alone", test.images[5:6])
     train = load_dataset(files.dataset, "train")
-    for grade_id, case in POISON_CASES.items():
-        part = train.subset(range(case["start"], case["stop"]))
+    for grade_id in POISON_CASES:
+        part = poison_case_data(train, grade_id)
         save_file({"images": part.images.contiguous(), "labels": part.labels.contiguous()},
                   str(folder / f"{grade_id}.safetensors"))
     _, probe = grading.activation_probe()
