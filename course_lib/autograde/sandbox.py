@@ -146,10 +146,12 @@ def command(scratch: Path, argv: list[str], limits: Limits, env: dict | None = N
     ``binds`` are (host folder, path inside) pairs mounted read-only on top (the grader's
     inputs, the instructor's zoo).
     """
+    # /tmp first: the virtual environment or the kit may live under /tmp (a CI checkout), and
+    # a later mount on top of it must not be hidden by it.
     cmd = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+           "--bind", str(scratch / "tmp"), "/tmp", "--bind", str(scratch), str(SANDBOX_ROOT),
            "--ro-bind", "/usr", "/usr", *_usr_links(), *_etc_binds(), *_python_binds(),
-           "--proc", "/proc", "--dev", "/dev",
-           "--bind", str(scratch), str(SANDBOX_ROOT), "--bind", str(scratch / "tmp"), "/tmp"]
+           "--proc", "/proc", "--dev", "/dev"]
     for source, inside in binds:
         cmd += ["--ro-bind", str(source), str(inside)]
     cmd += ["--remount-ro", "/", "--chdir", str(SANDBOX_ROOT / "work"), "--clearenv"]
