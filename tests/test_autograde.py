@@ -172,3 +172,14 @@ def test_without_a_sandbox_autograding_refuses_unless_told_it_is_unsafe(monkeypa
         classroom.autograde_class(".", "week4")
     require_sandbox(True)
     assert "WITHOUT a sandbox" in capsys.readouterr().out and "read the answer key" in sandbox.UNSAFE_LOSSES[0]
+
+
+def test_the_class_command_names_a_bad_argument(tmp_path):
+    with pytest.raises(ValueError, match="course_dir"):
+        classroom.autograde_class(tmp_path, "week4")
+    with pytest.raises(ValueError, match="workers"):
+        classroom.autograde_class(tmp_path, "week4", workers=0)
+    with pytest.raises(TypeError, match="threads"):
+        classroom.autograde_class(tmp_path, "week4", threads=1.5)
+    with pytest.raises(SystemExit):
+        classroom.main(["week4", "--course", str(tmp_path)])

@@ -33,7 +33,7 @@ import nbformat
 from ..checks import check_int
 from . import sandbox
 from .pipeline import Settings, cache_key, grade_notebook
-from .preprocessor import autograde_preprocessors, require_sandbox
+from .preprocessor import UnsafeRefusal, autograde_preprocessors, require_sandbox
 from .workspace import Workspace
 
 
@@ -185,9 +185,14 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     sanitizing, here), ``grade`` (the workers) and ``record`` (nbgrader, here).
     """
     check_int("workers", workers, 1)
+    if threads is not None:
+        check_int("threads", threads, 1)
     timings = {} if timings is None else timings
     start = time.perf_counter()
     require_sandbox(unsafe_no_sandbox, lambda text: print(text, file=sys.stderr))
+    if not (Path(course_dir) / "nbgrader_config.py").is_file():
+        raise ValueError(f"course_dir: {course_dir} is not an nbgrader course folder (no nbgrader_config.py); "
+                         f"pass the folder you run nbgrader in, e.g. --course assignments")
     course = Course(course_dir, assignment)
     workspace = Workspace(course.root, assignment)
     inputs = workspace.inputs()
@@ -282,11 +287,14 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per student instead of a table")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    summaries = autograde_class(args.course, args.assignment, workers=args.workers,
-                                dask_scheduler=args.dask_scheduler, force=args.force, time_limit=args.time_limit,
-                                threads=args.threads, cell_timeout=args.cell_timeout,
-                                unsafe_no_sandbox=args.unsafe_no_sandbox, progress=not args.json,
-                                students=args.student)
+    try:
+        summaries = autograde_class(args.course, args.assignment, workers=args.workers,
+                                    dask_scheduler=args.dask_scheduler, force=args.force,
+                                    time_limit=args.time_limit, threads=args.threads, cell_timeout=args.cell_timeout,
+                                    unsafe_no_sandbox=args.unsafe_no_sandbox, progress=not args.json,
+                                    students=args.student)
+    except (ValueError, TypeError, UnsafeRefusal) as err:
+        parser.error(str(err))
     if args.json:
         for s in summaries:
             print(json.dumps({"student": s.student, "scores": s.scores, "seconds": round(s.seconds, 2),
