@@ -16,13 +16,24 @@ al.'s three analyses:
 - ``"silhouette"``: the silhouette score (Rousseeuw 1987) of the split is at least
   ``silhouette_threshold``, i.e. the two clusters are far apart compared to their own
   spread. Its threshold depends on the network, the trigger and the rate.
-- ``"exclusionary"`` (exclusionary reclassification): train a fresh model *without* the
-  smaller clusters, then classify them. A legitimate cluster is still recognized as its
-  label (the rest of the class teaches it); a poisoned cluster is not: without the
-  poison nothing links those images to the label, so the model calls them by their true
-  class. The cluster is poisoned when ``l / p <= reclassification_threshold``, where l
-  counts its images predicted as their label and p those predicted as the most common
-  other class (Chen et al. use 1: the label no longer wins).
+- ``"exclusionary"`` (exclusionary reclassification): train a fresh model *without* a
+  cluster, then classify it. A legitimate cluster is still recognized as its label (the
+  rest of the class teaches it); a poisoned cluster is not: without the poison nothing
+  links those images to the label, so the model calls them by their true class.
+  Chen et al. call a cluster poisoned when its label no longer wins (l / p <= 1, l
+  counting its images predicted as their label, p those of the most common other
+  class). On Fashion-MNIST that rule accuses clean classes: a model that never saw the
+  atypical Shirts does not recognize them either, whatever the poison. The kit calibrates
+  the verdict with the defender's trusted clean images (``clean_data``): the cluster's
+  *recognition* is the share of it the fresh model calls by its label, divided by the
+  share of trusted clean images of that label it classifies correctly, and a cluster is
+  poisoned when its recognition is at most ``reclassification_threshold`` (0.2: recognized
+  five times less often than clean images of its own class). The calibration also
+  settles which cluster is the poison when the poison is more than half of its class
+  (10% of a ten-class training set is already half of the target class): both clusters
+  are tested (two fresh models: one without every smaller cluster, one without every
+  larger one), and excluding the clean part of such a class leaves a model that fails the
+  trusted images too, so only the poison scores low.
 
 **Default, chosen on the detection matrix** (``python -m course_lib bench matrix``; every
 matrix row reports the F1 of each analysis on the same clusters, ``f1_by_analysis``, and
@@ -54,11 +65,9 @@ directions of noise, and 2-means often cuts through the clean images instead (on
 Erratum (docs/DESIGN.md, 6): the lecture always flags the smaller cluster of a class, so
 every class looks poisoned.
 
-Exclusionary reclassification costs one extra training run (all classes share it: the
-fresh model is trained once without every class's smaller cluster), run with ``epochs``,
-``arch`` and ``device`` like the victim. Like every rule built on "the smaller cluster",
-it assumes the poison is a minority of its class; on ten balanced classes a rate near 10%
-of the training set makes it half of the target class, and the verdicts become a coin toss.
+Exclusionary reclassification costs two extra training runs (all classes share them),
+run with ``epochs``, ``arch`` and ``device`` like the victim. The size analysis, by its
+definition, still assumes the poison is the smaller cluster.
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
-from ..checks import check_choice, check_dataset, check_float, check_int
+from ..checks import check_choice, check_dataset, check_float, check_int, check_model
 from ..data import ImageDataset
 from ..train import predict
 from .activations import dataset_features
@@ -95,7 +104,9 @@ class ClassSplit:
 
     ``indices``: dataset indices of the class, in the order of ``clusters`` (1 = smaller
     cluster); ``view``: (n, 2) PCA projection of the reduced activations, for plotting;
-    ``reclassification``: l / p of the smaller cluster (None until computed).
+    ``reclassification``: the recognition of the suspect cluster and ``suspect`` which
+    cluster that is (1: the smaller, 0: the larger); exclusionary reclassification tests
+    both and suspects the one recognized less (until computed: None, and the smaller one).
     """
 
     label: int
@@ -105,11 +116,21 @@ class ClassSplit:
     relative_size: float
     silhouette: float
     reclassification: float | None = None
+    suspect: int = 1
+
+    def cluster(self, which: int) -> torch.Tensor:
+        """Dataset indices of cluster ``which`` (1: the smaller, 0: the larger)."""
+        return self.indices[torch.from_numpy(self.clusters == which)]
 
     @property
     def smaller(self) -> torch.Tensor:
         """Dataset indices of the smaller cluster."""
-        return self.indices[torch.from_numpy(self.clusters == 1)]
+        return self.cluster(1)
+
+    @property
+    def suspected(self) -> torch.Tensor:
+        """Dataset indices of the suspect cluster (the smaller one unless reclassification chose)."""
+        return self.cluster(self.suspect)
 
 
 @dataclass
@@ -131,9 +152,11 @@ class ActivationClusteringResult(SampleDetection):
         return [s.label for s in self.per_class if all(s.label in self.poisoned_by[a] for a in parts)]
 
     def flagged_by(self, analysis: str) -> torch.Tensor:
-        """Sorted indices ``analysis`` would flag (the smaller clusters of its classes)."""
+        """Sorted indices ``analysis`` would flag: the suspect clusters of its classes (the
+        smaller ones, unless exclusionary reclassification is part of it and chose)."""
         classes = self.classes_by(analysis)
-        parts = [s.smaller for s in self.per_class if s.label in classes]
+        reclassified = "exclusionary" in _parse(analysis)
+        parts = [s.suspected if reclassified else s.smaller for s in self.per_class if s.label in classes]
         return torch.cat(parts + [torch.empty(0, dtype=torch.long)]).sort().values
 
 
@@ -146,8 +169,9 @@ def _parse(analysis) -> list[str]:
 
 def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_ANALYSIS, reducer: str = "pca",
                           n_components: int = 10, size_threshold: float = 0.35,
-                          silhouette_threshold: float = 0.44, reclassification_threshold: float = 1.0,
-                          epochs: int = 2, arch: str | None = None, device=None,
+                          silhouette_threshold: float = 0.44, reclassification_threshold: float = 0.2,
+                          clean_data: ImageDataset | None = None, epochs: int = 2, arch: str | None = None,
+                          device=None,
                           features: torch.Tensor | None = None, seed: int = 0,
                           progress: bool = True) -> ActivationClusteringResult:
     """Run Activation Clustering on the (possibly poisoned) training set ``data``.
@@ -155,11 +179,13 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
     ``analysis`` decides which classes are poisoned: one of ``"size"``, ``"silhouette"``,
     ``"exclusionary"``, or several joined by ``+`` (all must agree; see the module
     docstring). The size and silhouette verdicts are always computed (``poisoned_by``),
-    exclusionary reclassification when ``analysis`` uses it. ``features``: precomputed
-    ``model.features`` of ``data`` (shared with other detectors). ``epochs``, ``arch``,
-    ``device``: the training run of exclusionary reclassification. Every class must hold
+    exclusionary reclassification when ``analysis`` uses it; it needs ``clean_data``, images
+    the defender trusts, to calibrate. ``features``: precomputed ``model.features`` of
+    ``data`` (shared with other detectors). ``epochs``, ``arch``, ``device``: the training
+    runs of exclusionary reclassification. Every class must hold
     more images than ``n_components``. Neither the model nor the data is modified.
     """
+    check_model(model, "features")
     check_dataset("data", data)
     analyses = _parse(analysis)
     check_choice("reducer", reducer, REDUCERS)
@@ -168,6 +194,11 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
     check_float("silhouette_threshold", silhouette_threshold, -1.0, 1.0)
     check_float("reclassification_threshold", reclassification_threshold, 0.0, float("inf"))
     check_int("epochs", epochs)
+    if "exclusionary" in analyses:
+        if clean_data is None:
+            raise ValueError("clean_data is required by exclusionary reclassification (trusted clean images "
+                             f"calibrate its verdict); give it, or choose an analysis without it, got {analysis!r}")
+        check_dataset("clean_data", clean_data)
     start = time.perf_counter()
     features = dataset_features(model, data, features, progress=progress)
     counts = data.class_counts()
@@ -182,11 +213,12 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
     poisoned_by = {"size": [s.label for s in splits if s.relative_size <= size_threshold],
                    "silhouette": [s.label for s in splits if s.silhouette >= silhouette_threshold]}
     if "exclusionary" in analyses:
-        _reclassify(splits, data, epochs=epochs, arch=arch, device=device, seed=seed, progress=progress)
+        _reclassify(splits, data, clean_data, epochs=epochs, arch=arch, device=device, seed=seed,
+                    progress=progress)
         poisoned_by["exclusionary"] = [s.label for s in splits if s.reclassification <= reclassification_threshold]
     scores = torch.zeros(len(data))
-    for s in splits:  # a sample's score: its class's split quality if it sits in the smaller cluster
-        scores[s.smaller] = float(s.silhouette)
+    for s in splits:  # a sample's score: its class's split quality if it sits in the suspect cluster
+        scores[s.suspected] = float(s.silhouette)
     result = ActivationClusteringResult(PAPER, scores, torch.empty(0, dtype=torch.long), [], 0.0, analysis,
                                         splits, poisoned_by)
     result.flagged_classes, result.flagged = result.classes_by(analysis), result.flagged_by(analysis)
@@ -230,13 +262,20 @@ def _silhouette(x: np.ndarray, clusters: np.ndarray, seed: int, sample_size: int
     return float(silhouette_score(x, clusters))
 
 
-def _reclassify(splits, data, *, epochs, arch, device, seed, progress) -> None:
-    """Exclusionary reclassification of every class's smaller cluster, with one fresh model."""
-    excluded = torch.cat([s.smaller for s in splits])
-    model = retrain_without(data, excluded, epochs=epochs, arch=arch, seed=seed, device=device,
-                            progress=progress).model
+def _reclassify(splits, data, clean_data, *, epochs, arch, device, seed, progress) -> None:
+    """Exclusionary reclassification of both clusters of every class: one fresh model trained
+    without every smaller cluster, one without every larger cluster; each class suspects
+    the cluster that is recognized less."""
+    recognition = {}
+    for which in (1, 0):
+        excluded = torch.cat([s.cluster(which) for s in splits])
+        model = retrain_without(data, excluded, epochs=epochs, arch=arch, seed=seed, device=device,
+                                progress=progress).model
+        trusted = predict(model, clean_data.images)
+        for s in splits:
+            clean_hits = trusted[clean_data.labels == s.label] == s.label
+            own = (predict(model, data.images[s.cluster(which)]) == s.label).double().mean().item()
+            recognition[s.label, which] = own / clean_hits.double().mean().item() if clean_hits.any() else float("inf")
     for s in splits:
-        predicted = predict(model, data.images[s.smaller]).bincount(minlength=data.num_classes)
-        own = predicted[s.label].item()
-        predicted[s.label] = 0
-        s.reclassification = own / max(predicted.max().item(), 1)
+        s.suspect = min((1, 0), key=lambda which: recognition[s.label, which])
+        s.reclassification = recognition[s.label, s.suspect]

@@ -43,14 +43,16 @@ def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, 
     flagged = set(result.flagged_classes)
     for i, split in enumerate(splits):
         top, bottom = axes[2 * (i // columns), i % columns], axes[2 * (i // columns) + 1, i % columns]
-        for ax, colors in ((top, split.clusters), (bottom, truth[split.indices].numpy())):
+        suspect = split.clusters == split.suspect
+        for ax, colors in ((top, suspect), (bottom, truth[split.indices].numpy())):
             ax.set_visible(True)
             ax.scatter(split.view[:, 0], split.view[:, 1], c=colors, s=2, cmap="coolwarm", vmin=0, vmax=1)
-        ratio = "-" if split.reclassification is None else f"{split.reclassification:.1f}"
+        recognition = "-" if split.reclassification is None else f"{split.reclassification:.2f}"
         top.set_title(f"{_name(classes, split.label, 18)}{' - FLAGGED' if split.label in flagged else ''}\n"
-                      f"size {split.relative_size:.2f}, sil. {split.silhouette:.2f}, l/p {ratio}", fontsize=8)
+                      f"size {split.relative_size:.2f}, sil. {split.silhouette:.2f}, recog. {recognition}",
+                      fontsize=8)
         if i % columns == 0:
-            top.set_ylabel("2-means\n(red: smaller)", fontsize=8)
+            top.set_ylabel("2-means\n(red: suspect)", fontsize=8)
             bottom.set_ylabel("ground truth\n(red: poisoned)", fontsize=8)
     fig.suptitle(f"Activation Clustering ({result.analysis} analysis decides): each class's activations, "
                  "PCA to 2-D", fontsize=10)

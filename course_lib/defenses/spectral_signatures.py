@@ -21,14 +21,19 @@ Two scores (``score=``):
   budget, which takes 1.5 times the expected share) against 0.65-0.71 for the squared one,
   and retraining after its removal brought the ASR from 0.98-1.00 down to 0.02-0.03.
 
-Removing samples from *every* class throws away clean data in every class. The kit adds
-a class-level test that the paper does not have (``bimodality_threshold=None`` gives the
-paper's behavior): a class is flagged only when the projections on v form two groups,
-measured by Sarle's bimodality coefficient ``(skewness^2 + 1) / kurtosis`` (about 0.33 for
-a normal distribution, up to 1 for two separated spikes), above 0.7. That threshold was
-set on the kit's checkerboard models; on the matrix it also caught the solid square and
-the four corners and flagged no clean model, but it flags nothing on the blend, SIG,
-WaNet and clean-label models: there the poison does not split the projection in two.
+The paper removes the top-scoring samples of *every* class: the projection alone does not
+say which class holds the poison (``bimodality_threshold=None``). That throws away half of
+each class (``1.5 * 0.35``), and the atypical half at that, since the top of every clean
+class's projection is its unusual images: on the detection matrix clean accuracy fell from
+0.89-0.91 to 0.73-0.76, and that weakened model sent 8-17% of triggered images to the
+target by mistake alone. The kit therefore adds a class-level test that the paper does not
+have (the default, ``bimodality_threshold=0.7``): a class is flagged only when the
+projections on v form two groups, by Sarle's bimodality coefficient
+``(skewness^2 + 1) / kurtosis`` (about 0.33 for a normal distribution, up to 1 for two
+separated spikes). It keeps the clean classes whole and catches the checkerboard, solid
+square, four corners and SIG, but not the blend trigger: there the target class scored
+0.69 and clean classes up to 0.67, so no threshold separates them, and the backdoor
+survives. The matrix reports both ways: ``f1_by_score`` and ``asr_after_every_class``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ from .base import SampleDetection
 
 PAPER = "Tran, Li & Madry 2018"
 SCORES = ("one_sided", "squared")
+#: The kit's class test (see the module docstring); None removes from every class, as the paper does.
+BIMODALITY_THRESHOLD = 0.7
 
 
 @dataclass
@@ -54,10 +61,10 @@ class SpectralSignaturesResult(SampleDetection):
 
 
 def spectral_signatures(model, data: ImageDataset, *, score: str = "one_sided", expected_fraction: float = 0.35,
-                        removal_factor: float = 1.5, bimodality_threshold: float | None = 0.7,
+                        removal_factor: float = 1.5, bimodality_threshold: float | None = BIMODALITY_THRESHOLD,
                         features: torch.Tensor | None = None, progress: bool = True) -> SpectralSignaturesResult:
     """Score every sample of ``data`` and flag the top ``removal_factor * expected_fraction``
-    of each flagged class.
+    of each flagged class (every class when ``bimodality_threshold`` is None, as in the paper).
 
     ``expected_fraction``: an upper bound on the poisoned share of a class (eps in the
     paper; the default matches Activation Clustering's 35%). ``features``: precomputed
