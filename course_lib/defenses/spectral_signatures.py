@@ -17,23 +17,29 @@ Two scores (``score=``):
   minority points positive (the poison is a minority of its class, so the projection is
   skewed toward it). Chosen by measurement on the detection matrix, whose rows report the
   F1 of both scores (``f1_by_score``): on the checkerboard, solid-square and four-corner
-  models at 5% the one-sided score reached F1 0.77-0.78 (the F1 is capped by the removal
-  budget, which takes 1.5 times the expected share) against 0.65-0.71 for the squared one,
-  and retraining after its removal brought the ASR from 0.98-1.00 down to 0.02-0.03.
+  models at 5% the one-sided score reached F1 0.77-0.79 (the F1 is capped by the removal
+  budget, which takes 1.5 times the expected share) against 0.68-0.71 for the squared one,
+  and retraining after its removal brought the ASR from 1.00 down to 0.01-0.02.
 
 The paper removes the top-scoring samples of *every* class: the projection alone does not
 say which class holds the poison (``bimodality_threshold=None``). That throws away half of
 each class (``1.5 * 0.35``), and the atypical half at that, since the top of every clean
-class's projection is its unusual images: on the detection matrix clean accuracy fell from
-0.89-0.91 to 0.73-0.76, and that weakened model sent 8-17% of triggered images to the
-target by mistake alone. The kit therefore adds a class-level test that the paper does not
-have (the default, ``bimodality_threshold=0.7``): a class is flagged only when the
-projections on v form two groups, by Sarle's bimodality coefficient
+class's projection is its unusual images: on the detection matrix's 5% models clean
+accuracy fell from 0.89-0.91 to 0.68-0.76, and that weakened model sent 1-17% of the
+dirty-label families' triggered images to the target (checkerboard 0.11, blend 0.04).
+The kit therefore adds a class-level test that the paper does not have (the default): a
+class is flagged only when the projections on v form two groups, by Sarle's bimodality coefficient
 ``(skewness^2 + 1) / kurtosis`` (about 0.33 for a normal distribution, up to 1 for two
-separated spikes). It keeps the clean classes whole and catches the checkerboard, solid
-square, four corners and SIG, but not the blend trigger: there the target class scored
-0.69 and clean classes up to 0.67, so no threshold separates them, and the backdoor
-survives. The matrix reports both ways: ``f1_by_score`` and ``asr_after_every_class``.
+separated spikes), above ``BIMODALITY_THRESHOLD`` = 0.7. That threshold was set on the
+kit's checkerboard models. On the matrix no class without poison (the five clean models,
+and every class but the target in the others) scored above 0.66; the patch triggers and
+SIG at 5% and 10% scored 0.71-0.81, but the blend trigger only 0.695 at 5% (0.62 at 10%),
+square at 1% 0.68, the other 1% models 0.46-0.61 and WaNet 0.44-0.47 at every rate. A
+lower threshold would have caught the 5% blend model, but it would not hold: on the test
+suite's less-trained models (12,000 images, 2 epochs) the clean Shirt class scores
+0.67-0.69, so 0.7 stays and the blend backdoor survives the class test. The matrix
+reports both ways: ``f1_by_score`` (``"every_class"``) and, on the 5% models,
+``asr_after_every_class``.
 """
 from __future__ import annotations
 
