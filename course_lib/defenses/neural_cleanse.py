@@ -36,6 +36,16 @@ just ten draws from one distribution, some draw lands there now and then:
 one clean model in three with 10 labels: 33%). A flag is a reason to look at the reversed
 trigger, not a proof.
 
+**Measured on the detection matrix** (``python -m course_lib bench matrix``, 20,000
+Fashion-MNIST images, full search): on all nine checkerboard, solid-square and four-corner
+models the target's reversed trigger was the smallest mask (4-11 pixels), yet the MAD rule
+flagged it on two: the other labels' masks spread from about 21 to 358 pixels (Bags,
+Sandals and Shirts have small natural "triggers", and some searches stop far from their
+smallest mask), so the MAD is large and the target's index stays near 1-2. Two of the five
+clean models raised a false alarm (chance: 33%). The rule is Wang et al.'s, kept as it is:
+a median test on log norms would have flagged eight of the nine targets, but also three of
+the five clean models.
+
 Mitigation (:func:`unlearn`, Wang et al. Sec. VI-C): fine-tune a copy of the model on
 clean images, some of them stamped with the reversed trigger but keeping their *correct*
 labels, so the model learns to ignore the trigger.
