@@ -6,8 +6,8 @@ that class because of the trigger, not because it looks like a T-shirt, so in th
 penultimate layer the class splits into two groups: real T-shirts and triggered images.
 
 Per class: take the penultimate activations of its training images, reduce them to 10
-dimensions, split them with 2-means, and judge the smaller cluster with one of Chen et
-al.'s three analyses:
+dimensions, split them with 2-means, and judge the split with one of Chen et al.'s
+three analyses:
 
 - ``"size"`` (relative size): the smaller cluster holds at most ``size_threshold`` (35%)
   of the class. Cheap, but by arithmetic it misses heavy poisoning: with ten balanced
@@ -45,7 +45,7 @@ models; 20,000 training images):
 - exclusionary reclassification alone flagged the Shirt class on all five clean models
   (recognition 0.06-0.18): a model that never saw the atypical Shirts calls them
   T-shirts or Pullovers, poison or not;
-- relative size alone flagged two to five classes on every model;
+- relative size alone flagged one to five classes on every model, clean or not;
 - the silhouette alone flagged no class on a clean model (at most 0.42, under the
   threshold 0.44) and the target class on every checkerboard, square and corners model
   (0.50-0.56), but at 10% it points at the clean part of the target class (four-corner
