@@ -68,14 +68,19 @@ def check_model(model, *attributes: str, name: str = "model") -> None:
                         f"does); {type(model).__name__} has not")
 
 
-def check_dataset(name: str, data, *, min_size: int = 1) -> None:
-    """``data`` is a :class:`course_lib.data.ImageDataset` holding at least ``min_size`` images."""
+def check_dataset(name: str, data, *, min_size: int = 1, like=None, like_name: str = "data") -> None:
+    """``data`` is a :class:`course_lib.data.ImageDataset` holding at least ``min_size`` images;
+    with ``like``, another dataset, its images have the same (C, H, W) and it has the same
+    number of classes (so one model can read both)."""
     from .data import ImageDataset  # data imports nothing from here; the late import keeps it that way
 
     if not isinstance(data, ImageDataset):
         raise TypeError(f"{name} must be a course_lib.data.ImageDataset, got {type(data).__name__}")
     if len(data) < min_size:
         raise ValueError(f"{name} must hold at least {min_size} image(s), got {len(data)}")
+    if like is not None and (data.images.shape[1:] != like.images.shape[1:] or data.num_classes != like.num_classes):
+        raise ValueError(f"{name} must hold images like {like_name}'s: {tuple(like.images.shape[1:])} in "
+                         f"{like.num_classes} classes, got {tuple(data.images.shape[1:])} in {data.num_classes}")
 
 
 def check_budget(name: str, budget, data, data_name: str) -> int:

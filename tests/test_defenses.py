@@ -375,6 +375,9 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
     with pytest.raises(ValueError, match="n_components"):  # class 3 has no images: an empty class
         no_class_3 = data.subset((data.labels != 3).nonzero().flatten()[:500])
         activation_clustering(model, no_class_3, clean_data=defender, progress=False)
+    with pytest.raises(ValueError, match="clean_data must hold images like data's"):  # trusted images of another kind
+        colour = ImageDataset(torch.zeros(10, 3, 32, 32), torch.arange(10), data.classes)
+        activation_clustering(model, data.subset(range(100)), clean_data=colour, progress=False)
     with pytest.raises(ValueError, match="contamination"):
         isolation_forest_outliers(data, features="pixel_stats", contamination=0.7)
     with pytest.raises(ValueError, match="model"):

@@ -28,7 +28,9 @@ three analyses:
   *recognition* is the share of it the fresh model calls by its label, divided by the
   share of trusted clean images of that label it classifies correctly, and a cluster is
   poisoned when its recognition is at most ``reclassification_threshold`` (0.2: recognized
-  five times less often than clean images of its own class). The calibration also
+  five times less often than clean images of its own class; on the detection matrix the
+  poison clusters of the checkerboard, square and four-corner models scored 0.07-0.14).
+  A label absent from ``clean_data`` cannot be calibrated: its clusters count as recognized. The calibration also
   settles which cluster is the poison when the poison is more than half of its class
   (10% of a ten-class training set is already half of the target class): both clusters
   are tested (two fresh models: one without every smaller cluster, one without every
@@ -204,7 +206,7 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
         if clean_data is None:
             raise ValueError("clean_data is required by exclusionary reclassification (trusted clean images "
                              f"calibrate its verdict); give it, or choose an analysis without it, got {analysis!r}")
-        check_dataset("clean_data", clean_data)
+        check_dataset("clean_data", clean_data, like=data)
     start = time.perf_counter()
     features = dataset_features(model, data, features, progress=progress)
     counts = data.class_counts()

@@ -189,7 +189,9 @@ def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object]:
 def _split_row(split, poisoned: torch.Tensor) -> dict:
     """One class's Activation Clustering statistics and how much poison its clusters hold:
     enough to score any other threshold on the same clusters without rerunning."""
-    count = lambda indices: int(torch.isin(indices, poisoned).sum())  # noqa: E731
+    def count(indices):
+        return int(torch.isin(indices, poisoned).sum())
+
     return {"label": split.label, "relative_size": round(split.relative_size, 4),
             "silhouette": round(split.silhouette, 4),
             "recognition": None if split.reclassification is None else round(split.reclassification, 4),
@@ -199,8 +201,8 @@ def _split_row(split, poisoned: torch.Tensor) -> dict:
 
 def _activation_clustering(case: Case):
     return _sample_detector("activation_clustering", case, lambda c: activation_clustering(
-        c.model, c.train_data, features=c.features, clean_data=c.defender, epochs=c.epochs, arch=c.arch, device=c.device, seed=c.seed,
-        progress=c.progress))
+        c.model, c.train_data, features=c.features, clean_data=c.defender, epochs=c.epochs, arch=c.arch,
+        device=c.device, seed=c.seed, progress=c.progress))
 
 
 def _spectral_signatures(case: Case):
@@ -212,7 +214,6 @@ def _spectral_signatures(case: Case):
     for variant, options in variants.items():
         found_by = spectral_signatures(case.model, case.train_data, features=case.features, progress=False, **options)
         row["f1_by_score"][variant] = detection_scores(found_by.flagged, case.poisoned, len(case.train_data))["f1"]
-
     return row, found
 
 
