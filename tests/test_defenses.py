@@ -94,8 +94,9 @@ def test_activation_clustering_finds_the_poison_and_only_in_the_target_class(lab
     assert found.flagged_classes == [poison.target]
     assert scores["f1"] >= 0.9
     split = found.per_class[poison.target]
-    # without the poison, the fresh model recognizes the cluster far less than trusted images of the target
-    assert split.reclassification <= 0.2 and split.suspect == 1
+    # trusted clean images of the target class avoid the poison cluster and fill the other one
+    assert split.trusted_share[1] <= 0.2 and split.trusted_share[0] >= 0.8 and split.suspect == 1
+    assert found.scores[poison.indices].mean() > found.scores[split.cluster(0)].mean()
     assert plot_activation_clusters(found, poisoned=poison.indices, classes=poison.dataset.classes) is not None
 
 
@@ -103,26 +104,33 @@ def test_activation_clustering_leaves_the_clean_model_alone_and_reports_every_an
     found = activation_clustering(lab["clean"].model, lab["train"], features=lab["clean_features"],
                                   clean_data=lab["defender"], progress=False)
     assert found.flagged_classes == [] and len(found.flagged) == 0
-    assert set(found.poisoned_by) == {"size", "silhouette", "exclusionary"}
+    assert set(found.poisoned_by) == {"size", "silhouette", "trusted"}
+    # every cluster of a clean class is populated by trusted images about as much as by training images
+    assert min(min(s.trusted_share) for s in found.per_class) > 0.6
     # the lecture's rule flags the smaller cluster of every class: on a clean model, a third of the data or more
     assert sum(len(s.smaller) for s in found.per_class) > 0.2 * len(lab["train"])
     cheap = activation_clustering(lab["clean"].model, lab["train"].subset(range(3000)), analysis="size",
                                   reducer="ica", progress=False)
-    assert cheap.per_class[0].reclassification is None and "exclusionary" not in cheap.poisoned_by
-    with pytest.raises(ValueError, match="clean_data"):  # the calibrated reclassification needs trusted images
+    assert cheap.per_class[0].trusted_share is None and set(cheap.poisoned_by) == {"size", "silhouette"}
+    with pytest.raises(ValueError, match="clean_data"):  # the default analysis needs trusted images
         activation_clustering(lab["clean"].model, lab["train"], features=lab["clean_features"], progress=False)
 
 
 def test_activation_clustering_finds_poison_that_is_the_larger_cluster(lab):
     """12% of the set relabeled to class 5: the poison outnumbers the real Sandals, so "the
-    smaller cluster" is the clean one; exclusionary reclassification tests both and finds it."""
+    smaller cluster" is the clean one; the trusted-share analysis and Chen et al.'s
+    exclusionary reclassification both test the two clusters and find it."""
     run = lab["runs"]["majority"]
     poison = run.poison
-    found = activation_clustering(run.model, poison.dataset, clean_data=lab["defender"], progress=False)
+    found = activation_clustering(run.model, poison.dataset, clean_data=lab["defender"], also=("exclusionary",),
+                                  progress=False)
     split = found.per_class[poison.target]
     assert split.suspect == 0 and len(split.cluster(0)) > len(split.smaller)
     assert found.flagged_classes == [poison.target]
     assert detection_scores(found.flagged, poison.indices, len(poison.dataset))["f1"] >= 0.9
+    # exclusionary reclassification: a model trained without the larger cluster does not recognize it
+    assert split.recognition[0] <= 0.2 < split.recognition[1]
+    assert poison.target in found.classes_by("exclusionary") and split.suspect_for("exclusionary") == 0
     assert detection_scores(found.flagged_by("silhouette"), poison.indices, len(poison.dataset))["f1"] < 0.5
 
 
@@ -130,14 +138,16 @@ def test_activation_clustering_finds_poison_that_is_the_larger_cluster(lab):
 def test_spectral_signatures_ranks_the_poison_first(lab, family):
     poison = lab["runs"][family].poison
     found = spectral_signatures(lab["runs"][family].model, poison.dataset, features=lab["features"][family],
-                                progress=False)
+                                clean_data=lab["defender"], progress=False)
     assert isinstance(found, SampleDetection) and found.flagged_classes == [poison.target]  # the kit's class test
+    # the poison (5% of the set, a third of its class) projects beyond every trusted image of the target
+    assert found.tail[poison.target] > 0.2 and found.tail.max() == found.tail[poison.target]
     assert detection_scores(found.flagged, poison.indices, len(poison.dataset))["tpr"] >= 0.95
     squared = spectral_signatures(lab["runs"][family].model, poison.dataset, score="squared",
-                                  features=lab["features"][family], progress=False)
+                                  features=lab["features"][family], clean_data=lab["defender"], progress=False)
     assert set(squared.flagged_classes) == {poison.target}
     paper = spectral_signatures(lab["runs"][family].model, poison.dataset, features=lab["features"][family],
-                                bimodality_threshold=None, progress=False)
+                                progress=False)
     assert paper.flagged_classes == list(range(10))  # the paper removes from every class
     in_target = (poison.dataset.labels == poison.target).nonzero().flatten()
     top = in_target[paper.scores[in_target].argsort(descending=True)[:len(poison.indices)]]
@@ -147,14 +157,15 @@ def test_spectral_signatures_ranks_the_poison_first(lab, family):
 def test_spectral_signatures_removal_and_retraining_removes_the_backdoor(lab):
     run = lab["runs"]["checkerboard"]
     found = spectral_signatures(run.model, run.poison.dataset, features=lab["features"]["checkerboard"],
-                                progress=False)
+                                clean_data=lab["defender"], progress=False)
     repaired = retrain_without(run.poison.dataset, found.flagged, progress=False)
     assert isinstance(repaired, Mitigation)
     assert attack_success_rate(repaired.model, lab["eval"], run.poison.trigger, run.poison.target) <= 0.1
-    on_clean = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"], progress=False)
+    on_clean = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"],
+                                   clean_data=lab["defender"], progress=False)
     assert on_clean.flagged_classes == [] and len(on_clean.flagged) == 0
     everywhere = spectral_signatures(lab["clean"].model, lab["train"], features=lab["clean_features"],
-                                     bimodality_threshold=None, expected_fraction=0.1, progress=False)
+                                     expected_fraction=0.1, progress=False)
     assert everywhere.flagged_classes == list(range(10))
     assert len(everywhere.flagged) == pytest.approx(0.15 * len(lab["train"]), rel=0.01)
 
@@ -340,7 +351,8 @@ def test_run_all_builds_the_table_from_the_runners(fmnist):
     setup, ac, strip, fp = rows
     assert setup["poisoned"] == 400 and setup["asr_backdoored"] > 0.9
     assert ac["flagged"] == [setup["target"]] and ac["f1"] > 0.8 and ac["flagged_on_clean_model"] == []
-    assert ac["asr_after"] < 0.2 and set(ac["f1_by_analysis"]) >= {"size", "silhouette", "exclusionary"}
+    # bench defenses runs the default analysis only; the matrix compares Chen et al.'s on the same clusters
+    assert ac["asr_after"] < 0.2 and set(ac["f1_by_analysis"]) == {"size", "silhouette", "trusted"}
     assert strip["tpr"] > 0.8 and strip["asr_after"] < 0.2
     assert fp["asr_after"] < fp["asr_before"] and all(r["seconds"] > 0 for r in rows[1:])
     table = compare.to_markdown(rows)
@@ -386,6 +398,12 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
         spectral_signatures(model, data, features=torch.zeros(3, 128))
     with pytest.raises(ValueError, match="score"):
         spectral_signatures(model, data, score="cubed")
+    with pytest.raises(ValueError, match="clean_data must hold at least 40 trusted images of every class"):
+        spectral_signatures(model, data, clean_data=defender.subset(range(100)), progress=False)
+    with pytest.raises(TypeError, match="also must be a tuple"):
+        activation_clustering(model, data, clean_data=defender, also="exclusionary", progress=False)
+    with pytest.raises(ValueError, match="trusted_threshold"):
+        activation_clustering(model, data, clean_data=defender, trusted_threshold=-0.5, progress=False)
     with pytest.raises(ValueError, match="labels"):
         unlearn(model, neural_cleanse(copy.deepcopy(model), defender, steps=5, n_images=50, progress=False),
                 defender, labels=[11], progress=False)

@@ -94,27 +94,33 @@ from tqdm.auto import tqdm
 from ..checks import check_choice, check_dataset, check_float, check_int, check_model
 from ..data import ImageDataset
 from ..train import predict
-from .activations import dataset_features
+from .activations import dataset_features, extract_features
 from .base import SampleDetection
 from .retraining import retrain_without
 
 PAPER = "Chen et al. 2018"
 REDUCERS = ("pca", "ica")
-ANALYSES = ("size", "silhouette", "exclusionary")
-DEFAULT_ANALYSIS = "silhouette+exclusionary"
+ANALYSES = ("size", "silhouette", "exclusionary", "trusted")
+DEFAULT_ANALYSIS = "trusted"
 #: The verdicts the detection matrix measures side by side (one clustering, several rules).
-MEASURED_ANALYSES = ("size", "silhouette", "exclusionary", "silhouette+exclusionary")
+MEASURED_ANALYSES = ("size", "silhouette", "exclusionary", "silhouette+exclusionary", "trusted")
+#: The analyses that need the defender's trusted clean images (``clean_data``).
+CALIBRATED = ("exclusionary", "trusted")
 
 
 @dataclass
 class ClassSplit:
-    """The 2-means split of one class and the three analyses' statistics.
+    """The 2-means split of one class and the analyses' statistics.
 
     ``indices``: dataset indices of the class, in the order of ``clusters`` (1 = smaller
-    cluster); ``view``: (n, 2) PCA projection of the reduced activations, for plotting;
-    ``reclassification``: the recognition of the suspect cluster and ``suspect`` which
-    cluster that is (1: the smaller, 0: the larger); exclusionary reclassification tests
-    both and suspects the one recognized less (until computed: None, and the smaller one).
+    cluster, 0 = larger); ``view``: (n, 2) PCA projection of the reduced activations, for
+    plotting. Per cluster (index 0: the larger, 1: the smaller), when computed:
+    ``trusted_share``, the share of trusted images of the label that fall in the cluster
+    divided by the share of training images that do (about 1 for a real part of the class,
+    about 0 for images no clean image resembles), and ``recognition``, how well a fresh
+    model trained without the cluster recognizes it (exclusionary reclassification).
+    ``suspect``: the cluster the deciding analysis suspects (the smaller one, unless the
+    analysis compared both clusters).
     """
 
     label: int
@@ -123,7 +129,8 @@ class ClassSplit:
     view: np.ndarray
     relative_size: float
     silhouette: float
-    reclassification: float | None = None
+    trusted_share: tuple[float, float] | None = None
+    recognition: tuple[float, float] | None = None
     suspect: int = 1
 
     def cluster(self, which: int) -> torch.Tensor:
@@ -137,8 +144,17 @@ class ClassSplit:
 
     @property
     def suspected(self) -> torch.Tensor:
-        """Dataset indices of the suspect cluster (the smaller one unless reclassification chose)."""
+        """Dataset indices of the suspect cluster."""
         return self.cluster(self.suspect)
+
+    def suspect_for(self, analysis: str) -> int:
+        """The cluster ``analysis`` suspects: the one trusted images populate least
+        (``trusted``), else the one recognized least (``exclusionary``), else the smaller."""
+        parts = _parse(analysis)
+        for name, statistic in (("trusted", self.trusted_share), ("exclusionary", self.recognition)):
+            if name in parts and statistic is not None:
+                return min((1, 0), key=lambda which: statistic[which])
+        return 1
 
 
 @dataclass
@@ -160,11 +176,9 @@ class ActivationClusteringResult(SampleDetection):
         return [s.label for s in self.per_class if all(s.label in self.poisoned_by[a] for a in parts)]
 
     def flagged_by(self, analysis: str) -> torch.Tensor:
-        """Sorted indices ``analysis`` would flag: the suspect clusters of its classes (the
-        smaller ones, unless exclusionary reclassification is part of it and chose)."""
+        """Sorted indices ``analysis`` would flag: the cluster it suspects in each class it flags."""
         classes = self.classes_by(analysis)
-        reclassified = "exclusionary" in _parse(analysis)
-        parts = [s.suspected if reclassified else s.smaller for s in self.per_class if s.label in classes]
+        parts = [s.cluster(s.suspect_for(analysis)) for s in self.per_class if s.label in classes]
         return torch.cat(parts + [torch.empty(0, dtype=torch.long)]).sort().values
 
 
@@ -178,34 +192,40 @@ def _parse(analysis) -> list[str]:
 def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_ANALYSIS, reducer: str = "pca",
                           n_components: int = 10, size_threshold: float = 0.35,
                           silhouette_threshold: float = 0.44, reclassification_threshold: float = 0.2,
-                          clean_data: ImageDataset | None = None, epochs: int = 2, arch: str | None = None,
-                          device=None,
+                          trusted_threshold: float = 0.5, clean_data: ImageDataset | None = None,
+                          also: tuple[str, ...] = (), epochs: int = 2, arch: str | None = None, device=None,
                           features: torch.Tensor | None = None, seed: int = 0,
                           progress: bool = True) -> ActivationClusteringResult:
     """Run Activation Clustering on the (possibly poisoned) training set ``data``.
 
     ``analysis`` decides which classes are poisoned: one of ``"size"``, ``"silhouette"``,
-    ``"exclusionary"``, or several joined by ``+`` (all must agree; see the module
-    docstring). The size and silhouette verdicts are always computed (``poisoned_by``),
-    exclusionary reclassification when ``analysis`` uses it; it needs ``clean_data``, images
-    the defender trusts, to calibrate. ``features``: precomputed ``model.features`` of
-    ``data`` (shared with other detectors). ``epochs``, ``arch``, ``device``: the training
-    runs of exclusionary reclassification. Every class must hold
-    more images than ``n_components``. Neither the model nor the data is modified.
+    ``"exclusionary"``, ``"trusted"``, or several joined by ``+`` (all must agree; see the
+    module docstring). The size and silhouette verdicts are always computed
+    (``poisoned_by``), the others when ``analysis`` or ``also`` (more analyses to compute
+    on the same clusters, for comparison) names them; they need ``clean_data``, images the
+    defender trusts. ``features``: precomputed ``model.features`` of ``data`` (shared with
+    other detectors). ``epochs``, ``arch``, ``device``: the training runs of exclusionary
+    reclassification. Every class must hold more images than ``n_components``. Neither the
+    model nor the data is modified.
     """
     check_dataset("data", data)
     analyses = _parse(analysis)
+    if isinstance(also, str) or not isinstance(also, (tuple, list)):
+        raise TypeError(f"also must be a tuple of analyses among {ANALYSES}, got {also!r}")
+    computed = set(analyses) | {part for extra in also for part in _parse(extra)}
     check_model(model, "features")
     check_choice("reducer", reducer, REDUCERS)
     check_int("n_components", n_components, 2)
     check_float("size_threshold", size_threshold, 0.0, 0.5, low_open=True)
     check_float("silhouette_threshold", silhouette_threshold, -1.0, 1.0)
     check_float("reclassification_threshold", reclassification_threshold, 0.0, float("inf"))
+    check_float("trusted_threshold", trusted_threshold, 0.0, float("inf"))
     check_int("epochs", epochs)
-    if "exclusionary" in analyses:
+    calibrated = sorted(computed & set(CALIBRATED))
+    if calibrated:
         if clean_data is None:
-            raise ValueError("clean_data is required by exclusionary reclassification (trusted clean images "
-                             f"calibrate its verdict); give it, or choose an analysis without it, got {analysis!r}")
+            raise ValueError(f"clean_data is required by the {' and '.join(calibrated)} analysis (trusted clean "
+                             f"images calibrate its verdict); give it, or choose another analysis, got {analysis!r}")
         check_dataset("clean_data", clean_data, like=data)
     start = time.perf_counter()
     features = dataset_features(model, data, features, progress=progress)
@@ -215,47 +235,75 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
         raise ValueError(f"data must hold more than n_components={n_components} images in every class "
                          f"(an empty or tiny class cannot be split); classes {small} have "
                          f"{[int(counts[c]) for c in small]}")
-    splits = [_split_class(features, data.labels, label, reducer, n_components, seed)
+    trusted = None
+    if "trusted" in computed:
+        trusted = (extract_features(model, clean_data.images, progress=False), clean_data.labels)
+    splits = [_split_class(features, data.labels, label, reducer, n_components, seed, trusted)
               for label in tqdm(range(data.num_classes), desc="activation clustering", disable=not progress,
                                 leave=False)]
     poisoned_by = {"size": [s.label for s in splits if s.relative_size <= size_threshold],
                    "silhouette": [s.label for s in splits if s.silhouette >= silhouette_threshold]}
-    if "exclusionary" in analyses:
+    if "trusted" in computed:
+        poisoned_by["trusted"] = [s.label for s in splits
+                                  if s.trusted_share is not None and min(s.trusted_share) <= trusted_threshold]
+    if "exclusionary" in computed:
         _reclassify(splits, data, clean_data, epochs=epochs, arch=arch, device=device, seed=seed,
                     progress=progress)
-        poisoned_by["exclusionary"] = [s.label for s in splits if s.reclassification <= reclassification_threshold]
-    scores = torch.zeros(len(data))
-    for s in splits:  # a sample's score: its class's split quality if it sits in the suspect cluster
-        scores[s.suspected] = float(s.silhouette)
-    result = ActivationClusteringResult(PAPER, scores, torch.empty(0, dtype=torch.long), [], 0.0, analysis,
-                                        splits, poisoned_by)
+        poisoned_by["exclusionary"] = [s.label for s in splits if min(s.recognition) <= reclassification_threshold]
+    for s in splits:
+        s.suspect = s.suspect_for(analysis)
+    result = ActivationClusteringResult(PAPER, _scores(splits, len(data)), torch.empty(0, dtype=torch.long), [],
+                                        0.0, analysis, splits, poisoned_by)
     result.flagged_classes, result.flagged = result.classes_by(analysis), result.flagged_by(analysis)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _split_class(features, labels, label, reducer, n_components, seed) -> ClassSplit:
-    """Reduce one class's activations and split them in two with 2-means."""
+def _scores(splits, n: int) -> torch.Tensor:
+    """A score per sample: 1 - its cluster's trusted share (how much less clean images
+    populate it) when computed, else its class's silhouette if it sits in the suspect cluster."""
+    scores = torch.zeros(n)
+    for s in splits:
+        if s.trusted_share is not None:
+            for which in (0, 1):
+                scores[s.cluster(which)] = max(0.0, 1.0 - s.trusted_share[which])
+        else:
+            scores[s.suspected] = float(s.silhouette)
+    return scores
+
+
+def _split_class(features, labels, label, reducer, n_components, seed, trusted=None) -> ClassSplit:
+    """Reduce one class's activations and split them in two with 2-means; with ``trusted``
+    (features, labels of trusted images), place the trusted images of the class on the same
+    split and compare how the two sets populate each cluster."""
     indices = (labels == label).nonzero().flatten()
     x = features[indices].double().numpy()
-    reduced = _reduce(x, reducer, n_components, seed)
-    assignment = KMeans(2, n_init=10, random_state=seed).fit_predict(reduced)
-    smaller = int(np.bincount(assignment, minlength=2).argmin())
-    clusters = (assignment == smaller).astype(int)
-    variance_view = reduced if reducer == "pca" else _reduce(x, "pca", n_components, seed)
-    return ClassSplit(label, indices, clusters, PCA(2, random_state=seed).fit_transform(reduced),
-                      float(clusters.mean()), _silhouette(variance_view, clusters, seed))
+    reduction, reduced = _reduce(x, reducer, n_components, seed)
+    kmeans = KMeans(2, n_init=10, random_state=seed).fit(reduced)
+    smaller = int(np.bincount(kmeans.labels_, minlength=2).argmin())
+    clusters = (kmeans.labels_ == smaller).astype(int)
+    variance_view = reduced if reducer == "pca" else _reduce(x, "pca", n_components, seed)[1]
+    split = ClassSplit(label, indices, clusters, PCA(2, random_state=seed).fit_transform(reduced),
+                       float(clusters.mean()), _silhouette(variance_view, clusters, seed))
+    if trusted is not None:
+        own = trusted[0][trusted[1] == label].double().numpy()
+        if len(own):
+            placed = (kmeans.predict(reduction.transform(own)) == smaller).astype(int)
+            split.trusted_share = tuple(float((placed == which).mean() / (clusters == which).mean())
+                                        for which in (0, 1))
+    return split
 
 
-def _reduce(x: np.ndarray, reducer: str, n_components: int, seed: int) -> np.ndarray:
-    """Project activations to ``n_components`` dimensions with PCA or FastICA."""
+def _reduce(x: np.ndarray, reducer: str, n_components: int, seed: int):
+    """Fit PCA or FastICA with ``n_components`` on the activations ``x``: (fitted, projected x)."""
     n_components = min(n_components, x.shape[1])
     if reducer == "pca":
-        return PCA(n_components, random_state=seed).fit_transform(x)
-    ica = FastICA(n_components, whiten="unit-variance", max_iter=400, tol=1e-3, random_state=seed)
+        reduction = PCA(n_components, random_state=seed)
+        return reduction, reduction.fit_transform(x)
+    reduction = FastICA(n_components, whiten="unit-variance", max_iter=400, tol=1e-3, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a rough ICA is enough for 2-means
-        return ica.fit_transform(x)
+        return reduction, reduction.fit_transform(x)
 
 
 def _silhouette(x: np.ndarray, clusters: np.ndarray, seed: int, sample_size: int = 3000) -> float:
@@ -272,8 +320,7 @@ def _silhouette(x: np.ndarray, clusters: np.ndarray, seed: int, sample_size: int
 
 def _reclassify(splits, data, clean_data, *, epochs, arch, device, seed, progress) -> None:
     """Exclusionary reclassification of both clusters of every class: one fresh model trained
-    without every smaller cluster, one without every larger cluster; each class suspects
-    the cluster that is recognized less."""
+    without every smaller cluster, one without every larger cluster."""
     recognition = {}
     for which in (1, 0):
         excluded = torch.cat([s.cluster(which) for s in splits])
@@ -285,5 +332,4 @@ def _reclassify(splits, data, clean_data, *, epochs, arch, device, seed, progres
             own = (predict(model, data.images[s.cluster(which)]) == s.label).double().mean().item()
             recognition[s.label, which] = own / clean_hits.double().mean().item() if clean_hits.any() else float("inf")
     for s in splits:
-        s.suspect = min((1, 0), key=lambda which: recognition[s.label, which])
-        s.reclassification = recognition[s.label, s.suspect]
+        s.recognition = (recognition[s.label, 0], recognition[s.label, 1])

@@ -85,7 +85,10 @@ class Case:
     it); ``quick``: smaller search budgets and fewer fine-tuning epochs for live runs;
     ``nc_budget``: ``"full"`` or ``"quick"`` overrides ``quick`` for Neural Cleanse's search
     alone (the detection matrix keeps the full search: the quick one stopped before the
-    clean labels' masks shrank, so it measured convergence, not backdoors).
+    clean labels' masks shrank, so it measured convergence, not backdoors);
+    ``compare_analyses``: also compute the detectors' alternative rules on the same run
+    (Activation Clustering's other analyses, which cost two more training runs), as the
+    detection matrix does to choose the defaults.
     """
 
     model: torch.nn.Module
@@ -101,6 +104,7 @@ class Case:
     device: object = None
     quick: bool = False
     nc_budget: str | None = None
+    compare_analyses: bool = False
     progress: bool = False
     _features: torch.Tensor | None = field(default=None, repr=False)
     _before: tuple | None = field(default=None, repr=False)
@@ -175,13 +179,14 @@ def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object]:
             case.train_data, found.flagged, epochs=case.epochs, arch=case.arch, seed=case.seed,
             device=case.device, progress=case.progress).model)
     extra = {}
-    if name == "activation_clustering":  # every analysis of the same clusters, for the matrix
+    if name == "activation_clustering":  # every analysis computed on the same clusters
+        computed = [a for a in MEASURED_ANALYSES if set(a.split("+")) <= set(found.poisoned_by)]
         extra["f1_by_analysis"] = {a: detection_scores(found.flagged_by(a), case.poisoned, len(case.train_data))["f1"]
-                                   for a in MEASURED_ANALYSES}
-        extra["flagged_by_analysis"] = {a: found.classes_by(a) for a in MEASURED_ANALYSES}
+                                   for a in computed}
+        extra["flagged_by_analysis"] = {a: found.classes_by(a) for a in computed}
         extra["splits"] = [_split_row(split, case.poisoned) for split in found.per_class]
     if name == "spectral_signatures":
-        extra["bimodality"] = [round(v, 3) for v in found.bimodality.tolist()]
+        extra["tail"] = [round(v, 4) for v in found.tail.tolist()]
     return _row(case, name, start, detection=detection, after=after, flagged=found.flagged_classes,
                 flagged_samples=len(found.flagged), **extra), found
 
@@ -194,22 +199,29 @@ def _split_row(split, poisoned: torch.Tensor) -> dict:
 
     return {"label": split.label, "relative_size": round(split.relative_size, 4),
             "silhouette": round(split.silhouette, 4),
-            "recognition": None if split.reclassification is None else round(split.reclassification, 4),
+            "trusted_share": _rounded(split.trusted_share), "recognition": _rounded(split.recognition),
             "suspect": split.suspect, "smaller": [len(split.smaller), count(split.smaller)],
             "larger": [len(split.cluster(0)), count(split.cluster(0))]}
 
 
+def _rounded(pair):
+    """A per-cluster statistic (larger, smaller) for a row: rounded, or None if not computed."""
+    return None if pair is None else [round(v, 4) for v in pair]
+
+
 def _activation_clustering(case: Case):
+    # the matrix (``case.compare_analyses``) also scores Chen et al.'s analyses on the same clusters
     return _sample_detector("activation_clustering", case, lambda c: activation_clustering(
-        c.model, c.train_data, features=c.features, clean_data=c.defender, epochs=c.epochs, arch=c.arch,
-        device=c.device, seed=c.seed, progress=c.progress))
+        c.model, c.train_data, features=c.features, clean_data=c.defender,
+        also=MEASURED_ANALYSES if c.compare_analyses else (), epochs=c.epochs, arch=c.arch, device=c.device,
+        seed=c.seed, progress=c.progress))
 
 
 def _spectral_signatures(case: Case):
     row, found = _sample_detector("spectral_signatures", case, lambda c: spectral_signatures(
-        c.model, c.train_data, features=c.features, progress=c.progress))
+        c.model, c.train_data, clean_data=c.defender, features=c.features, progress=c.progress))
     # the paper's squared score, and the paper's removal from every class, beside the kit's default
-    variants = {"squared": {"score": "squared"}, "every_class": {"bimodality_threshold": None}}
+    variants = {"squared": {"score": "squared", "clean_data": case.defender}, "every_class": {}}
     row["f1_by_score"] = {"one_sided": row["f1"]}
     for variant, options in variants.items():
         found_by = spectral_signatures(case.model, case.train_data, features=case.features, progress=False, **options)

@@ -113,7 +113,7 @@ def run_model(spec: dict) -> list[dict]:
     model = model_for(case_data, seed=seed)
     train(model, case_data, epochs=EPOCHS, seed=seed, progress=False)
     case = Case(model, case_data, defender, evaluation, poisoned=poisoned, trigger=trigger, target=target,
-                epochs=EPOCHS, seed=seed, quick=True, nc_budget=spec["nc_budget"])
+                epochs=EPOCHS, seed=seed, quick=True, nc_budget=spec["nc_budget"], compare_analyses=True)
     train_seconds = round(time.perf_counter() - start, 1)
     rows = []
     for name in DETECTORS:
@@ -125,7 +125,7 @@ def run_model(spec: dict) -> list[dict]:
         rows.append({**{k: row.get(k) for k in FIELDS}, **{k: spec[k] for k in ("trigger", "rate", "target", "seed")},
                      "ca_before": row["ca_before"], "ca_after": row["ca_after"], "train_seconds": train_seconds,
                      **{k: row[k] for k in ("f1_by_analysis", "flagged_by_analysis", "f1_by_score",
-                                            "heldout_success_min", "pruned_fraction", "splits", "bimodality",
+                                            "heldout_success_min", "pruned_fraction", "splits", "tail",
                                             "mask_norms", "ca_after_every_class", "asr_after_every_class")
                         if k in row}})
     return rows
@@ -136,8 +136,7 @@ def _every_class_after(case) -> dict:
     from .retraining import retrain_without
     from .spectral_signatures import spectral_signatures
 
-    found = spectral_signatures(case.model, case.train_data, features=case.features, bimodality_threshold=None,
-                                progress=False)
+    found = spectral_signatures(case.model, case.train_data, features=case.features, progress=False)
     ca, asr = case.measure(retrain_without(case.train_data, found.flagged, epochs=case.epochs, arch=case.arch,
                                            seed=case.seed, device=case.device, progress=False).model)
     return {"ca_after_every_class": ca, "asr_after_every_class": asr}
@@ -191,7 +190,7 @@ def detection_value(row: dict) -> float | None:
 
 def false_alarm_rates(rows: list[dict]) -> dict[str, float]:
     """Per detector with a class verdict: the share of clean models on which it flagged anything
-    (Spectral Signatures' verdict is its bimodality class test)."""
+    (Spectral Signatures' verdict is its class test on trusted images)."""
     rates = {}
     for name in ("activation_clustering", "spectral_signatures", "neural_cleanse"):
         clean = [r for r in rows if r["trigger"] == "clean" and r["defense"] == name]

@@ -47,9 +47,9 @@ def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, 
         for ax, colors in ((top, suspect), (bottom, truth[split.indices].numpy())):
             ax.set_visible(True)
             ax.scatter(split.view[:, 0], split.view[:, 1], c=colors, s=2, cmap="coolwarm", vmin=0, vmax=1)
-        recognition = "-" if split.reclassification is None else f"{split.reclassification:.2f}"
+        trusted = "-" if split.trusted_share is None else f"{split.trusted_share[split.suspect]:.2f}"
         top.set_title(f"{_name(classes, split.label, 18)}{' - FLAGGED' if split.label in flagged else ''}\n"
-                      f"size {split.relative_size:.2f}, sil. {split.silhouette:.2f}, recog. {recognition}",
+                      f"size {split.relative_size:.2f}, sil. {split.silhouette:.2f}, trusted {trusted}",
                       fontsize=8)
         if i % columns == 0:
             top.set_ylabel("2-means\n(red: suspect)", fontsize=8)

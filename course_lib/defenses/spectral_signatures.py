@@ -50,76 +50,85 @@ import torch
 
 from ..checks import check_choice, check_dataset, check_float
 from ..data import ImageDataset
-from .activations import dataset_features
+from .activations import dataset_features, extract_features
 from .base import SampleDetection
 
 PAPER = "Tran, Li & Madry 2018"
 SCORES = ("one_sided", "squared")
-#: The kit's class test (see the module docstring); None removes from every class, as the paper does.
-BIMODALITY_THRESHOLD = 0.7
+#: The kit's class test (see the module docstring): the share of a class's training samples
+#: that project beyond every trusted clean image of the class, above which it is flagged.
+TAIL_THRESHOLD = 0.05
 
 
 @dataclass
 class SpectralSignaturesResult(SampleDetection):
-    """A :class:`~.base.SampleDetection` plus each class's ``bimodality`` (K,)."""
+    """A :class:`~.base.SampleDetection` plus each class's ``tail`` (K,): the share of its
+    training samples scored above every trusted image of the class (empty without trusted images)."""
 
-    bimodality: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    tail: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def spectral_signatures(model, data: ImageDataset, *, score: str = "one_sided", expected_fraction: float = 0.35,
-                        removal_factor: float = 1.5, bimodality_threshold: float | None = BIMODALITY_THRESHOLD,
-                        features: torch.Tensor | None = None, progress: bool = True) -> SpectralSignaturesResult:
+                        removal_factor: float = 1.5, clean_data: ImageDataset | None = None,
+                        tail_threshold: float = TAIL_THRESHOLD, features: torch.Tensor | None = None,
+                        progress: bool = True) -> SpectralSignaturesResult:
     """Score every sample of ``data`` and flag the top ``removal_factor * expected_fraction``
-    of each flagged class (every class when ``bimodality_threshold`` is None, as in the paper).
+    of each flagged class.
 
-    ``expected_fraction``: an upper bound on the poisoned share of a class (eps in the
-    paper; the default matches Activation Clustering's 35%). ``features``: precomputed
-    ``model.features`` of ``data``, to share with other detectors. Nothing is modified.
+    With ``clean_data`` (images the defender trusts, at least ``2 / tail_threshold`` of
+    every class) a class is flagged when more than ``tail_threshold`` of its training
+    samples score above all of its trusted images (the kit's class test); without it,
+    every class is, as in the paper. ``expected_fraction``: an upper bound on the poisoned
+    share of a class (eps in the paper; the default matches Activation Clustering's 35%).
+    ``features``: precomputed ``model.features`` of ``data``, to share with other detectors.
+    Nothing is modified.
     """
     check_dataset("data", data)
     check_choice("score", score, SCORES)
     check_float("expected_fraction", expected_fraction, 0.0, 1.0, low_open=True)
     check_float("removal_factor", removal_factor, 0.0, float("inf"), low_open=True)
-    if bimodality_threshold is not None:
-        check_float("bimodality_threshold", bimodality_threshold, 0.0, 1.0)
+    check_float("tail_threshold", tail_threshold, 0.0, 1.0, low_open=True)
+    if clean_data is not None:
+        check_dataset("clean_data", clean_data, like=data)
+        counts, needed = clean_data.class_counts(), int(2 / tail_threshold)
+        if int(counts.min()) < needed:
+            raise ValueError(f"clean_data must hold at least {needed} trusted images of every class (2 / "
+                             f"tail_threshold: fewer make the class test flag clean classes by chance), got "
+                             f"{[int(c) for c in counts]}")
     start = time.perf_counter()
     features = dataset_features(model, data, features, progress=progress).double()
+    trusted = None if clean_data is None else extract_features(model, clean_data.images, progress=False).double()
     scores = torch.zeros(len(data), dtype=torch.float64)
-    bimodality = torch.zeros(data.num_classes, dtype=torch.float64)
+    tail = torch.zeros(data.num_classes if trusted is not None else 0, dtype=torch.float64)
     flagged, chosen = [], []
     for label in range(data.num_classes):
         indices = (data.labels == label).nonzero().flatten()
         if len(indices) < 3:
             raise ValueError(f"data must hold at least 3 images in every class; class {label} has {len(indices)}")
-        projection = _top_direction_projection(features[indices])
-        scores[indices] = projection ** 2 if score == "squared" else _toward_minority(projection)
-        bimodality[label] = _bimodality_coefficient(projection)
-        if bimodality_threshold is None or bimodality[label] > bimodality_threshold:
+        own = features[indices]
+        mean, top = _top_direction(own)
+        sign = _toward_minority((own - mean) @ top)
+        projection = sign * ((own - mean) @ top)
+        scores[indices] = projection ** 2 if score == "squared" else projection
+        if trusted is not None:
+            reach = (sign * ((trusted[clean_data.labels == label] - mean) @ top)).max()
+            tail[label] = (projection > reach).double().mean()
+        if trusted is None or tail[label] > tail_threshold:
             count = min(len(indices), round(removal_factor * expected_fraction * len(indices)))
             flagged.append(label)
             chosen.append(indices[scores[indices].topk(count).indices])
     chosen = torch.cat(chosen + [torch.empty(0, dtype=torch.long)]).sort().values
     return SpectralSignaturesResult(PAPER, scores.float(), chosen, flagged, time.perf_counter() - start,
-                                    bimodality.float())
+                                    tail.float())
 
 
-def _top_direction_projection(activations: torch.Tensor) -> torch.Tensor:
-    """Projection of the centered activations on their top right singular vector."""
-    centered = activations - activations.mean(0)
-    top = torch.linalg.svd(centered, full_matrices=False).Vh[0]
-    return centered @ top
+def _top_direction(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class mean and the top right singular vector of the centered activations."""
+    mean = activations.mean(0)
+    return mean, torch.linalg.svd(activations - mean, full_matrices=False).Vh[0]
 
 
-def _toward_minority(projection: torch.Tensor) -> torch.Tensor:
-    """The projection with its sign chosen so that its skewed (minority) tail is positive."""
+def _toward_minority(projection: torch.Tensor) -> float:
+    """+1 or -1: the sign that makes the projection's skewed (minority) tail positive."""
     centered = projection - projection.mean()
-    return projection if (centered ** 3).mean() >= 0 else -projection
-
-
-def _bimodality_coefficient(x: torch.Tensor) -> float:
-    """Sarle's bimodality coefficient (skewness^2 + 1) / kurtosis of a 1-D sample."""
-    centered = x - x.mean()
-    m2, m3, m4 = (centered ** 2).mean(), (centered ** 3).mean(), (centered ** 4).mean()
-    if m2 == 0:
-        return 0.0
-    return float(((m3 / m2 ** 1.5) ** 2 + 1) / (m4 / m2 ** 2))
+    return 1.0 if (centered ** 3).mean() >= 0 else -1.0
