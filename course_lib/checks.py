@@ -49,6 +49,13 @@ def check_float(name: str, value, low: float, high: float, *, low_open: bool = F
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` is True or False (not 0, 1 or a string that looks like one)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     """``value`` is one of ``choices`` (e.g. a method name)."""
     if not isinstance(value, str):

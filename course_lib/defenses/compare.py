@@ -43,7 +43,7 @@ from ..metrics import attack_success_rate, clean_accuracy
 from .activation_clustering import MEASURED_ANALYSES, activation_clustering
 from .activations import extract_features
 from .fine_pruning import fine_prune, pruning_curve
-from .neural_cleanse import neural_cleanse, unlearn
+from .neural_cleanse import anomaly_index, neural_cleanse, unlearn
 from .retraining import retrain_without
 from .sanitization import isolation_forest_outliers, lecture_transform_sanitize
 from .scoring import detection_scores, mitigation_scores
@@ -71,7 +71,8 @@ PAPERS = {
     "lecture_batch_noise": "lecture (batch-level noise, no guarantee)",
 }
 # Neural Cleanse search budgets: the full one (Wang et al.'s scale) and a quick one for live runs
-NC_SETTINGS = {"full": {"n_images": 1000, "steps": 400}, "quick": {"n_images": 500, "steps": 200}}
+NC_SETTINGS = {"full": {"n_images": 700, "steps": 400}, "quick": {"n_images": 500, "steps": 200}}
+NC_HELDOUT = 600  # trusted images that judge each kept reversed trigger (fewer when the defender has few)
 
 
 @dataclass
@@ -241,15 +242,20 @@ def _neural_cleanse(case: Case):
     start = _clock()
     settings = NC_SETTINGS[case.nc_budget or ("quick" if case.quick else "full")]
     n_images = min(settings["n_images"], len(case.defender) // 2)
-    found = neural_cleanse(case.model, case.defender, n_images=n_images, steps=settings["steps"], seed=case.seed,
+    n_heldout = min(NC_HELDOUT, (len(case.defender) - n_images) // 2)  # the rest reports success
+    found = neural_cleanse(case.model, case.defender, n_images=n_images, n_heldout=n_heldout,
+                           steps=settings["steps"], seed=case.seed,
                            progress=case.progress)
     after = None
     if case.backdoored:
         after = case.before if not found.flagged else case.measure(unlearn(
             case.model, found, case.defender, epochs=2 if case.quick else 5, seed=case.seed, device=case.device,
             progress=case.progress).model)
+    linear = anomaly_index(found.norms)  # Wang et al.'s index, on the norms themselves, for comparison
     return _row(case, "neural_cleanse", start, after=after, flagged=found.flagged,
                 anomaly_index=[round(v, 2) for v in found.anomaly_index.tolist()],
+                flagged_linear=(linear > found.threshold).nonzero().flatten().tolist(),
+                anomaly_index_linear=[round(v, 2) for v in linear.tolist()],
                 mask_norms=[round(v, 1) for v in found.norms.tolist()],
                 heldout_success_min=round(found.success.min().item(), 4),
                 search_seconds=round(found.seconds, 1)), found

@@ -14,7 +14,8 @@ form a cluster of its own, so the matrix measured the training, not the defenses
 defender trusts 2,000 test images and CA/ASR are measured on 3,000 others. For the same
 time limit every defense runs with the quick budgets of a live notebook (``Case.quick``:
 Fine-Pruning and unlearning with 2 fine-tuning epochs), except Neural Cleanse, which
-keeps its full search (1,000 images x 400 steps; ``--fast``: 500 x 200). Spectral
+keeps its full search (700 images x 400 steps, 600 more to judge the kept triggers;
+``--fast``: 500 x 200). Spectral
 Signatures' paper variant (removal from every class, then retraining) is retrained on the
 5% models only. Models run in parallel worker processes, each limited to one thread (more
 threads than cores on a 2-core machine slows everything down).
@@ -125,7 +126,8 @@ def run_model(spec: dict) -> list[dict]:
         rows.append({**{k: row.get(k) for k in FIELDS}, **{k: spec[k] for k in ("trigger", "rate", "target", "seed")},
                      "ca_before": row["ca_before"], "ca_after": row["ca_after"], "train_seconds": train_seconds,
                      **{k: row[k] for k in ("f1_by_analysis", "flagged_by_analysis", "f1_by_score",
-                                            "heldout_success_min", "pruned_fraction", "splits", "tail",
+                                            "heldout_success_min", "pruned_fraction", "splits", "tail", "flagged_linear",
+                                            "anomaly_index_linear",
                                             "mask_norms", "ca_after_every_class", "asr_after_every_class")
                         if k in row}})
     return rows

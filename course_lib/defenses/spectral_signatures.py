@@ -21,25 +21,26 @@ Two scores (``score=``):
   budget, which takes 1.5 times the expected share) against 0.68-0.71 for the squared one,
   and retraining after its removal brought the ASR from 1.00 down to 0.01-0.02.
 
-The paper removes the top-scoring samples of *every* class: the projection alone does not
-say which class holds the poison (``bimodality_threshold=None``). That throws away half of
-each class (``1.5 * 0.35``), and the atypical half at that, since the top of every clean
-class's projection is its unusual images: on the detection matrix's 5% models clean
-accuracy fell from 0.89-0.91 to 0.68-0.76, and that weakened model sent 1-17% of the
-dirty-label families' triggered images to the target (checkerboard 0.11, blend 0.04).
-The kit therefore adds a class-level test that the paper does not have (the default): a
-class is flagged only when the projections on v form two groups, by Sarle's bimodality coefficient
-``(skewness^2 + 1) / kurtosis`` (about 0.33 for a normal distribution, up to 1 for two
-separated spikes), above ``BIMODALITY_THRESHOLD`` = 0.7. That threshold was set on the
-kit's checkerboard models. On the matrix no class without poison (the five clean models,
-and every class but the target in the others) scored above 0.66; the patch triggers and
-SIG at 5% and 10% scored 0.71-0.81, but the blend trigger only 0.695 at 5% (0.62 at 10%),
-square at 1% 0.68, the other 1% models 0.46-0.61 and WaNet 0.44-0.47 at every rate. A
-lower threshold would have caught the 5% blend model, but it would not hold: on the test
-suite's less-trained models (12,000 images, 2 epochs) the clean Shirt class scores
-0.67-0.69, so 0.7 stays and the blend backdoor survives the class test. The matrix
-reports both ways: ``f1_by_score`` (``"every_class"``) and, on the 5% models,
-``asr_after_every_class``.
+**Which classes.** The paper removes the top-scoring samples of *every* class: the
+projection alone does not say which class holds the poison (call without ``clean_data``).
+That throws away half of each class (``1.5 * 0.35``), and the atypical half at that, since
+the top of every clean class's projection is its unusual images: on the detection
+matrix's 5% models clean accuracy fell from 0.89-0.91 to 0.74-0.76, and that weakened
+model sent 4-11% of the dirty-label families' triggered images to the target. With the
+defender's trusted clean images (``clean_data``, as Neural Cleanse and STRIP use them) the
+kit adds a class test the paper does not have: project the trusted images of the class on
+the same direction, and flag the class when more than ``tail_threshold`` (5%) of its
+training samples lie beyond *every* trusted image. In a clean class training and trusted
+images are draws from one distribution, so few training samples pass the farthest of ~200
+trusted ones; poison, shifted along v by its trigger, passes it in bulk. On the 26 models
+of the matrix no class without poison exceeded 0.02; the patch triggers scored 0.08-0.09
+at 1% and 0.32-0.51 at 5% and 10%, blend 0.32 and 0.46 at 5% and 10%, SIG 0.14 and 0.21,
+WaNet 0.06 and 0.20 (and blend 1%, 0.01: its poison does not stand out along v). The
+threshold sits between the two groups; it needs enough trusted images per class
+(``2 / tail_threshold`` at least: with n of them, about 1 / (n + 1) of a clean class lies
+beyond the farthest by chance). Before it, the kit used a bimodality test on the
+projection alone (Sarle's coefficient above 0.7), which missed the 5% blend model (0.695,
+with clean classes up to 0.69).
 """
 from __future__ import annotations
 
