@@ -97,7 +97,7 @@ def plot_anomaly_index(results: dict[str, NeuralCleanseResult], classes=None):
     ax.axhline(threshold, color="red", linestyle=":", label=f"flag threshold {threshold:g}")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(x, [_name(classes, label, 11) for label in range(k)], fontsize=8)
-    ax.set_ylabel("anomaly index of |m|1\n(robust std. devs below median)")
+    ax.set_ylabel("anomaly index of log |m|1\n(robust std. devs below median)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Neural Cleanse: a label is flagged when its bar rises above the threshold", fontsize=10)
     fig.tight_layout()
