@@ -402,6 +402,10 @@ def test_bad_inputs_raise_errors_naming_the_argument(lab):
         spectral_signatures(model, data, score="cubed")
     with pytest.raises(ValueError, match="clean_data must hold at least 40 trusted images of every class"):
         spectral_signatures(model, data, clean_data=defender.subset(range(100)), progress=False)
+    with pytest.raises(ValueError, match="clean_data must hold at least 50 trusted images of every class"):
+        activation_clustering(model, data, clean_data=defender.subset(range(300)), progress=False)
+    with pytest.raises(ValueError, match="^also must be one of"):
+        activation_clustering(model, data, clean_data=defender, also=("magic",), progress=False)
     with pytest.raises(TypeError, match="also must be a tuple"):
         activation_clustering(model, data, clean_data=defender, also="exclusionary", progress=False)
     with pytest.raises(ValueError, match="trusted_threshold"):

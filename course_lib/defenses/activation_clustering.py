@@ -40,7 +40,11 @@ The kit adds a fourth analysis, with the same trusted images and no training run
   trusted Shirts as training Shirts: a ratio near 1. A poison cluster holds images that
   no clean image of the label resembles: a ratio near 0. Poisoned when a cluster's ratio
   is at most ``trusted_threshold`` (0.5: populated half as much by clean images as by
-  training images). The same question as exclusionary reclassification ("is this cluster
+  training images). It needs at least ``MIN_TRUSTED_PER_CLASS`` (50) trusted images of
+  every class: a clean cluster holding 23% of its class (the smallest on the detection
+  matrix) falls to half its share by chance with probability 1.9% with 50 trusted images
+  (binomial), 0.2% with 100, 0.002% with 200 (the matrix and notebook 6 have about 200).
+  The same question as exclusionary reclassification ("is this cluster
   a genuine part of its label?"), answered from the clean data directly: it needs no
   retraining, does not depend on which cluster is smaller, and a hard subclass like the
   Shirts does not fool it. Using a small trusted set to model how a clean class varies is
@@ -54,7 +58,8 @@ statistics, ``splits``; the README has the table):
 - ``"trusted"``: the poison clusters of the checkerboard, square and four-corner models at
   every rate, of the blend and SIG models at 5% and 10% and of the 5% clean-label model
   scored 0.00-0.02, WaNet 0.47 (5%) and 0.11 (10%); no cluster of a class without poison,
-  on any of the 26 models, scored under 0.84. F1 0.95-1.00 on the patch families at every
+  on any of the 26 models, scored under 0.84. The threshold 0.5 sits in that gap, with
+  one poison cluster close to it (WaNet 5%, 0.47: flagged, F1 0.83). F1 0.95-1.00 on the patch families at every
   rate and 0.97-0.99 on blend at 5% and 10%, no class flagged on a clean model.
 - ``"silhouette+exclusionary"`` (the previous default): F1 0.95-1.00 on the patch
   families, no class flagged on a clean model, but F1 0 on every blend, SIG and WaNet
@@ -80,7 +85,7 @@ every class looks poisoned.
 Exclusionary reclassification costs two extra training runs (all classes share them),
 run with ``epochs``, ``arch`` and ``device`` like the victim; ``also=("exclusionary",)``
 computes it beside another deciding analysis, as the matrix does. A label absent from
-``clean_data`` cannot be calibrated: its clusters count as genuine. The size analysis, by
+``clean_data`` cannot be calibrated by reclassification: its clusters count as recognized. The size analysis, by
 its definition, still assumes the poison is the smaller cluster.
 """
 from __future__ import annotations
@@ -112,6 +117,8 @@ DEFAULT_ANALYSIS = "trusted"
 MEASURED_ANALYSES = ("size", "silhouette", "exclusionary", "silhouette+exclusionary", "trusted")
 #: The analyses that need the defender's trusted clean images (``clean_data``).
 CALIBRATED = ("exclusionary", "trusted")
+#: Trusted images of every class the trusted-share analysis needs (see the module docstring).
+MIN_TRUSTED_PER_CLASS = 50
 
 
 @dataclass
@@ -188,11 +195,12 @@ class ActivationClusteringResult(SampleDetection):
         return torch.cat(parts + [torch.empty(0, dtype=torch.long)]).sort().values
 
 
-def _parse(analysis) -> list[str]:
-    """``"silhouette+exclusionary"`` -> ``["silhouette", "exclusionary"]``, each checked."""
+def _parse(analysis, name: str = "analysis") -> list[str]:
+    """``"silhouette+exclusionary"`` -> ``["silhouette", "exclusionary"]``, each checked
+    (an error names the argument ``name``)."""
     if not isinstance(analysis, str):
-        raise TypeError(f"analysis must be one of {ANALYSES} or several joined by '+', got {analysis!r}")
-    return [check_choice("analysis", part, ANALYSES) for part in analysis.split("+")]
+        raise TypeError(f"{name} must be one of {ANALYSES} or several joined by '+', got {analysis!r}")
+    return [check_choice(name, part, ANALYSES) for part in analysis.split("+")]
 
 
 def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_ANALYSIS, reducer: str = "pca",
@@ -218,7 +226,7 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
     analyses = _parse(analysis)
     if isinstance(also, str) or not isinstance(also, (tuple, list)):
         raise TypeError(f"also must be a tuple of analyses among {ANALYSES}, got {also!r}")
-    computed = set(analyses) | {part for extra in also for part in _parse(extra)}
+    computed = set(analyses) | {part for extra in also for part in _parse(extra, "also")}
     check_model(model, "features")
     check_choice("reducer", reducer, REDUCERS)
     check_int("n_components", n_components, 2)
@@ -233,6 +241,11 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
             raise ValueError(f"clean_data is required by the {' and '.join(calibrated)} analysis (trusted clean "
                              f"images calibrate its verdict); give it, or choose another analysis, got {analysis!r}")
         check_dataset("clean_data", clean_data, like=data)
+        trusted_counts = clean_data.class_counts()
+        if "trusted" in computed and int(trusted_counts.min()) < MIN_TRUSTED_PER_CLASS:
+            raise ValueError(f"clean_data must hold at least {MIN_TRUSTED_PER_CLASS} trusted images of every class "
+                             f"for the trusted analysis (fewer let a clean cluster look empty by chance), got "
+                             f"{[int(c) for c in trusted_counts]}")
     start = time.perf_counter()
     features = dataset_features(model, data, features, progress=progress)
     counts = data.class_counts()
@@ -250,8 +263,7 @@ def activation_clustering(model, data: ImageDataset, *, analysis: str = DEFAULT_
     poisoned_by = {"size": [s.label for s in splits if s.relative_size <= size_threshold],
                    "silhouette": [s.label for s in splits if s.silhouette >= silhouette_threshold]}
     if "trusted" in computed:
-        poisoned_by["trusted"] = [s.label for s in splits
-                                  if s.trusted_share is not None and min(s.trusted_share) <= trusted_threshold]
+        poisoned_by["trusted"] = [s.label for s in splits if min(s.trusted_share) <= trusted_threshold]
     if "exclusionary" in computed:
         _reclassify(splits, data, clean_data, epochs=epochs, arch=arch, device=device, seed=seed,
                     progress=progress)
@@ -293,10 +305,8 @@ def _split_class(features, labels, label, reducer, n_components, seed, trusted=N
                        float(clusters.mean()), _silhouette(variance_view, clusters, seed))
     if trusted is not None:
         own = trusted[0][trusted[1] == label].double().numpy()
-        if len(own):
-            placed = (kmeans.predict(reduction.transform(own)) == smaller).astype(int)
-            split.trusted_share = tuple(float((placed == which).mean() / (clusters == which).mean())
-                                        for which in (0, 1))
+        placed = (kmeans.predict(reduction.transform(own)) == smaller).astype(int)
+        split.trusted_share = tuple(float((placed == which).mean() / (clusters == which).mean()) for which in (0, 1))
     return split
 
 
