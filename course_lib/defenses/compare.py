@@ -70,9 +70,13 @@ PAPERS = {
     "dp_sgd": "Abadi et al. 2016 (Opacus)",
     "lecture_batch_noise": "lecture (batch-level noise, no guarantee)",
 }
-# Neural Cleanse search budgets: the full one (Wang et al.'s scale) and a quick one for live runs
-NC_SETTINGS = {"full": {"n_images": 700, "steps": 400}, "quick": {"n_images": 500, "steps": 200}}
-NC_HELDOUT = 600  # trusted images that judge each kept reversed trigger (fewer when the defender has few)
+# Neural Cleanse search budgets: the full one (Wang et al.'s scale) and a quick one for live runs.
+# ``n_heldout``: trusted images that judge each kept reversed trigger (fewer when the defender
+# has few). The full budget judges on 1,500: the smallest of many candidate masks that passes a
+# small sample tends to pass it by luck, and with 600 the kept triggers' success on other images
+# fell to 0.983-0.994 for the weakest label of a model (see neural_cleanse's docstring).
+NC_SETTINGS = {"full": {"n_images": 700, "steps": 400, "n_heldout": 1500},
+               "quick": {"n_images": 500, "steps": 200, "n_heldout": 600}}
 
 
 @dataclass
@@ -242,7 +246,7 @@ def _neural_cleanse(case: Case):
     start = _clock()
     settings = NC_SETTINGS[case.nc_budget or ("quick" if case.quick else "full")]
     n_images = min(settings["n_images"], len(case.defender) // 2)
-    n_heldout = min(NC_HELDOUT, (len(case.defender) - n_images) // 2)  # the rest reports success
+    n_heldout = min(settings["n_heldout"], (len(case.defender) - n_images) // 2)  # the rest reports success
     found = neural_cleanse(case.model, case.defender, n_images=n_images, n_heldout=n_heldout,
                            steps=settings["steps"], seed=case.seed,
                            progress=case.progress)

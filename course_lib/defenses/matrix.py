@@ -11,11 +11,11 @@ The models are trained on a **subset** of Fashion-MNIST (20,000 training images,
 matrix fits in 30 minutes on 2 cores. Not less: on 10,000 images and 2 epochs the 1%
 backdoors did not take (checkerboard ASR 0.04) and the 5% blend model's poison did not
 form a cluster of its own, so the matrix measured the training, not the defenses. The
-defender trusts 2,000 test images and CA/ASR are measured on 3,000 others. For the same
+defender trusts 4,000 test images and CA/ASR are measured on 3,000 others. For the same
 time limit every defense runs with the quick budgets of a live notebook (``Case.quick``:
 Fine-Pruning and unlearning with 2 fine-tuning epochs), except Neural Cleanse, which
-keeps its full search (700 images x 400 steps, 600 more to judge the kept triggers;
-``--fast``: 500 x 200). Spectral
+keeps its full search (700 images x 400 steps, 1,500 more to judge the kept triggers,
+1,000 others to report their success; ``--fast``: 500 x 200, judged on 600). Spectral
 Signatures' paper variant (removal from every class, then retraining) is retrained on the
 5% models only. Models run in parallel worker processes, each limited to one thread (more
 threads than cores on a 2-core machine slows everything down).
@@ -53,7 +53,7 @@ PLANS = {
     "fast": {"families": ("checkerboard", "blend", "wanet"), "rates": (0.05,), "clean_seeds": (0, 1),
              "train_images": 10_000, "nc_budget": "quick"},
 }
-DEFENDER_IMAGES, EVAL_IMAGES, EPOCHS = 2000, 3000, 3
+DEFENDER_IMAGES, EVAL_IMAGES, EPOCHS = 4000, 3000, 3
 
 
 def family_trigger(family: str):
