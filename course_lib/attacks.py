@@ -24,7 +24,7 @@ import copy
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

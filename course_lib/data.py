@@ -103,7 +103,7 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
-    def subset(self, indices) -> "ImageDataset":
+    def subset(self, indices) -> ImageDataset:
         """The images at ``indices`` (a list, array, index tensor or boolean mask)."""
         idx = torch.as_tensor(indices)
         if idx.dtype == torch.bool:
@@ -116,13 +116,13 @@ class ImageDataset:
         return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.name)
 
     def replace(self, *, images: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> "ImageDataset":
+                labels: torch.Tensor | None = None) -> ImageDataset:
         """A new dataset with the same classes and name but other images and/or labels."""
         return ImageDataset(self.images if images is None else images,
                             self.labels if labels is None else labels,
                             self.classes, self.name)
 
-    def split(self, n_first: int, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
+    def split(self, n_first: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """Shuffle with ``seed`` and cut into ``n_first`` images and the rest."""
         if not 0 < n_first < len(self):
             raise ValueError(f"n_first must be in [1, {len(self) - 1}], got {n_first}")

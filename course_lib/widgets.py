@@ -21,7 +21,7 @@ import base64
 import html
 import io
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ipywidgets as w
 import numpy as np

@@ -138,7 +138,6 @@ class Course:
     def sanitized(self, student: str, name: str):
         """The student's notebook after nbgrader's sanitizing steps (instructor's test cells
         and locked cells restored from the gradebook), or None if it was not handed in."""
-        from nbconvert.preprocessors import ClearOutputPreprocessor  # noqa: F401 (nbgrader's ClearOutput wraps it)
         from nbgrader.preprocessors import (CheckCellMetadata, ClearOutput, DeduplicateIds, OverwriteCells,
                                             OverwriteKernelspec)
         path = self.root / self.coursedir.submitted_directory / student / self.assignment / f"{name}.ipynb"

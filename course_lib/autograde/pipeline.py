@@ -34,7 +34,7 @@ class Settings:
     """How a notebook is run: time limit per cell, the sandbox's limits, and the unsafe switch."""
 
     cell_timeout: float = 120.0
-    limits: sandbox.Limits = sandbox.Limits()
+    limits: sandbox.Limits = field(default_factory=sandbox.Limits)
     unsafe_no_sandbox: bool = False
 
 
@@ -55,7 +55,7 @@ class NotebookResult:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> "NotebookResult":
+    def from_json(cls, text: str) -> NotebookResult:
         data = json.loads(text)
         data["verdicts"] = {k: Verdict(**v) for k, v in data["verdicts"].items()}
         return cls(**data)

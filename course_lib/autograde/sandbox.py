@@ -50,9 +50,9 @@ SANDBOX_ROOT = Path("/sandbox")            # where the scratch folder appears in
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "passwd", "group",
              "localtime", "fonts", "hosts")
 UNSAFE_LOSSES = (
-    "the student's code runs with your user's rights: it can read the answer key and the reference "
-    "model, rewrite the gradebook, other submissions and your IPython profile, reach the network, "
-    "and leave processes running after grading",
+    ("the student's code runs with your user's rights: it can read the answer key and the reference "
+     "model, rewrite the gradebook, other submissions and your IPython profile, reach the network, "
+     "and leave processes running after grading"),
 )
 
 

@@ -210,25 +210,35 @@ def to_markdown(rows: list[dict]) -> str:
     for row in rows:
         by_model.setdefault(model_name(row), {})[row["defense"]] = row
     for name, cells in by_model.items():
-        any_row = next(iter(cells.values()))
-        get = lambda d, k: cells.get(d, {}).get(k)  # noqa: E731
-        f = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
-        target = any_row["target"]
-        nc_flagged = get("neural_cleanse", "flagged")
-        lines.append(
-            f"| {name} | {f(any_row['ca_before'], 3)} | {f(any_row['asr_before'], 3)} | "
-            f"{f(get('activation_clustering', 'f1'))} ({_labels(get('activation_clustering', 'flagged'))}) | "
-            f"{f(get('spectral_signatures', 'f1'))} / {f(get('spectral_signatures', 'asr_after'))} | "
-            f"{f(get('isolation_forest_features', 'f1'))} | "
-            f"{_labels(nc_flagged)}{'' if target is None else f' ({target})'} | "
-            f"{f(get('strip', 'far'))} / {f(get('strip', 'frr'))} | {f(get('fine_pruning', 'asr_after'))} | "
-            + " / ".join(f(get(d, "asr_after")) for d in ("activation_clustering", "spectral_signatures",
-                                                          "isolation_forest_features", "neural_cleanse")) + " |")
+        lines.append(_markdown_line(name, cells))
     rates = false_alarm_rates(rows)
     lines.append("")
     lines.append("False alarms over the clean models (share of clean models with any class or label flagged): "
                  + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()) + ".")
     return "\n".join(lines)
+
+
+def _markdown_line(name: str, cells: dict[str, dict]) -> str:
+    """One model's line of :func:`to_markdown`; ``cells`` maps a defense to its row."""
+    def get(defense, key):
+        return cells.get(defense, {}).get(key)
+
+    any_row = next(iter(cells.values()))
+    target = any_row["target"]
+    return (f"| {name} | {_number(any_row['ca_before'], 3)} | {_number(any_row['asr_before'], 3)} | "
+            f"{_number(get('activation_clustering', 'f1'))} ({_labels(get('activation_clustering', 'flagged'))}) | "
+            f"{_number(get('spectral_signatures', 'f1'))} / {_number(get('spectral_signatures', 'asr_after'))} | "
+            f"{_number(get('isolation_forest_features', 'f1'))} | "
+            f"{_labels(get('neural_cleanse', 'flagged'))}{'' if target is None else f' ({target})'} | "
+            f"{_number(get('strip', 'far'))} / {_number(get('strip', 'frr'))} | "
+            f"{_number(get('fine_pruning', 'asr_after'))} | "
+            + " / ".join(_number(get(d, "asr_after")) for d in ("activation_clustering", "spectral_signatures",
+                                                                "isolation_forest_features", "neural_cleanse"))
+            + " |")
+
+
+def _number(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _labels(values) -> str:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Trigger, check_int, check_location, place
+from ..checks import check_int
+from .base import Trigger, check_location, place
 
 
 class DynamicTrigger(Trigger):

@@ -19,7 +19,6 @@ import numbers
 
 import torch
 
-from ..checks import check_float, check_int  # noqa: F401  (the trigger modules import them from here)
 
 #: Named places for a square trigger; an ``(x, y)`` pair (column, row of the
 #: square's top-left pixel) is accepted too.

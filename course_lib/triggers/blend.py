@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Trigger, check_float, check_int
+from ..checks import check_float, check_int
+from .base import Trigger
 
 
 class BlendTrigger(Trigger):

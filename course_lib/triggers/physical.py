@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import Trigger, check_float, check_int, check_location, place
+from ..checks import check_float, check_int
+from .base import Trigger, check_location, place
 
 
 def paste_at_random(batch: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -100,7 +101,7 @@ class PhysicalPatch(Trigger):
 
     def optimize(self, model: torch.nn.Module, data, target: int, steps: int = 200,
                  batch_size: int = 64, lr: float = 0.05, seed: int = 0,
-                 progress: bool = True) -> "PhysicalPatch":
+                 progress: bool = True) -> PhysicalPatch:
         """Train the patch so that ``model`` predicts ``target`` on patched real images.
 
         Each step samples ``batch_size`` images from ``data`` (an ImageDataset or an

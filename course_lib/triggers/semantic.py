@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .base import Trigger, check_float, check_int
+from ..checks import check_float, check_int
+from .base import Trigger
 
 
 class BrightnessTrigger(Trigger):

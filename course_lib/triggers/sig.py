@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from .base import Trigger, check_float
+from ..checks import check_float
+from .base import Trigger
 
 
 class SIGTrigger(Trigger):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Trigger, check_float, check_int
+from ..checks import check_float, check_int
+from .base import Trigger
 
 
 class WaNetTrigger(Trigger):
