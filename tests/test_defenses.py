@@ -3,7 +3,7 @@
 The fixture trains five models on a 12,000-image subset for 2 epochs: BadNets with the
 kit's 3x3 checkerboard (5% of the set relabeled to class 0), with a solid 3x3 square in
 the top-left corner (5%, to class 2), with 3x3 squares in the four corners (5%, to class
-3; Neural Cleanse's second family, since it misses the solid square, as the matrix shows),
+3; Neural Cleanse's second family: four separate patches make a mask of four parts),
 a checkerboard on 12% of the set (to class 5: more poison than real Sandals), and a clean
 model. Every
 detector and mitigation must hold on both backdoors, not only on the kit's own trigger;
@@ -205,7 +205,7 @@ def test_chance_false_alarm_rate_of_the_mad_rule():
     assert chance_false_alarm_rate(30, 2.0, trials=20_000) > rate
 
 
-@pytest.mark.parametrize("family", ("checkerboard", "corners"))  # the matrix: NC misses the solid square
+@pytest.mark.parametrize("family", ("checkerboard", "corners"))
 def test_neural_cleanse_reverses_the_planted_trigger_with_triggers_that_hold_out(lab, family):
     run = lab["runs"][family]
     target = run.poison.target

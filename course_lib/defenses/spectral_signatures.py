@@ -32,13 +32,14 @@ defender's trusted clean images (``clean_data``, as Neural Cleanse and STRIP use
 kit adds a class test the paper does not have: project the trusted images of the class on
 the same direction, and flag the class when more than ``tail_threshold`` (5%) of its
 training samples lie beyond *every* trusted image. In a clean class training and trusted
-images are draws from one distribution, so few training samples pass the farthest of ~200
-trusted ones; poison, shifted along v by its trigger, passes it in bulk. On the 26 models
-of the matrix no class without poison exceeded 0.02; the patch triggers scored 0.08-0.09
-at 1% and 0.32-0.51 at 5% and 10%, blend 0.32 and 0.46 at 5% and 10%, SIG 0.14 and 0.21,
-WaNet 0.06 and 0.20 (and blend 1%, 0.01: its poison does not stand out along v). The
-threshold sits between the two groups, with one poisoned class close to it (WaNet 5%,
-0.06: flagged); it needs enough trusted images per class
+images are draws from one distribution, so few training samples pass the farthest of a few
+hundred trusted ones; poison, shifted along v by its trigger, passes it in bulk. On the 26
+models of the matrix no class without poison exceeded 0.02 with ~200 trusted images per
+class, 0.011 with ~400 (the latest run); the patch triggers scored 0.08-0.09 at 1% and
+0.32-0.51 at 5% and 10%, blend 0.32 and 0.46 at 5% and 10%, SIG 0.14 and 0.21, WaNet 0.20
+at 10% (and blend 1%, 0.01: its poison does not stand out along v). The threshold sits
+between the two groups, with one poisoned class on it: WaNet 5% scored 0.06 (flagged) with
+~200 trusted images and 0.04 (missed) with ~400. It needs enough trusted images per class
 (``2 / tail_threshold`` at least: with n of them, about 1 / (n + 1) of a clean class lies
 beyond the farthest by chance). Before it, the kit used a bimodality test on the
 projection alone (Sarle's coefficient above 0.7), which missed the 5% blend model (0.695,
