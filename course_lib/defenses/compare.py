@@ -262,6 +262,7 @@ def _neural_cleanse(case: Case):
                 anomaly_index_linear=[round(v, 2) for v in linear.tolist()],
                 mask_norms=[round(v, 1) for v in found.norms.tolist()],
                 heldout_success_min=round(found.success.min().item(), 4),
+                heldout_success=[round(v, 4) for v in found.success.tolist()],
                 search_seconds=round(found.seconds, 1)), found
 
 

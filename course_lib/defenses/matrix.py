@@ -127,9 +127,9 @@ def run_model(spec: dict) -> list[dict]:
         rows.append({**{k: row.get(k) for k in FIELDS}, **{k: spec[k] for k in ("trigger", "rate", "target", "seed")},
                      "ca_before": row["ca_before"], "ca_after": row["ca_after"], "train_seconds": train_seconds,
                      **{k: row[k] for k in ("f1_by_analysis", "flagged_by_analysis", "f1_by_score",
-                                            "heldout_success_min", "pruned_fraction", "splits", "tail",
-                                            "flagged_linear", "anomaly_index_linear", "mask_norms",
-                                            "ca_after_every_class", "asr_after_every_class")
+                                            "heldout_success_min", "heldout_success", "pruned_fraction",
+                                            "splits", "tail", "flagged_linear", "anomaly_index_linear",
+                                            "mask_norms", "ca_after_every_class", "asr_after_every_class")
                         if k in row}})
     return rows
 
