@@ -1,5 +1,4 @@
 """The homework's model zoo, built on small synthetic data: layout, secrecy, fingerprints, determinism."""
-import copy
 import hashlib
 import json
 
