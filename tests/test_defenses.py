@@ -205,6 +205,17 @@ def test_chance_false_alarm_rate_of_the_mad_rule():
     assert chance_false_alarm_rate(30, 2.0, trials=20_000) > rate
 
 
+def test_the_neural_cleanse_runner_reports_every_labels_held_out_success(lab):
+    # The bench, the matrix and notebook 6 read Neural Cleanse's row; it must carry the reversed
+    # triggers' success on held-out images, label by label, as the result measured it.
+    row, found = compare.run_defense("neural_cleanse", case_of(lab, "checkerboard"))
+    found = found["backdoored"]
+    assert row["heldout_success"] == [round(v, 4) for v in found.success.tolist()]
+    assert len(row["heldout_success"]) == lab["defender"].num_classes
+    assert row["heldout_success_min"] == min(row["heldout_success"]) >= 0.98
+    assert row["flagged"] == found.flagged
+
+
 @pytest.mark.parametrize("family", ("checkerboard", "corners"))
 def test_neural_cleanse_reverses_the_planted_trigger_with_triggers_that_hold_out(lab, family):
     run = lab["runs"][family]

@@ -46,7 +46,7 @@ from .fine_pruning import fine_prune, pruning_curve
 from .neural_cleanse import anomaly_index, neural_cleanse, unlearn
 from .retraining import retrain_without
 from .sanitization import isolation_forest_outliers, lecture_transform_sanitize
-from .scoring import detection_scores, mitigation_scores
+from .scoring import detection_scores, format_cell, mitigation_scores
 from .spectral_signatures import spectral_signatures
 from .strip import fit_strip
 
@@ -402,16 +402,6 @@ def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | No
     return rows
 
 
-def _cell(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, list):
-        return "none" if not value else ", ".join(map(str, value))
-    return str(value)
-
-
 def to_markdown(results: list[dict]) -> str:
     """The comparison as a markdown table (rates as fractions, seconds of wall time)."""
     header = ("| Defense | Paper | TPR | FPR | F1 | Flagged (backdoored) | Flagged (clean model) | "
@@ -421,11 +411,12 @@ def to_markdown(results: list[dict]) -> str:
         if row["defense"] == "setup":
             continue
         lines.append(
-            f"| {row['defense']} | {row['paper']} | {_cell(row['tpr'])} | {_cell(row['fpr'], 3)} | "
-            f"{_cell(row['f1'])} | {_cell(row['flagged'])} | {_cell(row['flagged_on_clean_model'])} | "
-            f"{_cell(row['ca_before'], 3)} -> {_cell(row['ca_after'], 3)} | "
-            f"{_cell(row['asr_before'], 3)} -> {_cell(row['asr_after'], 3)} | "
-            f"{_cell(row['mitigation_score'], 1)} | {row['seconds']:.0f} |")
+            f"| {row['defense']} | {row['paper']} | {format_cell(row['tpr'])} | {format_cell(row['fpr'], 3)} | "
+            f"{format_cell(row['f1'])} | {format_cell(row['flagged'])} | "
+            f"{format_cell(row['flagged_on_clean_model'])} | "
+            f"{format_cell(row['ca_before'], 3)} -> {format_cell(row['ca_after'], 3)} | "
+            f"{format_cell(row['asr_before'], 3)} -> {format_cell(row['asr_after'], 3)} | "
+            f"{format_cell(row['mitigation_score'], 1)} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 

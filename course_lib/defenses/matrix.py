@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from ..checks import check_int
+from .scoring import format_cell
 
 FAMILIES = ("checkerboard", "square", "blend", "sig", "wanet", "corners", "clean_label")
 DETECTORS = ("activation_clustering", "spectral_signatures", "isolation_forest_features", "neural_cleanse",
@@ -221,31 +222,18 @@ def to_markdown(rows: list[dict]) -> str:
 
 def _markdown_line(name: str, cells: dict[str, dict]) -> str:
     """One model's line of :func:`to_markdown`; ``cells`` maps a defense to its row."""
-    def get(defense, key):
-        return cells.get(defense, {}).get(key)
+    def cell(defense, key, digits=2):
+        return format_cell(cells.get(defense, {}).get(key), digits)
 
     any_row = next(iter(cells.values()))
-    target = any_row["target"]
-    return (f"| {name} | {_number(any_row['ca_before'], 3)} | {_number(any_row['asr_before'], 3)} | "
-            f"{_number(get('activation_clustering', 'f1'))} ({_labels(get('activation_clustering', 'flagged'))}) | "
-            f"{_number(get('spectral_signatures', 'f1'))} / {_number(get('spectral_signatures', 'asr_after'))} | "
-            f"{_number(get('isolation_forest_features', 'f1'))} | "
-            f"{_labels(get('neural_cleanse', 'flagged'))}{'' if target is None else f' ({target})'} | "
-            f"{_number(get('strip', 'far'))} / {_number(get('strip', 'frr'))} | "
-            f"{_number(get('fine_pruning', 'asr_after'))} | "
-            + " / ".join(_number(get(d, "asr_after")) for d in ("activation_clustering", "spectral_signatures",
-                                                                "isolation_forest_features", "neural_cleanse"))
-            + " |")
-
-
-def _number(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _labels(values) -> str:
-    if values is None:
-        return "-"
-    return "none" if not values else ",".join(map(str, values))
+    target = "" if any_row["target"] is None else f" ({any_row['target']})"
+    after = " / ".join(cell(d, "asr_after") for d in ("activation_clustering", "spectral_signatures",
+                                                       "isolation_forest_features", "neural_cleanse"))
+    return (f"| {name} | {format_cell(any_row['ca_before'], 3)} | {format_cell(any_row['asr_before'], 3)} | "
+            f"{cell('activation_clustering', 'f1')} ({cell('activation_clustering', 'flagged')}) | "
+            f"{cell('spectral_signatures', 'f1')} / {cell('spectral_signatures', 'asr_after')} | "
+            f"{cell('isolation_forest_features', 'f1')} | {cell('neural_cleanse', 'flagged')}{target} | "
+            f"{cell('strip', 'far')} / {cell('strip', 'frr')} | {cell('fine_pruning', 'asr_after')} | {after} |")
 
 
 def plot(rows: list[dict]):

@@ -54,3 +54,15 @@ def mitigation_scores(*, ca_before: float, ca_after: float, asr_before: float, a
     ca_drop, asr_reduction = ca_before - ca_after, asr_before - asr_after
     return {"ca_drop": ca_drop, "asr_reduction": asr_reduction,
             "mitigation_score": asr_reduction / max(ca_drop, min_drop)}
+
+
+def format_cell(value, digits: int = 2) -> str:
+    """One cell of a report table (``bench defenses``, the detection matrix): "-" for a value
+    not measured, a float to ``digits`` places, a list of labels as "none" or "0, 1, 6"."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, list):
+        return "none" if not value else ", ".join(map(str, value))
+    return str(value)
