@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from course_lib.defenses import compare, matrix
@@ -59,10 +60,11 @@ def shared_dirs(tmp_path_factory):
 
 
 def execute(path: Path, results_dir: Path, cache_dir: Path) -> tuple[nbformat.NotebookNode, float]:
-    """Run ``path`` in its folder with injected result/cache folders; return it and its wall time."""
+    """Run ``path`` in its folder with injected result/cache folders and the reference answers of its
+    exercises filled in (:func:`with_reference_answers`); return it and its wall time."""
     from nbclient import NotebookClient
 
-    nb = nbformat.read(path, as_version=4)
+    nb = with_reference_answers(nbformat.read(path, as_version=4), path.stem)
     where = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     injected = nbformat.v4.new_code_cell(f'RESULTS_DIR = "{results_dir}"\nCACHE_DIR = "{cache_dir}"')
     injected.metadata["tags"] = ["injected-parameters"]
@@ -71,6 +73,79 @@ def execute(path: Path, results_dir: Path, cache_dir: Path) -> tuple[nbformat.No
     NotebookClient(nb, timeout=LIMIT_S, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     return nb, time.perf_counter() - start
+
+
+# The exercises (course_lib/exercises.py documents the convention).
+
+def exercise_cells(nb) -> list[tuple[str, int]]:
+    """(exercise id, index of its check cell) for every answer cell tagged ``exercise``."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if "exercise" in cell.metadata.get("tags", []):
+            name = cell.metadata["exercise"]
+            check = next(j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code")
+            assert f'check("{name}"' in nb.cells[check].source, f"the cell after answer cell {name} must check it"
+            found.append((name, check))
+    return found
+
+
+def solutions_of(stem: str) -> dict:
+    from course_lib.exercises import load_solutions
+    return load_solutions(ROOT / "solutions" / "lecture" / f"{stem}.py")
+
+
+def with_reference_answers(nb, stem: str):
+    """The notebook with each answer cell replaced by its reference answer and, at the end, each wrong
+    answer followed by a copy of its check cell (at the end, so that no wrong answer reaches a later cell)."""
+    exercises = exercise_cells(nb)
+    if not exercises:
+        return nb
+    solutions = solutions_of(stem)
+    checks = {name: nb.cells[at].source for name, at in exercises}
+    for cell in nb.cells:
+        if "exercise" in cell.metadata.get("tags", []):
+            cell.source = solutions[cell.metadata["exercise"]]["answer"]
+    for name, _ in exercises:
+        wrong = nbformat.v4.new_code_cell(solutions[name]["wrong"] + "\n" + checks[name])
+        wrong.metadata.update(tags=["exercise-wrong"], exercise=name)
+        nb.cells.append(wrong)
+    return nb
+
+
+def check_exercises(nb, stem: str) -> None:
+    """Each reference answer passes its check; each wrong answer fails it, with the message the solutions expect."""
+    solutions = solutions_of(stem)
+    for name, at in exercise_cells(nb):
+        assert f"✔ {name}: right." in text_of(nb.cells[at]), f"the reference answer of {name} fails its check"
+    for cell in nb.cells:
+        if "exercise-wrong" in cell.metadata.get("tags", []):
+            name, shown = cell.metadata["exercise"], text_of(cell)
+            assert f"✘ {name}: not yet." in shown, f"a wrong answer to {name} passes its check"
+            assert solutions[name]["wrong_says"] in shown, shown
+
+
+def text_of(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_ends_with_exercises_whose_answers_live_in_solutions(path):
+    """2-4 exercises at the end (checked ones and open questions); every one has its reference answer in
+    solutions/lecture/, none in the notebook; the check cells use the one checker, course_lib.exercises."""
+    nb = nbformat.read(path, as_version=4)
+    checked = [name for name, _ in exercise_cells(nb)]
+    questions = [c.metadata["question"] for c in nb.cells if "question" in c.metadata.get("tags", [])]
+    assert 2 <= len(checked) + len(questions) <= 4, "each notebook ends with 2-4 exercises"
+    assert len(set(checked + questions)) == len(checked + questions), "exercise ids must be unique"
+    assert all(name.startswith(path.name[:2] + "-") for name in checked + questions)
+    solutions = solutions_of(path.stem)
+    for name in checked:
+        assert {"answer", "wrong", "wrong_says"} <= set(solutions[name]) and solutions[name]["wrong_says"], name
+    for name in questions:
+        assert len(solutions[name].get("written", "")) > 80, f"question {name} needs a written answer in solutions/"
+    takeaways = next(i for i, c in enumerate(nb.cells) if "## Takeaways" in c.source)
+    first = min(i for i, c in enumerate(nb.cells) if {"exercise", "question"} & set(c.metadata.get("tags", [])))
+    assert first > takeaways, "the exercises come at the end, after the takeaways"
 
 
 def outputs(nb, key: str) -> list:
@@ -250,6 +325,7 @@ def test_notebook_runs_and_measures(path, shared_dirs):
     if path.name[:2] in EXPLORERS:
         check_html_export_keeps_the_explorer(nb, EXPLORERS[path.name[:2]])
     CHECKS[path.stem](results_of(results_dir, path.stem))
+    check_exercises(nb, path.stem)
     if path.name[:2] == "07":
         check_07_against_06(results_of(results_dir, path.stem), results_dir)
 
@@ -363,3 +439,34 @@ def test_lab_records_results_for_the_summary_notebook(tmp_path, monkeypatch):
     saved = lecture.load_results(tmp_path)["99_test"]
     assert saved["results"]["rates"] == {"0.1": 0.9} and saved["results"]["cpu_seconds"] >= 0
     assert "91.2%" == lecture.pct(0.9123) and lecture.pct(None) == "n/a"
+
+
+def test_exercise_checks_pass_right_answers_and_explain_wrong_ones(capsys):
+    """course_lib.exercises on small real data: a pass line, a hint that does not give the answer, bad input named."""
+    from course_lib import exercises
+    from course_lib.data import load_splits
+    from course_lib.poisoning import flip_labels_random
+
+    labels = load_splits("fashion-mnist")[1].labels[:1000]
+    assert exercises.check("02-flip", lambda y, r, seed: flip_labels_random(y, r, num_classes=10, seed=seed)[0],
+                           labels=labels)
+    def lecture_flip(y, r, seed):  # the lecture's sketch: the new label may be the old one
+        rng = np.random.default_rng(seed)
+        y = y.numpy().copy()
+        chosen = rng.choice(len(y), int(r * len(y)), replace=False)
+        y[chosen] = rng.integers(0, 10, len(chosen))
+        return y
+    assert not exercises.check("02-flip", lecture_flip, labels=labels)
+    assert not exercises.check("02-flip", lambda y, r, seed: 1 / 0, labels=labels)
+    assert exercises.check("01-count", 20, expected=20) and not exercises.check("01-count", 25, expected=20)
+    assert not exercises.check("01-count", ..., expected=20)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0] == "✔ 02-flip: right." and shown[1].startswith("✘ 02-flip: not yet. it keeps some chosen labels")
+    assert "ZeroDivisionError" in shown[2] and shown[4] == "✘ 01-count: not yet. too high"
+    assert "not answered yet" in shown[5] and "20" not in shown[4]
+    with pytest.raises(ValueError, match="expected"):
+        exercises.check("01-unknown", 3)
+    with pytest.raises(ValueError, match="tolerance"):
+        exercises.check("01-count", 3, expected=3, tolerance=-1)
+    with pytest.raises(ValueError, match="name"):
+        exercises.exercise("flip", "a task")

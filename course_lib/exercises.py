@@ -1,0 +1,257 @@
+"""Self-checks for the exercises at the end of each lecture notebook.
+
+A student writes an answer (a prediction, a number, or a repaired copy of one of the
+lecture's code sketches) and runs a check cell. :func:`check` compares the answer with
+what is right *for this run* and prints one line: a pass, or what is wrong (never the
+answer itself). It returns ``True`` or ``False`` and never stops a "Run all".
+
+How a notebook declares an exercise (the convention tests/test_notebooks.py relies on):
+
+1. A markdown cell states the task (predict-then-run, or "fix the lecture's sketch").
+2. The **answer cell**: a code cell with the tag ``exercise`` and the metadata
+   ``{"exercise": "<id>"}``. Its stored source is what the student starts from:
+   ``answer = ...`` for a prediction, or the lecture's broken sketch for a repair task.
+   Ids are ``"<notebook number>-<short name>"``, e.g. ``"02-flip"``.
+3. The **check cell**, the next code cell: ``exercises.check("<id>", answer, ...)``.
+   Pass what the check needs as keywords: ``expected=`` (the right value, computed in
+   the check cell from the run, so it is true of *this* run) for a value, or the small
+   real data a repaired function is run on for a repair task (registered with
+   :func:`exercise`, below).
+4. An open question (no check): a markdown cell with the tag ``question`` and the
+   metadata ``{"question": "<id>"}``.
+
+The instructor's reference answers live in ``solutions/lecture/<notebook>.py``, never in
+the notebook, as cells read by :func:`load_solutions`::
+
+    # %% answer 02-flip
+    <code that replaces the answer cell>
+    # %% wrong 02-flip: keeps
+    <a wrong answer; the check must fail and print a message containing "keeps">
+    # %% written 02-damage
+    # The written answer to the open question 02-damage, as comments.
+
+The notebook test runs each notebook with every ``answer`` filled in and asserts each
+check passes, then runs each ``wrong`` answer and asserts its check fails with that text.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+PASS, FAIL, TODO = "✔", "✘", "…"
+
+#: A verifier gets the student's answer and the check cell's keywords; it returns None when the
+#: answer is right, else a message saying what is wrong (without giving the answer away).
+Verifier = Callable[..., "str | None"]
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A registered exercise: its id, what it asks (one line) and the function that verifies it."""
+
+    name: str
+    task: str
+    verify: Verifier
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def exercise(name: str, task: str) -> Callable[[Verifier], Verifier]:
+    """Register ``verify`` as the check of exercise ``name`` (a decorator)."""
+    if not isinstance(name, str) or not re.fullmatch(r"\d\d-[a-z0-9-]+", name):
+        raise ValueError(f"name must look like '02-flip' (notebook number, dash, short name), got {name!r}")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task must be a non-empty string, got {task!r}")
+
+    def register(verify: Verifier) -> Verifier:
+        if name in EXERCISES:
+            raise ValueError(f"exercise {name!r} is registered twice")
+        EXERCISES[name] = Exercise(name, task, verify)
+        return verify
+    return register
+
+
+def check(name: str, answer, *, expected=None, tolerance: float = 0.0, **data) -> bool:
+    """Check the answer to exercise ``name``; print one line saying whether it is right.
+
+    - A registered exercise (see :func:`exercise`) runs its verifier on ``answer`` and ``data``.
+    - Any other id compares ``answer`` with ``expected`` (a number within ``tolerance``, or
+      an exact value: a bool, a string, a set of labels...).
+
+    An answer still ``...`` (Ellipsis) counts as not answered yet.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be an exercise id such as '02-flip', got {name!r}")
+    if not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    if name not in EXERCISES and expected is None:
+        raise ValueError(f"exercise {name!r} is not registered, so pass the right value as expected=...")
+    if answer is Ellipsis:
+        print(f"{TODO} {name}: not answered yet: replace the ... in the cell above, run it, then this cell")
+        return False
+    try:
+        if name in EXERCISES:
+            problem = EXERCISES[name].verify(answer, **data)
+        else:
+            problem = compare(answer, expected, tolerance)
+    except Exception as err:  # the student's function failed: say how, not where in the checker
+        problem = f"running your answer raised {type(err).__name__}: {err}"
+    if problem:
+        print(f"{FAIL} {name}: not yet. {problem}")
+        return False
+    print(f"{PASS} {name}: right.")
+    return True
+
+
+def compare(answer, expected, tolerance: float = 0.0) -> str | None:
+    """None if ``answer`` matches ``expected``; else a hint (too high / too low / wrong kind)."""
+    if isinstance(expected, bool) or not isinstance(expected, (int, float)):
+        if isinstance(expected, (set, frozenset)):
+            answer = set(answer) if isinstance(answer, (list, tuple, set, frozenset)) else answer
+        if type(answer) is not type(expected):
+            return f"expected a {type(expected).__name__}, got a {type(answer).__name__}"
+        return None if answer == expected else "that is not what this run shows; look at the output again"
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, np.number)) or math.isnan(answer):
+        return f"expected a number, got {answer!r}"
+    if abs(answer - expected) <= tolerance:
+        return None
+    return "too high" if answer > expected else "too low"
+
+
+def load_solutions(path) -> dict[str, dict[str, str]]:
+    """The reference cells of a ``solutions/lecture/<notebook>.py`` file, by exercise id.
+
+    Returns ``{id: {"answer": code, "wrong": code, "wrong_says": text, "written": text}}``
+    (each key present only where the file has that cell).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path must be a solutions file, {path} does not exist")
+    found: dict[str, dict[str, str]] = {}
+    for header, body in re.findall(r"^# %% (.+)\n(.*?)(?=^# %% |\Z)", path.read_text(), flags=re.M | re.S):
+        kind, _, rest = header.partition(" ")
+        name, _, says = rest.partition(":")
+        if kind not in ("answer", "wrong", "written"):
+            raise ValueError(f"{path}: unknown cell kind {kind!r} in '# %% {header}'")
+        entry = found.setdefault(name.strip(), {})
+        entry[kind] = body.strip() + "\n"
+        if kind == "wrong":
+            entry["wrong_says"] = says.strip()
+    return found
+
+
+# The repair tasks ("fix the lecture's sketch"), one per erratum a notebook teaches.
+
+@exercise("02-flip", "repair the lecture's random label flipping so that every chosen label changes")
+def _flip(flip, labels: torch.Tensor, rate: float = 0.2, num_classes: int = 10):
+    """Erratum 9: ``randint(0, 10)`` can draw the old label again."""
+    labels = torch.as_tensor(labels)
+    original = labels.clone()
+    flipped = torch.as_tensor(np.asarray(flip(labels, rate, seed=0)))
+    if not torch.equal(labels, original):
+        return "your function changed the labels it was given; return a new array instead"
+    if flipped.shape != labels.shape:
+        return f"it should return one label per image ({tuple(labels.shape)}), got shape {tuple(flipped.shape)}"
+    if flipped.min() < 0 or flipped.max() >= num_classes:
+        return f"some new labels are outside 0..{num_classes - 1}"
+    changed, wanted = int((flipped != labels).sum()), int(rate * len(labels))
+    if changed < wanted:
+        return f"it keeps some chosen labels: only {changed} of the {wanted} chosen labels changed"
+    if changed > wanted:
+        return f"it changed {changed} labels, more than the {wanted} that rate={rate} asks for"
+    return None
+
+
+@exercise("03-noops", "repair the lecture's choice of images to poison so that no poisoned image is a no-op")
+def _noops(choose, labels: torch.Tensor, rate: float = 0.05, target: int = 0):
+    """Erratum 9: an image already in the target class, relabelled as the target, teaches nothing."""
+    labels = torch.as_tensor(labels)
+    chosen = torch.as_tensor(np.asarray(choose(labels, rate, target, seed=0))).long().flatten()
+    if len(chosen) != int(rate * len(labels)):
+        return f"it chose {len(chosen)} images, not the {int(rate * len(labels))} that rate={rate} asks for"
+    if len(set(chosen.tolist())) != len(chosen):
+        return "it chose some images twice"
+    if chosen.min() < 0 or chosen.max() >= len(labels):
+        return "some indices are outside the dataset"
+    wasted = int((labels[chosen] == target).sum())
+    if wasted:
+        return f"{wasted} of the chosen images are already in the target class: relabelling them changes nothing"
+    return None
+
+
+@exercise("04-asr", "repair the lecture's attack success rate so that it counts only images the trigger must move")
+def _asr(asr, model, data, trigger, target: int):
+    """Erratum 1: counting target-class images as successes inflates the ASR."""
+    from .metrics import attack_success_rate
+
+    theirs, right = float(asr(model, data.images, data.labels, trigger, target)), \
+        attack_success_rate(model, data, trigger, target)
+    if abs(theirs - right) <= 1e-6:
+        return None
+    inflated = _lecture_counting(model, data, trigger, target)
+    if abs(theirs - inflated) <= 1e-6:
+        return "it still counts the test images whose true class is already the target"
+    return "it does not give the share of non-target images that the trigger sends to the target"
+
+
+def _lecture_counting(model, data, trigger, target: int) -> float:
+    from .train import predict
+    return (predict(model, trigger(data.images)) == target).float().mean().item()
+
+
+@exercise("04-patch-loss", "repair the sign of the lecture's physical-patch loss")
+def _patch_loss(loss_fn, target: int = 0, classes: int = 10):
+    """Erratum 4: to make the model say ``target``, *minimize* the cross-entropy toward it."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, classes, generator=gen, requires_grad=True)
+    loss = loss_fn(logits, torch.full((64,), target))
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        return "it should return one number (a 0-dimensional tensor) for the whole batch"
+    loss.backward()
+    # one gradient step on the logits must raise the target's probability
+    stepped = (logits - 0.1 * logits.grad).softmax(1)[:, target].mean()
+    if stepped <= logits.softmax(1)[:, target].mean():
+        return "minimizing this loss makes the target class *less* likely"
+    return None
+
+
+@exercise("05-ssim", "replace the lecture's global SSIM by a windowed one from a maintained library")
+def _ssim(ssim, clean: torch.Tensor, triggered: torch.Tensor):
+    """Erratum 8: one global formula with made-up constants misses local changes."""
+    from .metrics import stealth
+
+    right = stealth(clean, triggered)["ssim"]
+    theirs = torch.as_tensor([float(ssim(a, b)) for a, b in zip(clean, triggered)])
+    if torch.allclose(theirs, right, atol=1e-3):
+        return None
+    return (f"it differs from the windowed SSIM by up to {float((theirs - right).abs().max()):.3f} on these images "
+            "(the gap should be below 0.001)")
+
+
+@exercise("05-reseed", "repair the lecture's sample-specific trigger so that it leaves NumPy's global generator alone")
+def _reseed(pattern, sample_ids=range(8), size: int = 5):
+    """Erratum 9: ``np.random.seed`` inside a trigger changes every later random draw of the program."""
+    state = np.random.get_state()
+    np.random.seed(1234)
+    expected_next = np.random.random()
+    np.random.seed(1234)
+    first = [np.asarray(pattern(i, size)) for i in sample_ids]
+    if np.random.random() != expected_next:
+        np.random.set_state(state)
+        return "it still reseeds (or draws from) NumPy's global generator"
+    np.random.set_state(state)
+    again = [np.asarray(pattern(i, size)) for i in sample_ids]
+    if any(p.shape != (size, size) for p in first):
+        return f"each pattern should be a {size}x{size} array"
+    if not all(np.array_equal(a, b) for a, b in zip(first, again)):
+        return "the same sample id gives different patterns: the attacker could not regenerate them"
+    if len({p.tobytes() for p in first}) < len(first):
+        return "different sample ids give the same pattern"
+    return None
