@@ -24,13 +24,16 @@ triggered images as the target. What Part 2 is graded on: the flags the student'
 returns on the activations of the hidden graded zoo, compared with the answer key.
 
 Feedback must never quote hidden test code. A :class:`GradingFailure` is therefore shown
-as its message alone.
+as its message alone, wrapped so that it reads without scrolling. A check reports every
+independent problem it finds (:func:`all_problems`), not only the first: a student fixes
+them in one round instead of discovering the second after submitting a fix for the first.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,11 +66,74 @@ GRADING_DIR_ENV = "COURSE_GRADING_DIR"
 GRADING_SUBDIR = Path("grading") / "week4"
 
 
+FEEDBACK_WIDTH = 88               # characters per line of a failure message in feedback
+
+
 class GradingFailure(AssertionError):
-    """A failed check. IPython shows only its message: never the test code that raised it."""
+    """A failed check, listing every independent problem it found (``problems``).
+
+    IPython shows only its message, never the test code that raised it (:func:`failure_lines`).
+    """
+
+    def __init__(self, *problems: str):
+        super().__init__(*problems)
+        self.problems = [str(p) for p in problems]
+
+    def __str__(self) -> str:
+        if len(self.problems) <= 1:
+            return "".join(self.problems)
+        return f"{len(self.problems)} problems:\n" + "\n".join(f"{i}. {p}" for i, p in enumerate(self.problems, 1))
 
     def _render_traceback_(self):
-        return [f"{type(self).__name__}: {self}"]
+        return failure_lines(str(self))
+
+
+def failure_lines(message: str, width: int = FEEDBACK_WIDTH) -> list[str]:
+    """A failure message as the lines of an error output: the name in red (so it looks unlike
+    a pass in JupyterLab and in nbgrader's feedback HTML, which render ANSI colours), every
+    line wrapped to ``width`` characters (a traceback is shown unwrapped, cut at the page's edge)."""
+    lines = []
+    for paragraph in str(message).splitlines() or [""]:
+        indent = " " * (len(paragraph) - len(paragraph.lstrip(" 0123456789.")))
+        lines += textwrap.wrap(paragraph, width, subsequent_indent=indent or "  ") or [""]
+    return [f"\x1b[0;31mGradingFailure\x1b[0m: {lines[0]}", *lines[1:]]
+
+
+class Problems:
+    """The independent problems one check found so far (see :func:`all_problems`)."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def require(self, condition, message: str) -> bool:
+        """Record ``message`` if ``condition`` fails, and go on checking."""
+        if not condition:
+            self.found.append(message)
+        return bool(condition)
+
+    @contextmanager
+    def independently(self):
+        """Run a sub-check whose failure does not stop the others; record its problems."""
+        try:
+            yield
+        except GradingFailure as failure:
+            self.found += failure.problems
+
+
+@contextmanager
+def all_problems():
+    """Collect the independent problems of one check and raise one GradingFailure listing them all.
+
+    A failure that escapes the block (a problem the rest depends on, e.g. a result of the
+    wrong shape) ends the check, and is listed after the problems found before it.
+    """
+    problems = Problems()
+    try:
+        yield problems
+    except GradingFailure as failure:
+        raise GradingFailure(*dict.fromkeys(problems.found + failure.problems)) from None
+    if problems.found:
+        raise GradingFailure(*dict.fromkeys(problems.found))
 
 
 def _graded(check):
@@ -95,6 +161,7 @@ def _student_code(call: str):
 
 
 def _require(condition, message: str) -> None:
+    """A problem the rest of a check depends on: stop at the first."""
     if not condition:
         raise GradingFailure(message)
 
@@ -201,10 +268,12 @@ def verify_triggered(images: torch.Tensor, out, name: str) -> torch.Tensor:
     _require(isinstance(out, torch.Tensor), f"{name} must return a torch.Tensor, got {type(out).__name__}")
     _require(out.shape == images.shape, f"{name} must return the shape it was given {tuple(images.shape)}, "
                                         f"got {tuple(out.shape)}")
-    _require(out.dtype == images.dtype, f"{name} must return dtype {images.dtype}, got {out.dtype}")
-    _require(bool(torch.isfinite(out).all()), f"{name} returned NaN or infinite pixels")
-    _require(out.min() >= 0 and out.max() <= 1, f"{name} must return pixels in [0, 1] (clamp them), got "
-                                                f"values in [{out.min():.3f}, {out.max():.3f}]")
+    with all_problems() as problems:
+        problems.require(out.dtype == images.dtype, f"{name} must return dtype {images.dtype}, got {out.dtype}")
+        if problems.require(bool(torch.isfinite(out).all()), f"{name} returned NaN or infinite pixels"):
+            problems.require(out.min() >= 0 and out.max() <= 1, f"{name} must return pixels in [0, 1] (clamp "
+                                                                f"them), got values in [{out.min():.3f}, "
+                                                                f"{out.max():.3f}]")
     return out.detach()
 
 
@@ -216,20 +285,23 @@ def verify_trigger_contract(images, first, again, alone, batch, name: str) -> No
     alone, ``batch`` a call on a larger batch whose first images are ``images``. A trigger
     is deterministic, treats every image on its own, and changes every image.
     """
-    first = verify_triggered(images, first, name)
-    _require(torch.equal(first, verify_triggered(images, again, name)),
-             f"{name} gave a different result on a second call with the same images: it must be deterministic "
-             f"and must not modify its input (work on images.clone())")
-    _require(torch.allclose(verify_triggered(images[5:6], alone, name), first[5:6], atol=1e-6),
-             f"{name} gives image 5 a different result alone than inside a batch: treat every image "
-             f"on its own (e.g. one fixed pattern for all images, not one drawn per batch)")
-    _require(isinstance(batch, torch.Tensor) and batch.shape[1:] == images.shape[1:] and len(batch) >= len(images)
-             and torch.allclose(batch[:len(images)], first, atol=1e-6),
-             f"{name} gives the first {len(images)} images different results inside a larger batch: treat every "
-             f"image on its own")
-    changed = (first - images).flatten(1).abs().amax(1) > 1e-6
-    _require(changed.float().mean() >= 0.95, f"{name} leaves {int((~changed).sum())} of {len(images)} "
-                                             f"images unchanged: a trigger must change every image")
+    with all_problems() as problems:
+        first = verify_triggered(images, first, name)
+        with problems.independently():
+            _require(torch.equal(first, verify_triggered(images, again, name)),
+                     f"{name} gave a different result on a second call with the same images: it must be "
+                     f"deterministic and must not modify its input (work on images.clone())")
+        with problems.independently():
+            _require(torch.allclose(verify_triggered(images[5:6], alone, name), first[5:6], atol=1e-6),
+                     f"{name} gives image 5 a different result alone than inside a batch: treat every image "
+                     f"on its own (e.g. one fixed pattern for all images, not one drawn per batch)")
+        problems.require(isinstance(batch, torch.Tensor) and batch.shape[1:] == images.shape[1:]
+                         and len(batch) >= len(images) and torch.allclose(batch[:len(images)], first, atol=1e-6),
+                         f"{name} gives the first {len(images)} images different results inside a larger batch: "
+                         f"treat every image on its own")
+        changed = (first - images).flatten(1).abs().amax(1) > 1e-6
+        problems.require(changed.float().mean() >= 0.95, f"{name} leaves {int((~changed).sum())} of {len(images)} "
+                                                         f"images unchanged: a trigger must change every image")
 
 
 def _call_trigger(trigger, images: torch.Tensor, name: str):
@@ -270,13 +342,14 @@ def verify_backdoor_trigger(images, triggered, reference, *, name: str, target: 
       image look like the target class by itself: its "ASR" would need no backdoor.
     """
     rms = (triggered - images).flatten(1).pow(2).mean(1).sqrt().mean().item()
-    _require(rms <= MAX_TRIGGER_RMS, f"{name} changes the images too much: mean RMS pixel change {rms:.3f}, "
-                                     f"allowed at most {MAX_TRIGGER_RMS}")
     rate = (predict(reference, triggered) == target).float().mean().item()
-    _require(rate <= MAX_REFERENCE_TARGET_RATE,
-             f"{name} makes a clean model (never trained on your trigger) classify {rate:.0%} of triggered "
-             f"non-target test images as the target class: the trigger paints the target instead of "
-             f"activating a backdoor (allowed: at most {MAX_REFERENCE_TARGET_RATE:.0%})")
+    with all_problems() as problems:
+        problems.require(rms <= MAX_TRIGGER_RMS, f"{name} changes the images too much: mean RMS pixel change "
+                                                 f"{rms:.3f}, allowed at most {MAX_TRIGGER_RMS}")
+        problems.require(rate <= MAX_REFERENCE_TARGET_RATE,
+                         f"{name} makes a clean model (never trained on your trigger) classify {rate:.0%} of "
+                         f"triggered non-target test images as the target class: the trigger paints the target "
+                         f"instead of activating a backdoor (allowed: at most {MAX_REFERENCE_TARGET_RATE:.0%})")
 
 
 def verify_distinct(images: torch.Tensor, triggered: dict) -> None:
@@ -285,12 +358,13 @@ def verify_distinct(images: torch.Tensor, triggered: dict) -> None:
     intensity, or the same blend with another alpha, is one design)."""
     names = list(triggered)
     changes = {name: (triggered[name] - images).flatten(1) for name in names}
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            cosine = torch.nn.functional.cosine_similarity(changes[first], changes[second], dim=1).mean().item()
-            _require(cosine <= MAX_TRIGGER_COSINE,
-                     f"{first} and {second} are the same design: their pixel changes have mean cosine "
-                     f"similarity {cosine:.2f} (at most {MAX_TRIGGER_COSINE} allowed)")
+    with all_problems() as problems:
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                cosine = torch.nn.functional.cosine_similarity(changes[first], changes[second], dim=1).mean().item()
+                problems.require(cosine <= MAX_TRIGGER_COSINE,
+                                 f"{first} and {second} are the same design: their pixel changes have mean cosine "
+                                 f"similarity {cosine:.2f} (at most {MAX_TRIGGER_COSINE} allowed)")
 
 
 @_graded
@@ -300,13 +374,17 @@ def check_distinct_triggers(namespace: dict, *, target: int, names=TRIGGER_FUNCT
     data = evaluation_data(files.dataset)
     images, legit = data.images[:DISTINCT_IMAGES], legitimacy_images(data, target)
     triggered = {}
-    for name in names:
-        trigger = student_function(namespace, name)
-        check_trigger(trigger, data.images[:64], name=name)
-        verify_backdoor_trigger(legit, verify_triggered(legit, _call_trigger(trigger, legit.clone(), name), name),
-                                files.reference_model, name=name, target=target)
-        triggered[name] = verify_triggered(images, _call_trigger(trigger, images.clone(), name), name)
-    verify_distinct(images, triggered)
+    with all_problems() as problems:
+        for name in names:
+            with problems.independently():
+                trigger = student_function(namespace, name)
+                with problems.independently():
+                    check_trigger(trigger, data.images[:64], name=name)
+                verify_backdoor_trigger(legit, verify_triggered(legit, _call_trigger(trigger, legit.clone(), name),
+                                                                name), files.reference_model, name=name, target=target)
+                triggered[name] = verify_triggered(images, _call_trigger(trigger, images.clone(), name), name)
+        if len(triggered) == len(names):
+            verify_distinct(images, triggered)
 
 
 # ---------------------------------------------------------------- Part 1: poisoning
@@ -335,24 +413,29 @@ def verify_poisoning(data: ImageDataset, result, again_indices, *, target: int, 
                                                          f"{tuple(data.images.shape)}")
     _require(isinstance(indices, torch.Tensor) and indices.ndim == 1 and indices.dtype == torch.int64,
              "indices must be a 1-D int64 torch tensor")
-    expected = round(rate * len(data))
-    _require(len(indices) == expected, f"rate={rate} of {len(data)} images means {expected} poisoned images, "
-                                       f"got {len(indices)}")
-    _require(len(torch.unique(indices)) == len(indices), "indices must not repeat")
     _require(bool(((indices >= 0) & (indices < len(data))).all()), "indices must lie in [0, len(data))")
-    _require(bool((data.labels[indices] != target).all()),
-             "poison only images whose label is not the target: relabelling a target image changes nothing")
-    _require(bool((poisoned.labels[indices] == target).all()), "poisoned images must be relabelled as the target")
-    chosen = torch.zeros(len(data), dtype=torch.bool)
-    chosen[indices] = True
-    _require(torch.equal(poisoned.labels[~chosen], data.labels[~chosen]), "labels of unpoisoned images must not change")
-    _require(torch.equal(poisoned.images[~chosen], data.images[~chosen]), "unpoisoned images must not change")
-    _require(torch.allclose(poisoned.images[indices], grader_trigger(data.images[indices])),
-             "each poisoned image must be trigger(original image)")
-    _require(isinstance(again_indices, torch.Tensor) and again_indices.shape == indices.shape
-             and torch.equal(again_indices.sort().values, indices.sort().values),
-             "a second call with the same seed and data chose other images: use a torch.Generator seeded "
-             "with seed, and do not modify the data you are given")
+    expected = round(rate * len(data))
+    with all_problems() as problems:
+        problems.require(len(indices) == expected, f"rate={rate} of {len(data)} images means {expected} poisoned "
+                                                   f"images, got {len(indices)}")
+        problems.require(len(torch.unique(indices)) == len(indices), "indices must not repeat")
+        problems.require(bool((data.labels[indices] != target).all()),
+                         "poison only images whose label is not the target: relabelling a target image changes "
+                         "nothing")
+        problems.require(bool((poisoned.labels[indices] == target).all()),
+                         "poisoned images must be relabelled as the target")
+        chosen = torch.zeros(len(data), dtype=torch.bool)
+        chosen[indices] = True
+        problems.require(torch.equal(poisoned.labels[~chosen], data.labels[~chosen]),
+                         "labels of unpoisoned images must not change")
+        problems.require(torch.equal(poisoned.images[~chosen], data.images[~chosen]),
+                         "unpoisoned images must not change")
+        problems.require(torch.allclose(poisoned.images[indices], grader_trigger(data.images[indices])),
+                         "each poisoned image must be trigger(original image)")
+        problems.require(isinstance(again_indices, torch.Tensor) and again_indices.shape == indices.shape
+                         and torch.equal(again_indices.sort().values, indices.sort().values),
+                         "a second call with the same seed and data chose other images: use a torch.Generator "
+                         "seeded with seed, and do not modify the data you are given")
 
 
 @_graded
@@ -430,11 +513,13 @@ def verify_attack_success(model, data: ImageDataset, triggered: torch.Tensor, re
     triggered = verify_triggered(data.images, triggered, name)
     keep = data.labels != target
     images, triggered = data.images[keep], triggered[keep]
-    verify_backdoor_trigger(images[:LEGITIMACY_IMAGES], triggered[:LEGITIMACY_IMAGES], reference,
-                            name=name, target=target)
     asr = (predict(model, triggered) == target).float().mean().item()
-    _require(asr > minimum, f"attack success rate with {name} is {asr:.3f} over the {len(images)} non-target "
-                            f"test images; it must be above {minimum}")
+    with all_problems() as problems:
+        with problems.independently():
+            verify_backdoor_trigger(images[:LEGITIMACY_IMAGES], triggered[:LEGITIMACY_IMAGES], reference,
+                                    name=name, target=target)
+        problems.require(asr > minimum, f"attack success rate with {name} is {asr:.3f} over the {len(images)} "
+                                        f"non-target test images; it must be above {minimum}")
 
 
 @_graded
@@ -454,9 +539,12 @@ def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int,
     name = recorded_trigger(meta, Path(path).name)
     trigger = student_function(namespace, name)
     data = evaluation_data(files.dataset)
-    check_trigger(trigger, data.images[:64], name=name)
-    triggered = _call_trigger(trigger, data.images.clone(), name)
-    verify_attack_success(model, data, triggered, files.reference_model, target=target, name=name, minimum=minimum)
+    with all_problems() as problems:
+        with problems.independently():
+            check_trigger(trigger, data.images[:64], name=name)
+        triggered = _call_trigger(trigger, data.images.clone(), name)
+        verify_attack_success(model, data, triggered, files.reference_model, target=target, name=name,
+                              minimum=minimum)
 
 
 # ---------------------------------------------------------------- Part 2: detection
@@ -565,12 +653,13 @@ def verify_zoo_verdicts(report: dict, min_found: float = MIN_ZOO_FOUND) -> None:
     """Every clean zoo model is judged clean, and at least ``min_found`` of the backdoored ones
     backdoored (a model is judged backdoored when any of its samples is flagged)."""
     accused = [name for name, r in report.items() if r["verdict"] and not r["backdoored"]]
-    _require(not accused, f"{len(accused)} clean zoo model(s) judged backdoored: a clean model must have "
-                          f"no sample flagged")
     backdoored = [r for r in report.values() if r["backdoored"]]
     found = sum(r["verdict"] for r in backdoored) / len(backdoored)
-    _require(found >= min_found, f"{found:.0%} of the backdoored zoo models were found; at least "
-                                 f"{min_found:.0%} must be")
+    with all_problems() as problems:
+        problems.require(not accused, f"{len(accused)} clean zoo model(s) judged backdoored: a clean model must "
+                                      f"have no sample flagged")
+        problems.require(found >= min_found, f"{found:.0%} of the backdoored zoo models were found; at least "
+                                             f"{min_found:.0%} must be")
 
 
 def verify_zoo_tpr(report: dict, minimum: float = MIN_ZOO_TPR) -> None:

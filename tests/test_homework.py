@@ -86,7 +86,7 @@ def test_broken_triggers_fail_with_a_clear_message(images, message):
 
 
 def test_a_failure_is_shown_as_its_message_only():
-    assert grading.GradingFailure("too low")._render_traceback_() == ["GradingFailure: too low"]
+    assert grading.GradingFailure("too low")._render_traceback_() == ["\x1b[0;31mGradingFailure\x1b[0m: too low"]
 
 
 def test_missing_or_non_function_names():

@@ -9,6 +9,7 @@ fails with that reason, and only that test.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -132,13 +133,16 @@ class Context:
         return grading.load_student_model(self.submission / grading.MODEL_FILE, dataset=self.files.dataset,
                                           files=self.files)
 
-    def triggered(self, name: str) -> torch.Tensor:
-        """The trigger ``name`` applied to the whole test split, once its contract holds."""
+    def triggered(self, name: str, problems: grading.Problems | None = None) -> torch.Tensor:
+        """The trigger ``name`` applied to the whole test split, once its contract holds (with
+        ``problems``, a broken contract is recorded there and the images are still returned, so
+        that the test also reports what else is wrong with them)."""
         contract = self.test.images[:CONTRACT_IMAGES]
         outputs = self.outputs
-        first, again = outputs.result(f"{name}.contract", 0), outputs.result(f"{name}.contract", 1)
         batch = outputs.result(f"{name}.eval")
-        grading.verify_trigger_contract(contract, first, again, outputs.result(f"{name}.alone"), batch, name)
+        with problems.independently() if problems is not None else contextlib.nullcontext():
+            first, again = outputs.result(f"{name}.contract", 0), outputs.result(f"{name}.contract", 1)
+            grading.verify_trigger_contract(contract, first, again, outputs.result(f"{name}.alone"), batch, name)
         return grading.verify_triggered(self.test.images, batch, name)
 
 
@@ -172,19 +176,25 @@ def clean_accuracy(ctx: Context) -> None:
 def attack_success(ctx: Context, target: int = 0) -> None:
     model, meta = ctx.model
     name = grading.recorded_trigger(meta)
-    grading.verify_attack_success(model, ctx.test, ctx.triggered(name), ctx.files.reference_model,
-                                  target=target, name=name)
+    with grading.all_problems() as problems:
+        grading.verify_attack_success(model, ctx.test, ctx.triggered(name, problems), ctx.files.reference_model,
+                                      target=target, name=name)
 
 
 def distinct_triggers(ctx: Context, target: int = 0) -> None:
     test, keep = ctx.test, ctx.test.labels != target
-    triggered = {name: ctx.triggered(name) for name in grading.TRIGGER_FUNCTIONS}
-    for name, images in triggered.items():
-        grading.verify_backdoor_trigger(test.images[keep][:grading.LEGITIMACY_IMAGES],
-                                        images[keep][:grading.LEGITIMACY_IMAGES], ctx.files.reference_model,
-                                        name=name, target=target)
-    n = grading.DISTINCT_IMAGES
-    grading.verify_distinct(test.images[:n], {name: images[:n] for name, images in triggered.items()})
+    triggered = {}
+    with grading.all_problems() as problems:
+        for name in grading.TRIGGER_FUNCTIONS:
+            with problems.independently():
+                images = ctx.triggered(name, problems)
+                grading.verify_backdoor_trigger(test.images[keep][:grading.LEGITIMACY_IMAGES],
+                                                images[keep][:grading.LEGITIMACY_IMAGES], ctx.files.reference_model,
+                                                name=name, target=target)
+                triggered[name] = images
+        if len(triggered) == len(grading.TRIGGER_FUNCTIONS):
+            n = grading.DISTINCT_IMAGES
+            grading.verify_distinct(test.images[:n], {name: images[:n] for name, images in triggered.items()})
 
 
 # ------------------------------------------------------------------ Part 2
