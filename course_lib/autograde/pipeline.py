@@ -204,7 +204,7 @@ def verdict_output(verdict: Verdict):
     if verdict.passed:
         return nbformat.v4.new_output("stream", name="stdout", text="passed (decided by the trusted autograder)\n")
     return nbformat.v4.new_output("error", ename="GradingFailure", evalue=verdict.message,
-                                  traceback=[f"GradingFailure: {verdict.message}"])
+                                  traceback=grading.failure_lines(verdict.message))
 
 
 def apply(nb, result: NotebookResult):
