@@ -1,18 +1,31 @@
-"""nbgrader configuration of the Week 4 homework. Run every nbgrader command from this folder.
+"""nbgrader configuration of the Week 4 homework. nbgrader reads it from the folder it runs in:
+run ``nbgrader ...`` from this folder, or the kit's ``python -m course_lib STEP --course
+assignments`` from the repository root (it runs nbgrader here for you).
 
 The step-by-step workflow (build the zoo, release, collect, autograde, feedback, export)
 is in docs/instructor_guide.md. Autograde a class with the kit's parallel command,
-``python -m course_lib autograde week4 --workers N``; nbgrader's own ``nbgrader autograde
-week4`` gives the same protection, one student after another.
+``python -m course_lib autograde week4 --course assignments --workers N``; nbgrader's own
+``nbgrader autograde week4`` gives the same protection, one student after another.
 """
+from pathlib import Path
+
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades
 
-from course_lib.autograde.preprocessor import autograde_preprocessors
+from course_lib.autograde.preprocessor import MarkPending, autograde_preprocessors
 
 c = get_config()  # noqa: F821 -- provided by nbgrader when it loads this file
 
 c.CourseDirectory.course_id = "adversarial-ml-week4"
+
+# The exchange (release, fetch, submit, collect, feedback) of a course on one machine: a folder
+# next to this file. Students on the same machine pass the same path: docs/instructor_guide.md.
+# On JupyterHub with many users, delete this line and use the Hub's shared exchange instead.
+c.Exchange.root = str(Path(__file__).resolve().parent / "exchange")
+
+# What a student's unfinished function raises (nbgrader's default has an empty message).
+c.ClearSolutions.code_stub = {"python": '# YOUR CODE HERE\nraise NotImplementedError("not implemented yet: '
+                                        'replace this line with your code")'}
 
 # Trusted autograding. nbgrader's default Execute runs the hidden tests in the student's own
 # kernel, where the student's code can patch them; TrustedExecute replaces it: the student's
@@ -33,5 +46,6 @@ c.TrustedExecute.notebook_timeout = 600
 # notebook and left a model of their own in source/week4.
 c.Autograde.exclude_overwriting = {"week4": ["backdoor_model.safetensors", "backdoor_model.json"]}
 
-# Feedback shows the graded notebook; strip the hidden tests' code from it.
-c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
+# Feedback shows the graded notebook; strip the hidden tests' code from it, and mark answers that
+# still need manual grading as pending (nbgrader shows them as a score of 0).
+c.GenerateFeedback.preprocessors = [GetGrades, MarkPending, CSSHTMLHeaderPreprocessor, ClearHiddenTests]

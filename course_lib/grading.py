@@ -465,7 +465,7 @@ def load_student_model(path=MODEL_FILE, *, dataset: str, files: GradingFiles | N
     """
     path = Path(path)
     _require(path.is_file() and not path.is_symlink(),
-             f"{path.name} was not handed in: the training cell writes it (with "
+             f"{path.name} was not handed in: run the training cell (Task 3) first, it writes it (with "
              f"{path.with_suffix('.json').name}); submit both next to the notebook")
     size = path.stat().st_size
     _require(size <= MAX_MODEL_BYTES, f"{path.name} is {size / 1e6:.0f} MB, more than the "

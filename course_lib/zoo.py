@@ -43,6 +43,11 @@ own: with the default seed a student could rebuild the answer key.
 
 Every poisoned training set is rounded to 8-bit pixels *before* training, so the stored
 training set and activations are exactly what the model saw.
+
+``--small`` builds a zoo for the kit's own tests: three graded models and a single exercise
+model. Students never get it: Part 2 promises several exercise models, one of them
+clean-label, and ``python scripts/homework.py release`` warns when the zoo it releases is
+small (``index.json`` records it).
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ from .train import train
 from .triggers import make_trigger
 
 FORMAT = "course_lib.zoo/2"
+PUBLIC_MODE = 0o644               # the public zoo is read by every student (a shared path, WEEK4_ZOO)
 FINGERPRINT_THRESHOLD = 0.5
 """Relative L2 distance below which :func:`known_zoo_model` says a model carries a zoo model's
 weights. Measured on Fashion-MNIST (small CNN, docs/instructor_guide.md section 1): models
@@ -203,7 +209,8 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     key = {"format": FORMAT, "dataset": train_split.name, "seed": seed, "small": small,
            "homework_target": homework_target, "num_train": settings.num_train, "epochs": settings.epochs,
            "models": {}, "exercises": {}}
-    index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes), "models": []}
+    index = {"format": FORMAT, "dataset": train_split.name, "classes": list(train_split.classes), "small": small,
+             "models": []}
     for planned in plan[1:]:
         name = planned.name
         model, trained, poison = _fit(planned, train_split, settings, reference, device, progress)
@@ -274,6 +281,8 @@ def _write_model(folder: Path, name: str, model: nn.Module, data: ImageDataset) 
     save_checkpoint(model, folder / files["checkpoint"], dataset=data.name, classes=data.classes)
     save_file({"images": _to_uint8(data.images).contiguous(), "labels": data.labels.contiguous()},
               str(folder / files["training_set"]))
+    for written in (files["checkpoint"], files["training_set"]):
+        (folder / written).chmod(PUBLIC_MODE)  # safetensors writes 0600: students could not read it
 
 
 def _write_activations(path: Path, model: nn.Module, data: ImageDataset) -> None:
@@ -403,7 +412,9 @@ def main(argv=None) -> None:
     build.add_argument("--public", type=Path, default=None,
                        help="student-facing folder (default OUT/public), e.g. assignments/source/week4/zoo")
     build.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    build.add_argument("--small", action="store_true", help="a few small models, for tests (about a minute)")
+    build.add_argument("--small", action="store_true",
+                       help="a test fixture, never for students: 3 graded models and 1 exercise model, smaller "
+                            "and shorter training (time: see docs/instructor_guide.md, Timings)")
     build.add_argument("--seed", type=int, default=0,
                        help="choose your own: the recipes are public, the seed keeps the answer secret")
     build.add_argument("--homework-target", type=int, default=0,

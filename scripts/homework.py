@@ -1,8 +1,9 @@
 """Instructor tools for the Week 4 homework (nbgrader course in assignments/).
 
-    python scripts/homework.py release
+    python scripts/homework.py release [--course assignments]
         generate assignments/release/week4 from assignments/source/week4 and check that no
-        solution, hidden test, answer key or model file reached it
+        solution, hidden test, answer key or student model file reached it; warn when the zoo
+        in it is missing or is the small test zoo
     python scripts/homework.py solutions
         write solutions/week4/: the source notebooks with their solutions and without
         hidden tests or nbgrader metadata, to hand out after the deadline
@@ -24,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +32,9 @@ from pathlib import Path
 import nbformat
 import torch
 
+from course_lib.autograde.steps import run_nbgrader
 from course_lib.checkpoints import load_checkpoint, save_checkpoint
+from course_lib.zoo import DEFAULT_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "assignments"
@@ -45,18 +47,10 @@ SECRET_FILES = ("answer_key.json", "reference.safetensors", "activations")
 REGIONS = (("BEGIN SOLUTION", "END SOLUTION"), ("BEGIN HIDDEN TESTS", "END HIDDEN TESTS"))
 
 
-def nbgrader(course: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run ``nbgrader ARGS`` in ``course`` with this Python; raise with its log if it fails.
-
-    nbgrader starts helpers (``alembic``) from PATH, so this interpreter's bin folder goes first.
-    """
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("NBGRADER_EXECUTION", None)
-    done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"nbgrader {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done
+def nbgrader(folder: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``nbgrader ARGS`` in ``folder`` with this Python (:func:`course_lib.autograde.steps.run_nbgrader`);
+    raise with its log if it fails."""
+    return run_nbgrader(folder, *args, timeout=timeout)
 
 
 def copy_course(dest: Path) -> Path:
@@ -169,6 +163,20 @@ def generate(course: Path) -> Path:
     if found:
         raise RuntimeError("the release leaks:\n  " + "\n  ".join(found))
     return release
+
+
+def zoo_warning(release: Path) -> str | None:
+    """What is wrong with the zoo in a release for students (None when it holds the full zoo)."""
+    index = release / "zoo" / "index.json"
+    if not index.is_file():
+        return ("no zoo in the release: build it with `python -m course_lib zoo build ... --public "
+                f"assignments/source/{ASSIGNMENT}/zoo`, or give students WEEK4_ZOO (docs/instructor_guide.md)")
+    models = json.loads(index.read_text())
+    if models.get("small") or len(models["models"]) < len(DEFAULT_RECIPES):
+        return (f"the release holds the small test zoo ({len(models['models'])} exercise model(s)): Part 2 promises "
+                f"several exercise models, one of them clean-label, and Part 3 asks about them. Build the "
+                f"default zoo (without --small) before releasing to students")
+    return None
 
 
 def strip_for_solutions(source: str) -> str:
@@ -380,7 +388,9 @@ def bench_class(count: int, workers: int, full: bool) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("release", help="generate the release and check it for leaks")
+    released = commands.add_parser("release", help="generate the release and check it for leaks")
+    released.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course folder (default: "
+                                                                      "the repository's assignments/)")
     commands.add_parser("solutions", help="write solutions/week4 from the source notebooks")
     timing = commands.add_parser("bench", help="time the autograding of one submission")
     timing.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
@@ -390,11 +400,14 @@ def main(argv=None) -> None:
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     args = parser.parse_args(argv)
     if args.command == "release":
-        release = generate(COURSE)
-        print(f"released {release}: no solution, hidden test, answer key or model file in it")
-        if not (release / "zoo" / "index.json").is_file():
-            print("note: no zoo in the release (build it with `python -m course_lib zoo build ... --public "
-                  f"assignments/source/{ASSIGNMENT}/zoo`, or give students WEEK4_ZOO)")
+        release = generate(args.course.resolve())
+        zoo = release / "zoo" / "index.json"
+        print(f"generated {release}: no solution, hidden test, answer key or student model file "
+              f"({', '.join(MODEL_FILES)}) in it" + ("; the public zoo (exercise and practice models) is in "
+                                                     "zoo/" if zoo.is_file() else ""))
+        warning = zoo_warning(release)
+        if warning:
+            print(f"WARNING: {warning}")
     elif args.command == "solutions":
         for path in make_solutions(COURSE / "source" / ASSIGNMENT, SOLUTIONS / ASSIGNMENT):
             print(f"wrote {path.relative_to(ROOT)}")

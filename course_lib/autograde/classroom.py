@@ -14,7 +14,9 @@ since 2015). This command splits the work in two:
 Each worker's torch/OpenMP/BLAS threads are set so that the workers together use the cores
 once (oversubscribed threads on a small machine cost far more than their share). A
 submission whose files and notebooks are unchanged since it was graded is skipped
-(``--force`` regrades). A tqdm bar shows progress and time left; a table sums up.
+(``--force`` regrades; its failed tests are still listed, from the cached result). A tqdm bar
+shows progress and time left; a table sums up, and marks notebooks whose answers still need
+manual grading (their 0 points are not final).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import nbformat
 
 from ..checks import check_int
 from . import sandbox
-from .pipeline import Settings, cache_key, grade_notebook
+from .pipeline import NotebookResult, Settings, cache_key, grade_notebook
 from .preprocessor import UnsafeRefusal, autograde_preprocessors, require_sandbox
 from .workspace import Workspace
 
@@ -63,6 +65,7 @@ class Summary:
     notes: list = field(default_factory=list)
     skipped: bool = False
     scores: dict = field(default_factory=dict)      # notebook -> (score, max score)
+    pending: list = field(default_factory=list)     # notebooks with answers that need manual grading
 
 
 def _limit_threads(threads: int) -> None:
@@ -157,11 +160,13 @@ class Course:
             raise RuntimeError(f"nbgrader autograde failed for {student}:\n{result.get('log', '')}\n"
                                f"{result.get('error', '')}")
 
-    def scores(self, student: str) -> dict:
+    def scores(self, student: str) -> tuple[dict, list]:
+        """({notebook: (score, max score)}, [notebooks with answers that need manual grading])."""
         from nbgrader.api import Gradebook
         with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
             submission = gb.find_submission(self.assignment, student)
-            return {nb.name: (nb.score, nb.max_score) for nb in submission.notebooks}
+            return ({nb.name: (nb.score, nb.max_score) for nb in submission.notebooks},
+                    [nb.name for nb in submission.notebooks if nb.needs_manual_grade])
 
 
 def make_executor(workers: int, dask_scheduler: str | None):
@@ -204,7 +209,7 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
         staged = course.stage(student, workspace.root / "staging" / student)
         notebooks = {n: nb for n in names if (nb := course.sanitized(student, n)) is not None}
         if not force and _unchanged(course, workspace, student, staged, notebooks, inputs):
-            summaries[student] = Summary(student, skipped=True)
+            summaries[student] = Summary(student, skipped=True, failed=_cached_failures(workspace, student, notebooks))
             continue
         jobs.append(Job(student, str(staged), {n: nbformat.writes(nb) for n, nb in notebooks.items()},
                         str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads,
@@ -215,7 +220,7 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     for student, summary in summaries.items():
         if not summary.skipped:
             course.record(student)
-        summary.scores = course.scores(student)
+        summary.scores, summary.pending = course.scores(student)
     timings["record"] = time.perf_counter() - start - timings["prepare"] - timings["grade"]
     return [summaries[s] for s in sorted(summaries)]
 
@@ -230,6 +235,14 @@ def _unchanged(course, workspace, student, staged, notebooks, inputs) -> bool:
         if not cached.is_file() or json.loads(cached.read_text())["key"] != cache_key(nb, staged, inputs):
             return False
     return True
+
+
+def _cached_failures(workspace, student, notebooks) -> list:
+    """The grade ids that failed in a student's cached results (a skipped student's row lists them too)."""
+    cache = workspace.cache(student)
+    return [grade_id for name in notebooks
+            for grade_id, verdict in NotebookResult.from_json((cache / f"{name}.json").read_text()).verdicts.items()
+            if not verdict.passed]
 
 
 def _run_jobs(jobs, summaries, workers, dask_scheduler, progress) -> None:
@@ -260,7 +273,8 @@ def table(summaries: list[Summary]) -> str:
     rows = ["| student | " + " | ".join(names) + " | total | seconds | failed tests |",
             "|---" * (len(names) + 4) + "|"]
     for s in summaries:
-        parts = [f"{s.scores[n][0]:g}/{s.scores[n][1]:g}" if n in s.scores else "-" for n in names]
+        parts = [(f"{s.scores[n][0]:g}/{s.scores[n][1]:g}" + (" (needs manual grading)" if n in s.pending else ""))
+                 if n in s.scores else "-" for n in names]
         total = sum(v[0] for v in s.scores.values())
         seconds = "skipped (unchanged)" if s.skipped else f"{s.seconds:.1f}"
         failed = ", ".join(s.failed + s.notes) or "-"
@@ -297,7 +311,8 @@ def main(argv=None) -> None:
     if args.json:
         for s in summaries:
             print(json.dumps({"student": s.student, "scores": s.scores, "seconds": round(s.seconds, 2),
-                              "failed": s.failed, "notes": s.notes, "skipped": s.skipped}))
+                              "failed": s.failed, "notes": s.notes, "skipped": s.skipped,
+                              "needs_manual_grading": s.pending}))
     else:
         print(table(summaries))
         print(f"{len(summaries)} students in {time.perf_counter() - start:.1f} s")

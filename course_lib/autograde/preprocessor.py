@@ -10,12 +10,17 @@ student's cells in a sandbox, decides every test in the grader's own process
 ``SaveAutoGrades`` records it. nbgrader's gradebook, formgrader, feedback and export work
 unchanged. ``python -m course_lib autograde`` (:mod:`.classroom`) computes the same results for
 many students in parallel, and this preprocessor then finds them in the cache.
+
+:class:`MarkPending` is a feedback preprocessor: nbgrader shows an answer that still needs
+manual grading as "Score: 0.0", like a final zero; it marks such answers as pending.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import nbformat
+from nbgrader.api import Gradebook
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Bool, Float, Integer, Unicode
 
@@ -80,3 +85,37 @@ class TrustedExecute(NbGraderPreprocessor):
             if not verdict.passed:
                 self.log.info("%s %s: %s", info["student"], grade_id, verdict.message)
         return apply(nb, result), resources
+
+
+class MarkPending(NbGraderPreprocessor):
+    """Feedback preprocessor: say which answers still await manual grading, and that they count
+    as 0 until then (put it after nbgrader's ``GetGrades`` in ``GenerateFeedback.preprocessors``).
+
+    Adds a note at the top of a notebook with pending answers and one above each pending
+    answer; a notebook without pending answers is left unchanged.
+    """
+
+    def preprocess(self, nb, resources):
+        info = resources["nbgrader"]
+        with Gradebook(info["db_url"]) as gb:
+            notebook = gb.find_submission_notebook(info["notebook"], info["assignment"], info["student"])
+            pending = {g.name: g.max_score for g in notebook.grades if g.needs_manual_grade}
+        if not pending:
+            return nb, resources
+        points = sum(pending.values())
+        top = nbformat.v4.new_markdown_cell(
+            f"**Grading pending: {points:g} point(s) of this notebook are not graded yet** "
+            f"({len(pending)} answer(s), marked *pending* below). Until your instructor grades them they count "
+            f"as 0, so the score above is not final.")
+        cells = [top]
+        for cell in nb.cells:
+            grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+            if grade_id in pending:
+                cells.append(nbformat.v4.new_markdown_cell(
+                    f"**Pending:** the answer below ({pending[grade_id]:g} points) is not graded yet; "
+                    f"its score of 0 is not final."))
+            cells.append(cell)
+        for index, cell in enumerate(cells):
+            cell.setdefault("id", f"pending-note-{index}")
+        nb.cells = cells
+        return nb, resources
