@@ -8,12 +8,17 @@
     python -m course_lib zoo build --out DIR      the homework's model zoo
     python -m course_lib autograde week4 --course assignments [--workers N] [--dask-scheduler ADDRESS]
                                                   trusted, sandboxed, parallel autograding (nbgrader)
+    python -m course_lib {release,collect,feedback} week4 --course assignments
+    python -m course_lib roster ROSTER.csv --course assignments
+    python -m course_lib export --course assignments [--to FILE] [--allow-pending]
+                                                  nbgrader's steps, run in the course folder from anywhere
 """
 from __future__ import annotations
 
 import sys
 
 USAGE = __doc__
+STEPS = ("release", "roster", "collect", "feedback", "export")
 
 
 def main(argv=None) -> int:
@@ -36,6 +41,11 @@ def main(argv=None) -> int:
         from .zoo import main as run
     elif command == "autograde":
         from .autograde.classroom import main as run
+    elif command in STEPS:
+        from functools import partial
+
+        from .autograde.steps import main as step
+        run = partial(step, command)
     else:
         print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
