@@ -27,6 +27,7 @@ from .verdicts import Context, Outputs, Verdict, decide, read_regular_file
 SKIPPED = ("zoo", ".ipynb_checkpoints", "__pycache__")   # never copied into the sandbox, never hashed
 MAX_CELL_OUTPUTS = 50
 SAFE_MIME = ("text/plain", "image/png")
+MODEL_FILES = (grading.MODEL_FILE, str(Path(grading.MODEL_FILE).with_suffix(".json")))   # never in a sandbox
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,12 @@ def cache_key(nb, folder: Path, inputs: Path) -> str:
 
 
 def _copy_submission(folder: Path, work: Path, nb, name: str) -> None:
+    """The submission's files and the notebook, into the sandbox's ``work``. Never the handed-in
+    model: the grader reads it itself, and a trigger is a function of the image alone (a trigger
+    that reads the model's weights to attack it is an evasion attack, not a backdoor)."""
     for path in submission_files(folder):
+        if path.relative_to(folder).as_posix() in MODEL_FILES:
+            continue
         dest = work / path.relative_to(folder)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
@@ -195,14 +201,15 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
         except ValueError:
             raw = {}
         result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
-        result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files))
+        result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files, inputs))
     return result
 
 
 def verdict_output(verdict: Verdict):
     """A test cell's output: nbgrader gives full points to a cell without an error output."""
     if verdict.passed:
-        return nbformat.v4.new_output("stream", name="stdout", text="passed (decided by the trusted autograder)\n")
+        shown = f": {verdict.message}" if verdict.message else ""
+        return nbformat.v4.new_output("stream", name="stdout", text=f"passed (decided by the trusted autograder){shown}\n")
     return nbformat.v4.new_output("error", ename="GradingFailure", evalue=verdict.message,
                                   traceback=grading.failure_lines(verdict.message))
 

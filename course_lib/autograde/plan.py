@@ -5,8 +5,12 @@ notebook the plan lists *calls* (function name, arguments, how many times) that
 :mod:`.harvest` performs in the sandbox; :func:`write_inputs` writes the arguments' data
 once per grading run, to a folder every sandbox reads but none can write. The calls of
 Part 1 mirror the visible test cells (the same 64 contract images, the same poisoning
-cases), plus the whole test split for the hidden checks; Part 2 hands the detector the
-planted example and the activations of every model of the hidden graded zoo.
+cases), plus the whole test split for the hidden checks and the grader's own poisoning
+pool (:mod:`course_lib.witness`: drawn from the mixed train and test splits with a seed
+drawn here, once per inputs folder; the seed is no secret, since the trigger sees the
+stamped images anyway: which of them poison and which measure is drawn only when the
+verdict is decided, after the trigger ran); Part 2 hands the detector the planted example and the
+activations of every model of the hidden graded zoo.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import grading
+from .. import grading, witness
 from ..data import load_dataset
 
 CONTRACT_IMAGES = 64
@@ -25,6 +29,7 @@ POISON_CASES = {
     "p1-test-poison": {"start": 0, "stop": 2000, "target": 0, "rate": 0.1, "seed": 0},
     "p1-test-poison-hidden": {"start": 3000, "stop": 4500, "target": 3, "rate": 0.07, "seed": 11},
 }
+TARGET = 0                   # the homework's target class (the notebook's TARGET)
 CALL_TIMEOUT = 60.0          # seconds for one call (one trigger on 10,000 images, one zoo model)
 
 
@@ -33,13 +38,15 @@ def _tensor(folder: Path, name: str, value: torch.Tensor) -> None:
 
 
 def part1_calls(dataset: str, classes) -> list[dict]:
-    """Each trigger on the contract images (twice, on one object), on image 5 alone and on
-    the whole test split; ``poison_dataset`` on each poisoning case (twice)."""
+    """Each trigger on the contract images (twice, on one object), on image 5 alone, on the
+    whole test split and on the stamped images of the grader's poisoning pool;
+    ``poison_dataset`` on each poisoning case (twice)."""
     calls = []
     for name in grading.TRIGGER_FUNCTIONS:
         calls += [{"id": f"{name}.contract", "function": name, "args": [{"tensor": "contract"}], "repeat": 2},
                   {"id": f"{name}.alone", "function": name, "args": [{"tensor": "alone"}]},
-                  {"id": f"{name}.eval", "function": name, "args": [{"tensor": "eval"}]}]
+                  {"id": f"{name}.eval", "function": name, "args": [{"tensor": "eval"}]},
+                  {"id": f"{name}.witness", "function": name, "args": [{"tensor": "witness_stamped"}]}]
     for grade_id, case in POISON_CASES.items():
         data = {"dataset": {"file": grade_id, "classes": list(classes), "name": dataset}}
         calls.append({"id": grade_id, "function": "poison_dataset", "repeat": 2,
@@ -68,6 +75,10 @@ def write_inputs(folder: Path, files: grading.GradingFiles) -> dict:
     _tensor(folder, "eval", test.images)
     _tensor(folder, "contract", test.images[:CONTRACT_IMAGES])
     _tensor(folder, "alone", test.images[5:6])
+    seed = witness.draw_seed()
+    pool = witness.draw_pool(witness.mixed_splits(files.dataset), target=TARGET, seed=seed)
+    _tensor(folder, "witness_stamped", pool.stamped.images)
+    (folder / "witness.json").write_text(json.dumps({"seed": seed, "target": TARGET}))
     train = load_dataset(files.dataset, "train")
     for grade_id in POISON_CASES:
         part = poison_case_data(train, grade_id)
@@ -92,3 +103,9 @@ def poison_case_data(train, grade_id: str):
     """The training images a poisoning case hands to ``poison_dataset``."""
     case = POISON_CASES[grade_id]
     return train.subset(range(case["start"], case["stop"]))
+
+
+def witness_pool(folder: Path, dataset: str) -> witness.Pool:
+    """The grader's poisoning pool of the inputs in ``folder`` (drawn again from its seed)."""
+    settings = json.loads((folder / "witness.json").read_text())
+    return witness.draw_pool(witness.mixed_splits(dataset), target=settings["target"], seed=settings["seed"])

@@ -5,7 +5,8 @@ read as plain tensors: no code in them runs), the handed-in model file (safetens
 and the instructor's grading files. The rules are :mod:`course_lib.grading`'s ``verify_*``
 functions, the very ones the visible test cells apply in the student's kernel. A test whose
 inputs the sandbox failed to produce (the function raised, hung, or killed its kernel)
-fails with that reason, and only that test.
+fails with that reason, and only that test. A passing test may carry a message too: the
+witness test shows the grader's own measurement (:mod:`course_lib.witness`).
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from .. import grading
+from .. import grading, witness
 from ..data import ImageDataset, load_dataset
 from ..grading import GradingFailure
-from .plan import CONTRACT_IMAGES, POISON_CASES, poison_case_data
+from .plan import CONTRACT_IMAGES, POISON_CASES, TARGET, poison_case_data, witness_pool
 
 MAX_OUTPUT_BYTES = 512 * 2**20
 
@@ -117,8 +118,8 @@ def _train_split(dataset: str) -> ImageDataset:
 class Context:
     """Everything one submission's verdicts are decided from, loaded once and on demand."""
 
-    def __init__(self, outputs: Outputs, submission: Path, files: grading.GradingFiles):
-        self.outputs, self.submission, self.files = outputs, Path(submission), files
+    def __init__(self, outputs: Outputs, submission: Path, files: grading.GradingFiles, inputs: Path | None = None):
+        self.outputs, self.submission, self.files, self.inputs = outputs, Path(submission), files, inputs
 
     @functools.cached_property
     def test(self) -> ImageDataset:
@@ -144,6 +145,29 @@ class Context:
             first, again = outputs.result(f"{name}.contract", 0), outputs.result(f"{name}.contract", 1)
             grading.verify_trigger_contract(contract, first, again, outputs.result(f"{name}.alone"), batch, name)
         return grading.verify_triggered(self.test.images, batch, name)
+
+    @functools.cached_property
+    def _witness(self) -> tuple[str | None, GradingFailure | None]:
+        try:
+            return self._poisoning_run(), None
+        except GradingFailure as failure:
+            return None, failure
+
+    def _poisoning_run(self) -> str:
+        _, meta = self.model
+        name = grading.recorded_trigger(meta)
+        self.triggered(name)             # the trigger contract holds
+        pool = witness_pool(self.inputs, self.files.dataset)
+        return witness.verify_trigger_poisons(pool, self.outputs.result(f"{name}.witness"), self.files.reference_model,
+                                              target=TARGET, seed=witness.draw_seed(), name=name)
+
+    def witness(self) -> str:
+        """The grader's own poisoning run with the recorded trigger, on a split of its pool drawn
+        now (after the trigger ran), done once per submission: its measurement, or the failure."""
+        message, failure = self._witness
+        if failure is not None:
+            raise failure
+        return message
 
 
 # ------------------------------------------------------------------ Part 1
@@ -173,12 +197,26 @@ def clean_accuracy(ctx: Context) -> None:
     grading.verify_clean_accuracy(model, ctx.test)
 
 
-def attack_success(ctx: Context, target: int = 0) -> None:
+def attack_success(ctx: Context, target: int = TARGET) -> None:
+    """The handed-in model sends the triggered test images to the target (with a legitimate
+    trigger), and the grader's own poisoned model learned that trigger too: the ASR a model
+    shows for a trigger that plants no backdoor (an evasion attack) earns nothing."""
     model, meta = ctx.model
     name = grading.recorded_trigger(meta)
     with grading.all_problems() as problems:
         grading.verify_attack_success(model, ctx.test, ctx.triggered(name, problems), ctx.files.reference_model,
                                       target=target, name=name)
+    try:
+        ctx.witness()
+    except GradingFailure as failure:
+        raise GradingFailure(*(f"the ASR of {grading.MODEL_FILE} is credited only for a trigger that plants a "
+                               f"backdoor in the grader's own poisoned model, and: {problem}"
+                               for problem in failure.problems)) from None
+
+
+def trigger_poisons(ctx: Context) -> str:
+    """The witness test: the grader poisons and trains a model itself with the recorded trigger."""
+    return ctx.witness()
 
 
 def distinct_triggers(ctx: Context, target: int = 0) -> None:
@@ -229,6 +267,7 @@ VERDICTS = {
     "p1-test-model-loads": model_loads,
     "p1-test-clean-accuracy": clean_accuracy,
     "p1-test-attack-success": attack_success,
+    "p1-test-trigger-poisons": trigger_poisons,
     "p1-test-distinct-triggers": distinct_triggers,
     "p2-test-activations": activations,
     "p2-test-planted": planted,
@@ -246,8 +285,8 @@ def decide(grade_ids, ctx: Context) -> dict:
         try:
             if rule is None:
                 raise GradingFailure(f"the trusted autograder has no rule for test {grade_id!r}")
-            rule(ctx)
-            verdicts[grade_id] = Verdict(True)
+            shown = rule(ctx)
+            verdicts[grade_id] = Verdict(True, shown if isinstance(shown, str) else "")
         except GradingFailure as failure:
             verdicts[grade_id] = Verdict(False, str(failure))
         except Exception as err:

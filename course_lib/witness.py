@@ -1,0 +1,192 @@
+"""The grader's own poisoning run: a witness that a student's trigger plants a backdoor.
+
+Part 1's handed-in model and trigger come from the same student. A clean model and an
+adversarial "trigger" (a perturbation optimised against that very model) give a high
+attack success rate without any backdoor: the model was never poisoned, it was evaded
+(Szegedy et al. 2014; a universal perturbation, Moosavi-Dezfooli et al. 2017, is one
+fixed pattern). The handed-in model alone cannot tell the two apart.
+
+So the grader runs the attack itself, in its own process, with data and seeds the student
+does not choose (BadNets, Gu et al. 2017, done by the grader):
+
+1. a **pool** is drawn from Fashion-MNIST's train and test splits mixed together, so that no
+   image's public split says what it will be used for: non-target images
+   that the student's trigger is applied to (in the sandbox, like every other call), plus
+   clean training images and clean held-out images that the trigger never sees;
+2. after the trigger has run, a fresh secret seed splits the stamped images: a fixed
+   share of the training set is poisoned with them (relabelled to the target),
+   the rest are held out to measure the attack;
+3. a fresh small CNN is trained on that data with a fixed recipe (:data:`RECIPE`: seconds
+   on one core);
+4. its attack success rate (ASR) on the triggered images it never trained on, and its clean
+   accuracy (CA) on the held-out clean images, are the grader's own measurement.
+
+A trigger cannot tell the images it poisons from those it is measured on: both are drawn
+from the same mixed pool, and which is which is decided after the trigger returned. What
+this certifies is the attack, not the handed-in model: a perturbation that a freshly
+poisoned model learns as a backdoor *is* a working poisoning trigger, whatever it was
+computed from, and it passes here even when the model handed in beside it is clean.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from . import grading
+from .data import ImageDataset, load_dataset
+from .grading import _require
+from .models import model_for
+from .train import predict, train
+
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The grader's fixed poisoning recipe. The default (:data:`RECIPE`) trains in about 5 s on one
+    core and was chosen by measurement: every honest trigger family of the kit, and the
+    reference solution's three triggers, reach ASR >= 0.95 with it (docs/instructor_guide.md,
+    "Thresholds"; ``python scripts/homework.py bench-witness``)."""
+
+    train_images: int = 5000     # the grader's training set, poisoned images included
+    rate: float = 0.2            # share of it poisoned with the student's trigger (relabelled to the target)
+    epochs: int = 2
+    batch_size: int = 64         # small batches: a faint trigger needs steps more than it needs images
+    measure_images: int = 1000   # triggered non-target images held out to measure the ASR
+    holdout_images: int = 1000   # clean images held out to measure the CA
+
+    @property
+    def poisoned(self) -> int:
+        return round(self.rate * self.train_images)
+
+    @property
+    def stamped(self) -> int:
+        """How many images the trigger is applied to: the poisoned ones and the measured ones."""
+        return self.poisoned + self.measure_images
+
+
+RECIPE = Recipe()
+MIN_ASR = 0.80   # the grader's model must learn the backdoor ...
+MIN_CA = 0.75    # ... and still classify clean images (measured margins: docs/instructor_guide.md)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The grader's images for one grading run: ``stamped`` (the trigger is applied to these),
+    ``clean`` (training images never stamped) and ``holdout`` (clean images to measure CA)."""
+
+    stamped: ImageDataset
+    clean: ImageDataset
+    holdout: ImageDataset
+    recipe: Recipe = RECIPE
+
+
+def draw_seed() -> int:
+    """A seed no submission can predict (from the operating system's random source)."""
+    return secrets.randbits(31)
+
+
+def mixed_splits(dataset: str) -> ImageDataset:
+    """The train and test splits of ``dataset`` as one set (70,000 images for Fashion-MNIST)."""
+    train_split, test_split = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    return train_split.replace(images=torch.cat([train_split.images, test_split.images]),
+                               labels=torch.cat([train_split.labels, test_split.labels]))
+
+
+def draw_pool(data: ImageDataset, *, target: int, seed: int, recipe: Recipe = RECIPE) -> Pool:
+    """The pool of one grading run, drawn from ``data`` (see the module docstring) with ``seed``."""
+    _require(isinstance(data, ImageDataset), f"data must be an ImageDataset, got {type(data).__name__}")
+    _require(isinstance(target, int) and 0 <= target < data.num_classes,
+             f"target must be a class index in [0, {data.num_classes - 1}], got {target!r}")
+    _require(isinstance(recipe, Recipe), f"recipe must be a witness.Recipe, got {type(recipe).__name__}")
+    clean = recipe.train_images - recipe.poisoned
+    needed = recipe.stamped + clean + recipe.holdout_images
+    _require(len(data) >= needed, f"data must hold at least {needed} images, got {len(data)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    stamped = order[data.labels[order] != target][:recipe.stamped]
+    _require(len(stamped) == recipe.stamped, f"data must hold at least {recipe.stamped} images whose label is "
+                                             f"not the target {target}, got {len(stamped)}")
+    rest = order[~torch.isin(order, stamped)]
+    return Pool(data.subset(stamped), data.subset(rest[:clean]),
+                data.subset(rest[clean:clean + recipe.holdout_images]), recipe)
+
+
+@dataclass(frozen=True)
+class Witness:
+    """What the grader measured on its own poisoned model."""
+
+    asr: float
+    ca: float
+    seed: int
+    name: str
+    recipe: Recipe = RECIPE
+
+    def __str__(self) -> str:
+        r = self.recipe
+        return (f"the grader trained a model on its data poisoned with your trigger {self.name} "
+                f"({r.poisoned} of {r.train_images} images, {r.epochs} epochs, seed {self.seed}): "
+                f"ASR {self.asr:.3f} on {r.measure_images} triggered images it never trained on, "
+                f"CA {self.ca:.3f} on {r.holdout_images} clean held-out images")
+
+
+def poison_and_train(pool: Pool, triggered: torch.Tensor, *, target: int, seed: int, name: str) -> Witness:
+    """Split the stamped images with ``seed``, poison the grader's training set, train, measure.
+
+    ``triggered`` is what the student's trigger returned for ``pool.stamped.images``.
+    """
+    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    recipe = pool.recipe
+    order = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(seed))
+    poison, measure = order[:recipe.poisoned], order[recipe.poisoned:]
+    data = pool.clean.replace(images=torch.cat([pool.clean.images, triggered[poison]]),
+                              labels=torch.cat([pool.clean.labels, torch.full((recipe.poisoned,), target)]))
+    model = model_for(pool.clean, seed=seed)
+    train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, seed=seed, progress=False)
+    asr = (predict(model, triggered[measure]) == target).float().mean().item()
+    ca = (predict(model, pool.holdout.images) == pool.holdout.labels).float().mean().item()
+    return Witness(asr, ca, seed, name, recipe)
+
+
+def verify_witness(witness: Witness, min_asr: float = MIN_ASR, min_ca: float = MIN_CA) -> str:
+    """The grader's own poisoned model learned the backdoor and still classifies clean images;
+    returns the measurement, to be shown to the student."""
+    _require(witness.asr >= min_asr and witness.ca >= min_ca,
+             f"{witness}. Your trigger does not plant a backdoor by the grader's fixed recipe: it needs ASR at "
+             f"least {min_asr} and CA at least {min_ca}. A trigger that fools your own model but that a freshly "
+             f"poisoned model does not learn is an evasion attack, not a backdoor")
+    return str(witness)
+
+
+def verify_trigger_poisons(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int,
+                           name: str) -> str:
+    """The whole witness test: the trigger is legitimate on the stamped images (bounded change, a
+    clean reference model not fooled: :func:`course_lib.grading.verify_backdoor_trigger`) and the
+    grader's own model, poisoned with it, learned it (:func:`verify_witness`)."""
+    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    grading.verify_backdoor_trigger(pool.stamped.images, triggered, reference, name=name, target=target)
+    return verify_witness(poison_and_train(pool, triggered, target=target, seed=seed, name=name))
+
+
+@grading._graded
+def check_trigger_poisons(namespace: dict, path=grading.MODEL_FILE, *, dataset: str, target: int,
+                          seed: int | None = None) -> str:
+    """The witness test in the student's kernel, with the trigger recorded in the model file: the
+    grader's rule and recipe on a pool drawn with a fresh seed (``seed`` to repeat a run).
+    Prints and returns the measurement. (The trusted grader also checks the trigger's
+    legitimacy against its clean reference model, which students do not have.)"""
+    _, meta = grading.load_student_model(path, dataset=dataset)
+    name = grading.recorded_trigger(meta)
+    trigger = grading.student_function(namespace, name)
+    seed = draw_seed() if seed is None else seed
+    pool = draw_pool(mixed_splits(dataset), target=target, seed=seed)
+    with grading._student_code(f"{name}(images)"):
+        triggered = trigger(pool.stamped.images.clone())
+    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    message = verify_witness(poison_and_train(pool, triggered, target=target, seed=seed, name=name))
+    print(message)
+    return message
+
+
+__all__ = ["Recipe", "RECIPE", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
+           "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]

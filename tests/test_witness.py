@@ -1,0 +1,67 @@
+"""The grader's own poisoning run (course_lib.witness), on small synthetic data."""
+import pytest
+import torch
+
+from course_lib import grading, witness
+from course_lib.data import synthetic_dataset
+from course_lib.triggers import PatchTrigger
+
+SMALL = witness.Recipe(train_images=600, rate=0.2, epochs=2, batch_size=32, measure_images=200, holdout_images=200)
+TARGET = 0
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return witness.draw_pool(synthetic_dataset(1500, seed=5), target=TARGET, seed=3, recipe=SMALL)
+
+
+def test_the_pool_keeps_stamped_clean_and_held_out_images_apart(pool):
+    assert len(pool.stamped) == SMALL.stamped == 320
+    assert (pool.stamped.labels != TARGET).all()
+    assert len(pool.clean) == SMALL.train_images - SMALL.poisoned and len(pool.holdout) == SMALL.holdout_images
+    rows = {tuple(x.flatten().tolist()) for part in (pool.stamped, pool.clean, pool.holdout) for x in part.images}
+    assert len(rows) == len(pool.stamped) + len(pool.clean) + len(pool.holdout)   # no image in two parts
+    again = witness.draw_pool(synthetic_dataset(1500, seed=5), target=TARGET, seed=3, recipe=SMALL)
+    assert torch.equal(again.stamped.images, pool.stamped.images)
+
+
+def test_a_patch_trigger_plants_a_backdoor_in_the_graders_model(pool):
+    trigger = PatchTrigger(size=4, pattern="solid")
+    result = witness.poison_and_train(pool, trigger(pool.stamped.images), target=TARGET, seed=1, name="patch")
+    assert result.asr >= 0.9 and result.ca >= 0.9, result
+    message = witness.verify_witness(result)
+    assert "the grader trained a model on its data poisoned with your trigger patch" in message
+    assert f"ASR {result.asr:.3f}" in message and f"CA {result.ca:.3f}" in message
+
+
+def test_a_change_the_model_cannot_learn_earns_no_backdoor_points(pool):
+    """A 'trigger' that changes each image by its own random noise teaches a fresh model nothing
+    general: the held-out triggered images are not sent to the target."""
+    noise = torch.rand(pool.stamped.images.shape, generator=torch.Generator().manual_seed(0))
+    triggered = torch.lerp(pool.stamped.images, noise, 0.05)
+    result = witness.poison_and_train(pool, triggered, target=TARGET, seed=1, name="noise")
+    assert result.asr < witness.MIN_ASR, result
+    with pytest.raises(grading.GradingFailure, match="does not plant a backdoor by the grader's fixed recipe"):
+        witness.verify_witness(result)
+
+
+def test_thresholds_and_bad_input(pool):
+    low_ca = witness.Witness(asr=1.0, ca=0.5, seed=1, name="t", recipe=SMALL)
+    with pytest.raises(grading.GradingFailure, match="CA 0.500"):
+        witness.verify_witness(low_ca)
+    with pytest.raises(grading.GradingFailure, match="must return the shape"):
+        witness.poison_and_train(pool, pool.stamped.images[:10], target=TARGET, seed=1, name="t")
+    with pytest.raises(grading.GradingFailure, match="target must be a class index"):
+        witness.draw_pool(synthetic_dataset(1500, seed=5), target=10, seed=3, recipe=SMALL)
+    with pytest.raises(grading.GradingFailure, match="data must hold at least 1000 images"):
+        witness.draw_pool(synthetic_dataset(500, seed=5), target=TARGET, seed=3, recipe=SMALL)
+
+
+def test_the_trusted_rule_also_checks_legitimacy(pool):
+    """A 'trigger' that paints most of the image with the target's look fools a clean model on its
+    own: refused before any training, whatever the grader's model would learn."""
+    reference = witness.model_for(pool.clean, seed=0)
+    witness.train(reference, pool.clean, epochs=2, batch_size=32, progress=False)
+    painted = pool.stamped.images * 0 + pool.clean.images[pool.clean.labels == TARGET].mean(0)
+    with pytest.raises(grading.GradingFailure, match="changes the images too much|paints the target"):
+        witness.verify_trigger_poisons(pool, painted, reference, target=TARGET, seed=1, name="painter")
