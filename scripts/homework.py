@@ -16,6 +16,10 @@
         `python -m course_lib autograde`; print both times, their ratio, seconds per student
         and the projected time for 300 students on 2, 16 and 64 cores
 
+    python scripts/homework.py bench-student
+        time a student's Run All of Part 1 (the reference solution, solutions/week4/, in a
+        temporary folder): the training cell, the Part 3 comparison and the whole notebook
+
 tests/test_homework.py uses the same functions for its nbgrader round trip.
 """
 from __future__ import annotations
@@ -385,6 +389,32 @@ def bench_class(count: int, workers: int, full: bool) -> dict:
     return result
 
 
+def bench_student() -> dict:
+    """Seconds of a student's Run All of Part 1 (the hand-out solution, executed as JupyterLab
+    would, outside nbgrader): the training cell, the Part 3 comparison cell and the total."""
+    from nbclient import NotebookClient
+    nb = nbformat.read(SOLUTIONS / ASSIGNMENT / "part1_attack.ipynb", as_version=4)
+    marks = {}
+    for index, cell in enumerate(nb.cells):
+        if "save_checkpoint(model, MODEL_PATH" in cell.source:
+            marks["training cell"] = index
+        elif "def saved_model_for" in cell.source:
+            marks["Part 3 comparison cell"] = index
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": tmp}})
+        start = time.perf_counter()
+        with client.setup_kernel(env={k: v for k, v in os.environ.items() if k != "NBGRADER_EXECUTION"}):
+            for index, cell in enumerate(nb.cells):
+                step = time.perf_counter()
+                client.execute_cell(cell, index)
+                for label, marked in marks.items():
+                    if marked == index:
+                        seconds[label] = round(time.perf_counter() - step, 1)
+        seconds["Run All"] = round(time.perf_counter() - start, 1)
+    return {"cores": os.cpu_count(), **seconds}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -398,6 +428,7 @@ def main(argv=None) -> None:
     whole.add_argument("--students", type=int, default=20)
     whole.add_argument("--workers", type=int, default=2)
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
+    commands.add_parser("bench-student", help="time a student's Run All of Part 1 (reference solution)")
     args = parser.parse_args(argv)
     if args.command == "release":
         release = generate(args.course.resolve())
@@ -413,6 +444,8 @@ def main(argv=None) -> None:
             print(f"wrote {path.relative_to(ROOT)}")
     elif args.command == "bench":
         bench(args.full)
+    elif args.command == "bench-student":
+        print(json.dumps(bench_student()))
     else:
         print(json.dumps(bench_class(args.students, args.workers, args.full)))
 
