@@ -5,6 +5,7 @@
     python -m course_lib bench poison --json      batched poisoning vs the lecture's loop
     python -m course_lib bench defenses --json    every defense on one backdoored model
     python -m course_lib bench matrix [--fast] --json   every detector on many backdoored and clean models
+    python -m course_lib bench pipeline --json    detect, remove, retrain, then STRIP at run time, on one model
     python -m course_lib zoo build --out DIR      the homework's model zoo
     python -m course_lib autograde week4 --course assignments [--workers N] [--dask-scheduler ADDRESS]
                                                   trusted, sandboxed, parallel autograding (nbgrader)
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
         rest = rest[1:]
     elif command == "bench" and rest[:1] == ["matrix"]:
         from .defenses.matrix import main as run
+        rest = rest[1:]
+    elif command == "bench" and rest[:1] == ["pipeline"]:
+        from .defenses.pipeline import main as run
         rest = rest[1:]
     elif command == "bench":
         from .bench import main as run

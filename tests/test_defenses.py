@@ -460,3 +460,68 @@ def test_importing_grading_or_defenses_stays_light(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MPLBACKEND": "Agg"})
     assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_defense_pipeline_removes_the_backdoor_then_filters_at_run_time(lab, family, tmp_path):
+    from course_lib.defenses import run_pipeline
+
+    case = case_of(lab, family)
+    before = fingerprint(case.model)
+    row, parts = run_pipeline(case, cache_dir=tmp_path)
+    assert fingerprint(case.model) == before, "the pipeline repairs a copy"
+    # detect -> remove -> retrain: the poison found and the backdoor gone, at little cost in clean accuracy
+    assert row["asr_before"] > 0.9 and row["f1"] >= 0.9 and row["flagged"] == [case.target]
+    assert row["asr_retrained"] <= 0.1 and row["ca_retrained"] >= row["ca_before"] - 0.03
+    assert parts["repaired"] is not case.model and row["flagged_samples"] == len(parts["detection"].flagged)
+    # STRIP in front of the retrained model: a rejected input is not classified, so the ASR behind it
+    # is at most what the filter lets through; it was fitted to reject 1% of clean inputs
+    assert row["asr_filtered"] <= row["far"] + 1e-9 and row["frr"] <= 0.05
+    assert row["seconds"] == pytest.approx(row["seconds_retrain"] + row["seconds_strip"], abs=0.11)
+    assert not row["cached"]
+    # the same run again is loaded from the cache: same numbers, nothing recomputed
+    again, _ = run_pipeline(case, cache_dir=tmp_path)
+    assert again["cached"] and {k: v for k, v in again.items() if k != "cached"} == \
+        {k: v for k, v in row.items() if k != "cached"}
+
+
+def test_defense_results_are_cached_by_inputs_and_code(lab, tmp_path, monkeypatch):
+    from course_lib.defenses import cache
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"f1": 0.5, "scores": torch.arange(3)}
+
+    key = {"case": compare.Case(lab["clean"].model, lab["train"], lab["defender"], lab["eval"]).key()}
+    first, hit = cache.cached(tmp_path, "demo", key, compute)
+    second, hit_again = cache.cached(tmp_path, "demo", key, compute)
+    assert (hit, hit_again, len(calls)) == (False, True, 1) and torch.equal(second["scores"], first["scores"])
+    cache.cached(tmp_path, "demo", {**key, "seed": 1}, compute)          # another input: computed
+    monkeypatch.setattr(cache, "code_version", lambda: "edited")         # another code version: computed
+    cache.cached(tmp_path, "demo", key, compute)
+    assert len(calls) == 3
+    # a model's key follows its weights
+    other = copy.deepcopy(lab["clean"].model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert cache.model_fingerprint(other) != cache.model_fingerprint(lab["clean"].model)
+    with pytest.raises(ValueError, match="name"):
+        cache.cached(tmp_path, "no/slash", key, compute)
+    with pytest.raises(TypeError, match="key"):
+        cache.cached(tmp_path, "demo", [1], compute)
+    with pytest.raises(TypeError, match="compute"):
+        cache.cached(tmp_path, "demo", key, 3)
+
+
+def test_the_pipeline_refuses_a_clean_model_and_unknown_detectors(lab):
+    from course_lib.defenses import run_pipeline
+
+    clean_case = compare.Case(lab["clean"].model, lab["train"], lab["defender"], lab["eval"], quick=True)
+    with pytest.raises(ValueError, match="case"):
+        run_pipeline(clean_case)
+    with pytest.raises(ValueError, match="detector"):
+        run_pipeline(case_of(lab, "checkerboard"), detector="neural_cleanse")
+    with pytest.raises(TypeError, match="case"):
+        run_pipeline("model")

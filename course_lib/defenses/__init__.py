@@ -21,6 +21,10 @@ module                         what it does                           paper
 :mod:`.scoring`                TPR/FPR/F1, mitigation score
 :mod:`.compare`                one runner per defense: the table of
                                ``bench defenses`` and notebook 6
+:mod:`.pipeline`               detect -> remove -> retrain -> STRIP,
+                               end to end (``bench pipeline``)
+:mod:`.cache`                  defense results cached on disk, keyed
+                               by inputs and code version
 :mod:`.matrix`                 the detection matrix
 :mod:`.plots`                  every defense figure
 =============================  =====================================  ==============================
@@ -39,7 +43,7 @@ from .neural_cleanse import (NeuralCleanseResult, anomaly_index, chance_false_al
                              neural_cleanse, unlearn)
 from .retraining import remove, retrain_without
 from .sanitization import isolation_forest_outliers, lecture_transform_sanitize, pixel_statistics
-from .scoring import detection_scores, mitigation_scores
+from .scoring import detection_scores, format_cell, mitigation_scores
 from .spectral_signatures import SpectralSignaturesResult, spectral_signatures
 from .strip import StripDetector, fit_strip, strip_entropy, strip_rates
 
@@ -47,7 +51,7 @@ _LAZY = {  # name -> module, imported on first use (heavy dependencies)
     "train_dp_sgd": ".dp_sgd", "lecture_batch_noise_training": ".dp_sgd",
     "plot_activation_clusters": ".plots", "plot_reversed_triggers": ".plots", "plot_anomaly_index": ".plots",
     "plot_pruning_curve": ".plots", "plot_strip_entropy": ".plots", "plot_comparison": ".plots",
-    "plot_matrix": ".plots",
+    "plot_matrix": ".plots", "run_pipeline": ".pipeline",
 }
 
 
@@ -64,5 +68,5 @@ __all__ = [
     "neural_cleanse", "NeuralCleanseResult", "anomaly_index", "flag_small_outliers", "chance_false_alarm_rate",
     "fit_strip", "StripDetector", "strip_entropy", "strip_rates",
     "remove", "retrain_without", "unlearn", "fine_prune", "prune", "pruning_order", "pruning_curve",
-    "lecture_transform_sanitize", "detection_scores", "mitigation_scores", *_LAZY,
+    "lecture_transform_sanitize", "detection_scores", "mitigation_scores", "format_cell", *_LAZY,
 ]

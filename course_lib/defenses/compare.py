@@ -1,9 +1,9 @@
 """One runner per defense: the rows of ``bench defenses``, of the detection matrix and of notebook 6.
 
 The lecture ends with a table of stars that nobody measured (docs/DESIGN.md, erratum 11).
-Here every defense has one *runner*, ``RUNNERS[name](case) -> (row, result)``, which runs
-it on one :class:`Case` (a model under test, its training data and the ground truth) and
-scores it the same way every time. ``bench defenses`` (:func:`run_all`), the detection
+Here every defense has one *runner*, ``RUNNERS[name](case) -> (row, result, repaired model)``,
+which runs it on one :class:`Case` (a model under test, its training data and the ground
+truth) and scores it the same way every time. ``bench defenses`` (:func:`run_all`), the detection
 matrix (:mod:`.matrix`) and notebook 6 all call :func:`run_defense`, so their rows cannot
 drift apart. A row (a dict) holds:
 
@@ -40,8 +40,10 @@ from ..checks import check_choice, check_dataset, check_model
 from ..data import ImageDataset, load_splits
 from ..experiments import run_backdoor, run_clean
 from ..metrics import attack_success_rate, clean_accuracy
+from ..train import pick_device
 from .activation_clustering import MEASURED_ANALYSES, activation_clustering
 from .activations import extract_features
+from .cache import cached, model_fingerprint, tensor_fingerprint
 from .fine_pruning import fine_prune, pruning_curve
 from .neural_cleanse import anomaly_index, neural_cleanse, unlearn
 from .retraining import retrain_without
@@ -51,6 +53,7 @@ from .spectral_signatures import spectral_signatures
 from .strip import fit_strip
 
 DEFENDER_IMAGES = 5000  # clean test images the defender trusts (at most half); the rest measure CA and ASR
+DP_QUICK_IMAGES = 10_000  # the quick budget's DP trainings (DP-SGD, the lecture's batch noise) use this many
 STRIP_TEST_IMAGES = 1000  # STRIP blends every input 16 times: its rates are measured on this many eval images
 SAMPLE_DETECTORS = ("activation_clustering", "spectral_signatures", "isolation_forest_features",
                     "isolation_forest_pixel_stats")
@@ -87,7 +90,8 @@ class Case:
     model); ``trigger``/``target``: the planted backdoor (None for a clean model);
     ``defender``: trusted clean images; ``eval``: clean images that measure CA and ASR;
     ``epochs``/``arch``/``seed``/``device``: how the victim was trained (retraining repeats
-    it); ``quick``: smaller search budgets and fewer fine-tuning epochs for live runs;
+    it); ``quick``: smaller search budgets, fewer fine-tuning epochs and DP trainings of one
+    epoch on ``DP_QUICK_IMAGES`` samples, for live runs;
     ``nc_budget``: ``"full"`` or ``"quick"`` overrides ``quick`` for Neural Cleanse's search
     alone (the detection matrix keeps the full search: the quick one stopped before the
     clean labels' masks shrank, so it measured convergence, not backdoors);
@@ -113,6 +117,7 @@ class Case:
     progress: bool = False
     _features: torch.Tensor | None = field(default=None, repr=False)
     _before: tuple | None = field(default=None, repr=False)
+    _key: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_model(self.model, "features")
@@ -133,6 +138,18 @@ class Case:
         if self._features is None:
             self._features = extract_features(self.model, self.train_data.images, progress=self.progress)
         return self._features
+
+    def key(self) -> dict:
+        """Everything a defense's result on this case depends on (for :func:`.cache.cached`),
+        computed once: fingerprints of the model and the data sets, the trigger and settings."""
+        if self._key is None:
+            self._key = {"model": model_fingerprint(self.model), "train": self.train_data.fingerprint(),
+                         "poisoned": tensor_fingerprint(torch.as_tensor(self.poisoned)), "trigger": repr(self.trigger),
+                         "target": self.target, "defender": self.defender.fingerprint(),
+                         "eval": self.eval.fingerprint(), "epochs": self.epochs, "arch": self.arch,
+                         "seed": self.seed, "device": str(pick_device(self.device)), "quick": self.quick,
+                         "nc_budget": self.nc_budget, "compare_analyses": self.compare_analyses}
+        return self._key
 
     def measure(self, model) -> tuple[float, float | None]:
         """(CA, ASR) of ``model`` on ``eval`` (ASR None for a clean case)."""
@@ -173,16 +190,17 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object]:
+def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object, object]:
     """Detect, score against the ground truth, retrain without the flagged samples."""
     start = _clock()
     found = detect(case)
     detection = detection_scores(found.flagged, case.poisoned, len(case.train_data))
-    after = None
+    after = repaired = None
     if case.backdoored:
-        after = case.before if len(found.flagged) == 0 else case.measure(retrain_without(
+        repaired = case.model if len(found.flagged) == 0 else retrain_without(
             case.train_data, found.flagged, epochs=case.epochs, arch=case.arch, seed=case.seed,
-            device=case.device, progress=case.progress).model)
+            device=case.device, progress=case.progress).model
+        after = case.before if repaired is case.model else case.measure(repaired)
     extra = {}
     if name == "activation_clustering":  # every analysis computed on the same clusters
         computed = [a for a in MEASURED_ANALYSES if set(a.split("+")) <= set(found.poisoned_by)]
@@ -193,7 +211,7 @@ def _sample_detector(name: str, case: Case, detect) -> tuple[dict, object]:
     if name == "spectral_signatures":
         extra["tail"] = [round(v, 4) for v in found.tail.tolist()]
     return _row(case, name, start, detection=detection, after=after, flagged=found.flagged_classes,
-                flagged_samples=len(found.flagged), **extra), found
+                flagged_samples=len(found.flagged), **extra), found, repaired
 
 
 def _split_row(split, poisoned: torch.Tensor) -> dict:
@@ -223,7 +241,7 @@ def _activation_clustering(case: Case):
 
 
 def _spectral_signatures(case: Case):
-    row, found = _sample_detector("spectral_signatures", case, lambda c: spectral_signatures(
+    row, found, repaired = _sample_detector("spectral_signatures", case, lambda c: spectral_signatures(
         c.model, c.train_data, clean_data=c.defender, features=c.features, progress=c.progress))
     # the paper's squared score, and the paper's removal from every class, beside the kit's default
     variants = {"squared": {"score": "squared", "clean_data": case.defender}, "every_class": {}}
@@ -231,7 +249,7 @@ def _spectral_signatures(case: Case):
     for variant, options in variants.items():
         found_by = spectral_signatures(case.model, case.train_data, features=case.features, progress=False, **options)
         row["f1_by_score"][variant] = detection_scores(found_by.flagged, case.poisoned, len(case.train_data))["f1"]
-    return row, found
+    return row, found, repaired
 
 
 def _isolation_forest(kind: str):
@@ -250,11 +268,12 @@ def _neural_cleanse(case: Case):
     found = neural_cleanse(case.model, case.defender, n_images=n_images, n_heldout=n_heldout,
                            steps=settings["steps"], seed=case.seed,
                            progress=case.progress)
-    after = None
+    after = repaired = None
     if case.backdoored:
-        after = case.before if not found.flagged else case.measure(unlearn(
+        repaired = case.model if not found.flagged else unlearn(
             case.model, found, case.defender, epochs=2 if case.quick else 5, seed=case.seed, device=case.device,
-            progress=case.progress).model)
+            progress=case.progress).model
+        after = case.before if repaired is case.model else case.measure(repaired)
     linear = anomaly_index(found.norms)  # Wang et al.'s index, on the norms themselves, for comparison
     return _row(case, "neural_cleanse", start, after=after, flagged=found.flagged,
                 anomaly_index=[round(v, 2) for v in found.anomaly_index.tolist()],
@@ -263,7 +282,7 @@ def _neural_cleanse(case: Case):
                 mask_norms=[round(v, 1) for v in found.norms.tolist()],
                 heldout_success_min=round(found.success.min().item(), 4),
                 heldout_success=[round(v, 4) for v in found.success.tolist()],
-                search_seconds=round(found.seconds, 1)), found
+                search_seconds=round(found.seconds, 1)), found, repaired
 
 
 def _fine_pruning(case: Case):
@@ -272,28 +291,41 @@ def _fine_pruning(case: Case):
                         device=case.device, progress=case.progress)
     row = _row(case, "fine_pruning", start, after=case.measure(result.model) if case.backdoored else None,
                pruned_fraction=round(result.fraction, 3), val_acc_before=round(result.val_acc_before, 4),
-               val_acc_pruned=round(result.val_acc_pruned, 4), val_acc_after=round(result.val_acc_after, 4))
-    return row, result
+               val_acc_pruned=round(result.val_acc_pruned, 4), val_acc_after=round(result.val_acc_after, 4),
+               tuned_images=result.tuned_images)
+    return row, result, result.model
+
+
+def strip_filter(case: Case, model=None) -> tuple[object, dict]:
+    """Put ``model`` (default: the case's) behind a STRIP filter fitted on the defender's images.
+
+    Returns the fitted detector and what it measured on ``STRIP_TEST_IMAGES`` eval images:
+    ``frr`` (clean inputs rejected) and, for a backdoored case, ``far`` (triggered inputs let
+    through) and ``after`` = (CA, ASR) behind the filter, where a rejected input counts as
+    not classified. The STRIP runner and the defense pipeline (:mod:`.pipeline`) both use it.
+    """
+    model = case.model if model is None else model
+    detector = fit_strip(model, case.defender, n_calibration=min(1000, len(case.defender) // 2), seed=case.seed)
+    test = case.eval.subset(range(min(STRIP_TEST_IMAGES, len(case.eval))))
+    rejected = detector.rejects(test.images)  # the filter's verdicts, computed once (16 blends per input)
+    measured = {"frr": rejected.float().mean().item(), "far": None, "after": None}
+    if case.backdoored:
+        rejected_triggered = detector.rejects(case.trigger(test.images[test.labels != case.target]))
+        measured["far"] = 1 - rejected_triggered.float().mean().item()
+        # the metrics see the filter as ``accept``: given the same images, it answers the verdicts above
+        measured["after"] = (clean_accuracy(model, test, accept=lambda images: ~rejected),
+                             attack_success_rate(model, test, case.trigger, case.target,
+                                                 accept=lambda images: ~rejected_triggered))
+    return detector, measured
 
 
 def _strip(case: Case):
     start = _clock()
-    detector = fit_strip(case.model, case.defender, n_calibration=min(1000, len(case.defender) // 2),
-                         seed=case.seed)
-    test = case.eval.subset(range(min(STRIP_TEST_IMAGES, len(case.eval))))
-    rejected = detector.rejects(test.images)  # the filter's verdicts, computed once (16 blends per input)
-    frr = rejected.float().mean().item()
-    far = after = None
-    if case.backdoored:
-        rejected_triggered = detector.rejects(case.trigger(test.images[test.labels != case.target]))
-        far = 1 - rejected_triggered.float().mean().item()
-        # the metrics see the filter as ``accept``: given the same images, it answers the verdicts above
-        after = (clean_accuracy(case.model, test, accept=lambda images: ~rejected),
-                 attack_success_rate(case.model, test, case.trigger, case.target,
-                                     accept=lambda images: ~rejected_triggered))
+    detector, measured = strip_filter(case)
+    far, frr = measured["far"], measured["frr"]
     detection = {"tpr": None if far is None else 1 - far, "fpr": frr, "f1": None}
-    return _row(case, "strip", start, detection=detection, after=after, far=far, frr=frr,
-                frr_target=detector.frr), detector
+    return _row(case, "strip", start, detection=detection, after=measured["after"], far=far, frr=frr,
+                frr_target=detector.frr), detector, None
 
 
 def _trained_with(name: str, train_fn):
@@ -301,12 +333,12 @@ def _trained_with(name: str, train_fn):
     def run(case: Case):
         start = _clock()
         result = train_fn(case)
-        fields = {}
+        fields = {"train_images": len(_dp_data(case))} if name in ("dp_sgd", "lecture_batch_noise") else {}
         if hasattr(result, "epsilon"):
-            fields = {"epsilon": None if result.epsilon is None else round(result.epsilon, 2),
+            fields |= {"epsilon": None if result.epsilon is None else round(result.epsilon, 2),
                       "delta": result.delta, "noise_multiplier": result.noise_multiplier,
                       "max_grad_norm": result.max_grad_norm}
-        return _row(case, name, start, after=case.measure(result.model), **fields), result
+        return _row(case, name, start, after=case.measure(result.model), **fields), result, result.model
     return run
 
 
@@ -316,15 +348,24 @@ def _transform_sanitization(case: Case):
                            progress=case.progress, paper=PAPERS["lecture_transform_sanitization"])
 
 
+def _dp_data(case: Case) -> ImageDataset:
+    """The training set of the DP trainings: with ``quick``, its first ``DP_QUICK_IMAGES`` samples
+    (per-example gradients make DP-SGD the slowest defense of a live run; the poisoned share
+    stays that of the whole set, since the poison is spread at random)."""
+    if not case.quick or len(case.train_data) <= DP_QUICK_IMAGES:
+        return case.train_data
+    return case.train_data.subset(range(DP_QUICK_IMAGES))
+
+
 def _dp_sgd(case: Case):
     from .dp_sgd import train_dp_sgd  # Opacus loads only when DP-SGD runs
-    return train_dp_sgd(case.train_data, epochs=1 if case.quick else case.epochs, seed=case.seed,
+    return train_dp_sgd(_dp_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
                         progress=case.progress)
 
 
 def _batch_noise(case: Case):
     from .dp_sgd import lecture_batch_noise_training
-    return lecture_batch_noise_training(case.train_data, epochs=1 if case.quick else case.epochs, seed=case.seed,
+    return lecture_batch_noise_training(_dp_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
                                         progress=case.progress)
 
 
@@ -343,31 +384,46 @@ RUNNERS = {
 CLASS_VERDICTS = SAMPLE_DETECTORS[:2] + MODEL_DETECTORS  # defenses whose verdict on a clean model means something
 
 
-def run_defense(name: str, case: Case, clean_case: Case | None = None) -> tuple[dict, dict]:
+def run_defense(name: str, case: Case, clean_case: Case | None = None, *, cache_dir=None) -> tuple[dict, dict]:
     """Run defense ``name`` on ``case`` (and, for a detector with a class verdict, on the clean
-    control ``clean_case``); return its row and ``{"backdoored": result, "clean": result}``."""
-    check_choice("name", name, DEFENSES)
-    row, result = RUNNERS[name](case)
-    results = {"backdoored": result, "clean": None}
-    if clean_case is not None and name in CLASS_VERDICTS:
-        clean_row, results["clean"] = RUNNERS[name](clean_case)
-        row["flagged_on_clean_model"] = clean_row["flagged"]
-        row["seconds"] = round(row["seconds"] + clean_row["seconds"], 1)
-        row["cpu_seconds"] = round(row["cpu_seconds"] + clean_row["cpu_seconds"], 1)
-    return row, results
+    control ``clean_case``); return its row and ``{"backdoored": result, "clean": result,
+    "repaired": model}``, where ``repaired`` is the model after the defense's mitigation (the
+    retrained, unlearned, fine-pruned or DP-trained model; the model itself when a detector
+    flagged nothing; None for STRIP, which repairs nothing, and for a clean case).
 
-
-def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | None = None, *,
-            fast: bool = False, defenses=DEFENSES, epochs: int = 2, seed: int = 0, device=None,
-            progress: bool = True, on_row=None) -> list[dict]:
-    """``bench defenses``: every defense on one BadNets model (the kit's checkerboard, 5% of
-    the training set, target 0) and one clean model; one row per defense.
-
-    Data default to the offline Fashion-MNIST. ``fast`` trains on a 20,000-image subset.
-    ``on_row(row)`` is called as soon as each row is ready (the CLI prints it).
+    With ``cache_dir``, a result computed before for the same models, data, settings and code
+    is loaded instead (:mod:`.cache`); the row then says ``"cached": True`` and keeps the
+    seconds measured when it was computed.
     """
-    for name in defenses:
-        check_choice("defenses", name, DEFENSES)
+    check_choice("name", name, DEFENSES)
+    if clean_case is not None and not isinstance(clean_case, Case):
+        raise TypeError(f"clean_case must be a Case or None, got {type(clean_case).__name__}")
+    (row, result, repaired), hit = _run_cached(name, case, cache_dir)
+    results = {"backdoored": result, "clean": None, "repaired": repaired}
+    if clean_case is not None and name in CLASS_VERDICTS:
+        (clean_row, results["clean"], _), clean_hit = _run_cached(name, clean_case, cache_dir)
+        row = {**row, "flagged_on_clean_model": clean_row["flagged"],
+               "seconds": round(row["seconds"] + clean_row["seconds"], 1),
+               "cpu_seconds": round(row["cpu_seconds"] + clean_row["cpu_seconds"], 1)}
+        hit = hit and clean_hit
+    return ({**row, "cached": hit} if cache_dir is not None else row), results
+
+
+def _run_cached(name: str, case: Case, cache_dir) -> tuple[tuple, bool]:
+    """``RUNNERS[name](case)``, or its result from an earlier run with the same inputs and code."""
+    return cached(cache_dir, name, {"defense": name, "case": case.key() if cache_dir is not None else None},
+                  lambda: RUNNERS[name](case))
+
+
+def setup_cases(train_data: ImageDataset | None = None, test_data: ImageDataset | None = None, *,
+                fast: bool = False, epochs: int = 2, seed: int = 0, device=None, progress: bool = True
+                ) -> tuple[Case, Case, dict]:
+    """The models of ``bench defenses``: a BadNets model (the kit's checkerboard, 5% of the
+    training set, target 0) and a clean model, as a :class:`Case` each, and a ``setup`` row.
+
+    Data default to the offline Fashion-MNIST; ``fast`` trains on a 20,000-image subset. The
+    defender trusts ``DEFENDER_IMAGES`` test images, the others measure CA and ASR.
+    """
     if train_data is None or test_data is None:
         train_data, test_data = load_splits("fashion-mnist")
     if fast:
@@ -386,6 +442,21 @@ def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | No
              "asr_clean_model": attack_success_rate(clean.model, evaluation, case.trigger, case.target),
              "seconds": round(time.perf_counter() - start[0], 1),
              "cpu_seconds": round(time.process_time() - start[1], 1), "torch_threads": torch.get_num_threads()}
+    return case, clean_case, setup
+
+
+def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | None = None, *,
+            fast: bool = False, defenses=DEFENSES, epochs: int = 2, seed: int = 0, device=None,
+            progress: bool = True, on_row=None) -> list[dict]:
+    """``bench defenses``: every defense on the models of :func:`setup_cases` (one BadNets,
+    one clean); one row per defense, after the ``setup`` row.
+
+    ``on_row(row)`` is called as soon as each row is ready (the CLI prints it).
+    """
+    for name in defenses:
+        check_choice("defenses", name, DEFENSES)
+    case, clean_case, setup = setup_cases(train_data, test_data, fast=fast, epochs=epochs, seed=seed,
+                                          device=device, progress=progress)
     rows = [setup]
     if on_row:
         on_row(setup)

@@ -236,11 +236,50 @@ def _markdown_line(name: str, cells: dict[str, dict]) -> str:
             f"{cell('strip', 'far')} / {cell('strip', 'frr')} | {cell('fine_pruning', 'asr_after')} | {after} |")
 
 
+def family_order(row: dict) -> tuple:
+    """Sort key: trigger family (in :data:`FAMILIES` order), then poisoning rate, then seed."""
+    family = FAMILIES.index(row["trigger"]) if row["trigger"] in FAMILIES else len(FAMILIES)
+    return family, row["rate"], row["seed"]
+
+
+def cells(rows: list[dict], models: list[str], columns: dict) -> list[dict]:
+    """A short table of chosen cells: one dict per model in ``models`` (names as :func:`model_name`
+    gives them), one column per ``columns`` entry, ``{title: (defense, key)}``, formatted with
+    :func:`.scoring.format_cell`. For the few cells a text discusses, instead of the whole matrix."""
+    by_cell = {(model_name(r), r["defense"]): r for r in rows}
+    missing = [m for m in models if not any(name == m for name, _ in by_cell)]
+    if missing:
+        raise ValueError(f"models must be models of the matrix, not found: {missing}")
+    return [{"model": m, **{title: format_cell(by_cell.get((m, defense), {}).get(key))
+                            for title, (defense, key) in columns.items()}} for m in models]
+
+
+def verdicts(rows: list[dict], family: str, rate: float) -> dict[str, list[str]]:
+    """What each defense did on one backdoored model of the matrix: ``caught`` (sample detector
+    F1 >= 0.5, Neural Cleanse flagged the true target, STRIP let at most 10% of triggered
+    inputs through) and ``repaired`` (ASR <= 10% after the mitigation). A Neural Cleanse repair
+    that followed flags of *other* labels only is listed as ``repaired_by_chance``: the
+    unlearning fine-tune removed the backdoor, the detection did not find it."""
+    model = [r for r in rows if r["trigger"] == family and r["rate"] == rate]
+    if not model:
+        raise ValueError(f"family and rate must name a model of the matrix, got {family!r} at {rate!r}")
+    out = {"caught": [], "repaired": [], "repaired_by_chance": []}
+    for r in sorted(model, key=lambda r: DETECTORS.index(r["defense"])):
+        found_target = r["defense"] == "neural_cleanse" and r["target"] in r["flagged"]
+        if (r["f1"] or 0) >= 0.5 or found_target or (r["far"] is not None and r["far"] <= 0.1):
+            out["caught"].append(r["defense"])
+        if r["asr_after"] is not None and r["asr_after"] <= 0.1:
+            lucky = r["defense"] == "neural_cleanse" and not found_target
+            out["repaired_by_chance" if lucky else "repaired"].append(r["defense"])
+    return out
+
+
 def plot(rows: list[dict]):
-    """Two heat maps: detection (F1 / 1 - FAR / target flagged) and ASR after each mitigation."""
+    """Two heat maps: detection (F1 / 1 - FAR / target flagged) and ASR after each mitigation.
+    Rows run by trigger family, then poisoning rate; clean models have no cell to show."""
     from .plots import plot_matrix
 
-    backdoored = [r for r in rows if r["trigger"] != "clean"]
+    backdoored = sorted((r for r in rows if r["trigger"] != "clean"), key=family_order)
     detection = {(model_name(r), r["defense"]): detection_value(r) for r in backdoored
                  if r["defense"] != "fine_pruning"}
     asr_after = {(model_name(r), r["defense"]): r["asr_after"] for r in backdoored}

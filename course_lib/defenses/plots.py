@@ -167,10 +167,12 @@ def plot_comparison(rows: list[dict]):
     return fig
 
 
-def plot_matrix(cells: dict[tuple[str, str], float | None], *, title: str, value_label: str):
+def plot_matrix(cells: dict[tuple[str, str], float | None], *, title: str, value_label: str,
+                model_label: str = "model (trigger, poisoning rate)"):
     """A heat map of one value per (model, defense) cell (blank where it does not apply).
 
-    ``cells`` maps (model name, defense name) to a number in [0, 1], or None.
+    ``cells`` maps (model name, defense name) to a number in [0, 1], or None; rows keep the
+    order of first appearance.
     """
     models = list(dict.fromkeys(m for m, _ in cells))
     defenses = list(dict.fromkeys(d for _, d in cells))
@@ -187,7 +189,7 @@ def plot_matrix(cells: dict[tuple[str, str], float | None], *, title: str, value
     ax.set_xticks(range(len(defenses)), [d.replace("_", "\n") for d in defenses], fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=8)
     ax.set_xlabel("defense")
-    ax.set_ylabel("model (trigger, poisoning rate, seed)")
+    ax.set_ylabel(model_label)
     fig.colorbar(image, ax=ax, label=value_label, fraction=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

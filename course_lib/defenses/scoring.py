@@ -62,7 +62,7 @@ def format_cell(value, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{0.0 if round(value, digits) == 0 else value:.{digits}f}"  # never "-0.00"
     if isinstance(value, list):
         return "none" if not value else ", ".join(map(str, value))
     return str(value)

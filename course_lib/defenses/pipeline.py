@@ -1,0 +1,105 @@
+"""Defense in depth, run end to end: detect, remove, retrain, then filter at run time.
+
+The lecture closes its defense section with "use multiple defenses in combination" and an
+example pipeline: sanitize the data, train with differential privacy, check the trained
+model with Neural Cleanse, and Fine-Prune it if a backdoor is found. Each of those stages
+is measured on its own by ``python -m course_lib bench defenses`` and notebook 6 (the
+lecture's transformations and DP training on the poisoned set, Neural Cleanse with
+unlearning, Fine-Pruning). This module runs the pipeline the measurements recommend, as one
+piece, on one backdoored model, and measures what each stage adds:
+
+1. **detect** poisoned training samples with a sample detector (Activation Clustering with
+   the trusted-share analysis by default: the detector the detection matrix found most
+   reliable, :mod:`.activation_clustering`);
+2. **remove** the flagged samples and 3. **retrain** a fresh model without them (the
+   mitigation of Chen et al. and Tran et al., :mod:`.retraining`);
+4. **verify at run time**: put the retrained model behind a STRIP filter (Gao et al. 2019,
+   :mod:`.strip`) fitted on the defender's clean images, which rejects inputs whose
+   prediction survives blending. What the detector missed, the filter may still catch; its
+   price is the clean inputs it rejects (FRR).
+
+The detection and retraining are exactly the detector's runner
+(:func:`.compare.run_defense`), so the pipeline's first stages are the same numbers as the
+detector's row in the comparison, and with ``cache_dir`` they are the same computation
+(loaded, not repeated). ``python -m course_lib bench pipeline`` and notebook 6 both call
+:func:`run_pipeline`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..checks import check_choice
+from .cache import cached, model_fingerprint
+from .compare import SAMPLE_DETECTORS, Case, run_defense, setup_cases, strip_filter
+
+
+def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_dir=None) -> tuple[dict, dict]:
+    """Detect -> remove -> retrain -> STRIP at run time, on the backdoored ``case``.
+
+    Returns a row and the objects behind it, ``{"detection": result, "repaired": model,
+    "strip": detector}``. The row holds the detection's ``tpr``, ``fpr``, ``f1`` and
+    ``flagged_samples``; clean accuracy and ASR of the backdoored model (``ca_before``,
+    ``asr_before``), of the retrained one (``ca_retrained``, ``asr_retrained``) and of the
+    retrained one behind the filter (``ca_filtered``, ``asr_filtered``: a rejected input
+    counts as not classified); the filter's ``frr`` and ``far``; the seconds of each stage
+    (``seconds_retrain``: detection, removal and retraining; ``seconds_strip``) and their
+    sum ``seconds``; ``cached``: whether every stage came from ``cache_dir``
+    (:mod:`.cache`; the seconds are then those measured when it was computed).
+    """
+    if not isinstance(case, Case):
+        raise TypeError(f"case must be a compare.Case, got {type(case).__name__}")
+    if not case.backdoored:
+        raise ValueError("case must be a backdoored model (trigger and target given): the pipeline measures "
+                         "what it removes")
+    check_choice("detector", detector, SAMPLE_DETECTORS)
+    first, results = run_defense(detector, case, cache_dir=cache_dir)
+    repaired = results["repaired"]
+
+    def verify():
+        start = time.perf_counter()
+        strip, measured = strip_filter(case, repaired)
+        return strip, measured, round(time.perf_counter() - start, 1)
+
+    key = {"case": case.key() if cache_dir is not None else None, "repaired": model_fingerprint(repaired)}
+    (strip, measured, strip_seconds), hit = cached(cache_dir, "pipeline_strip", key, verify)
+    ca_filtered, asr_filtered = measured["after"]
+    row = {"pipeline": f"{detector} -> remove -> retrain -> strip", "detector": detector,
+           **{k: first[k] for k in ("tpr", "fpr", "f1", "flagged", "flagged_samples", "ca_before", "asr_before")},
+           "ca_retrained": first["ca_after"], "asr_retrained": first["asr_after"],
+           "ca_filtered": ca_filtered, "asr_filtered": asr_filtered, "frr": measured["frr"], "far": measured["far"],
+           "seconds_retrain": first["seconds"], "seconds_strip": strip_seconds,
+           "seconds": round(first["seconds"] + strip_seconds, 1),
+           "cached": bool(cache_dir is not None and first.get("cached") and hit)}
+    return row, {"detection": results["backdoored"], "repaired": repaired, "strip": strip}
+
+
+def main(argv=None) -> int:
+    """``bench pipeline [--json] [--fast] [--detector NAME]``: the pipeline on the BadNets model of
+    ``bench defenses`` (same data, same model, same defender)."""
+    parser = argparse.ArgumentParser(prog="python -m course_lib bench pipeline",
+                                     description="Detect, remove, retrain, then STRIP at run time, on one "
+                                                 "backdoored model.")
+    parser.add_argument("--json", action="store_true", help="print the row as one JSON line")
+    parser.add_argument("--fast", action="store_true", help="train on a 20,000-image subset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--detector", default="activation_clustering", choices=SAMPLE_DETECTORS)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (stderr)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    case, _, setup = setup_cases(fast=args.fast, seed=args.seed, progress=not args.no_progress)
+    row, _ = run_pipeline(case, detector=args.detector)
+    row["total_seconds"] = round(time.perf_counter() - start, 1)
+    row["setup_seconds"] = setup["seconds"]
+    if args.json:
+        print(json.dumps(row), flush=True)
+    else:
+        for key, value in row.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
