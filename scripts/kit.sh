@@ -7,8 +7,9 @@
 #
 # Setup = a virtual environment in .venv with torch + the matching torchvision from PyPI
 # and the kit installed in editable mode, plus, when apt is available, Debian's
-# dataset-fashion-mnist (the offline default dataset) and bubblewrap (the sandbox the
-# homework's autograder runs student code in). Re-running it skips whatever is already there.
+# dataset-fashion-mnist (the offline default dataset), bubblewrap (the sandbox the
+# homework's autograder runs student code in) and cgroup-tools (each sandbox's own control
+# group: memory, processes, CPU). Re-running it skips whatever is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -32,6 +33,7 @@ apt_install() {  # apt_install PACKAGE [TEST-PATH]: install a Debian package unl
 setup() {
   apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
   apt_install bubblewrap /usr/bin/bwrap
+  apt_install cgroup-tools /usr/bin/cgcreate
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
