@@ -158,14 +158,20 @@ def verify_witness(witness: Witness, min_asr: float = MIN_ASR, min_ca: float = M
     return str(witness)
 
 
-def verify_trigger_poisons(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int,
-                           name: str) -> str:
-    """The whole witness test: the trigger is legitimate on the stamped images (bounded change, a
-    clean reference model not fooled: :func:`course_lib.grading.verify_backdoor_trigger`) and the
-    grader's own model, poisoned with it, learned it (:func:`verify_witness`)."""
+def poisoning_run(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int, name: str) -> Witness:
+    """The trigger is legitimate on the stamped images (bounded change, the clean ``reference``
+    model not fooled: :func:`course_lib.grading.verify_backdoor_trigger`); then the grader's run
+    (:func:`poison_and_train`)."""
     triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
     grading.verify_backdoor_trigger(pool.stamped.images, triggered, reference, name=name, target=target)
-    return verify_witness(poison_and_train(pool, triggered, target=target, seed=seed, name=name))
+    return poison_and_train(pool, triggered, target=target, seed=seed, name=name)
+
+
+def verify_trigger_poisons(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int,
+                           name: str) -> str:
+    """The whole witness test, as the trusted grader decides it: :func:`poisoning_run`, then
+    :func:`verify_witness`. Returns the measurement shown to the student."""
+    return verify_witness(poisoning_run(pool, triggered, reference, target=target, seed=seed, name=name))
 
 
 @grading._graded
@@ -189,4 +195,4 @@ def check_trigger_poisons(namespace: dict, path=grading.MODEL_FILE, *, dataset: 
 
 
 __all__ = ["Recipe", "RECIPE", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
-           "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]
+           "poisoning_run", "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]

@@ -19,6 +19,10 @@
     python scripts/homework.py bench-student
         time a student's Run All of Part 1 (the reference solution, solutions/week4/, in a
         temporary folder): the training cell, the Part 3 comparison and the whole notebook
+    python scripts/homework.py bench-witness [--rounds 2]
+        the grader's own poisoning run (course_lib.witness) on honest triggers: the reference
+        solution's three and each dirty-label family of the kit, each round with fresh seeds;
+        prints every run's ASR and CA and the false-failure rate of the witness test
 
 tests/test_homework.py uses the same functions for its nbgrader round trip.
 """
@@ -415,6 +419,68 @@ def bench_student() -> dict:
     return {"cores": os.cpu_count(), **seconds}
 
 
+# Each dirty-label trigger family of the kit (course_lib.triggers), with the zoo's settings where it has them.
+HONEST_FAMILIES = {
+    "checkerboard": ("patch", {"size": 3, "pattern": "checkerboard"}),
+    "square": ("patch", {"size": 4, "pattern": "solid", "location": "top-right"}),
+    "blend": ("blend", {"alpha": 0.2, "seed": 7}),
+    "sig": ("sig", {}),
+    "wanet": ("wanet", {}),
+    "corners": ("distributed", {"patch_size": 2}),
+}
+
+
+def reference_triggers() -> dict:
+    """The reference solution's three trigger functions, run from the source notebook's cell."""
+    notebook = nbformat.read(COURSE / "source" / ASSIGNMENT / "part1_attack.ipynb", as_version=4)
+    cell = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "p1-triggers")
+    namespace = {"torch": torch}
+    exec(compile(cell.source, "part1_attack.ipynb", "exec"), namespace)
+    return {name: namespace[name] for name in ("trigger_patch", "trigger_blend", "trigger_custom")}
+
+
+def honest_triggers() -> dict:
+    """The reference solution's triggers and one trigger of each family of :data:`HONEST_FAMILIES`."""
+    from course_lib.triggers import make_trigger
+    return {**reference_triggers(), **{name: make_trigger(kind, **kwargs)
+                                       for name, (kind, kwargs) in HONEST_FAMILIES.items()}}
+
+
+def bench_witness(rounds: int) -> dict:
+    """The witness test (the grader's own poisoning run, with the legitimacy check against a
+    clean reference model trained here on 20,000 training images) on every honest trigger,
+    ``rounds`` times with fresh seeds: each run is one honest student."""
+    from course_lib import grading, witness
+    from course_lib.data import load_dataset
+    from course_lib.models import model_for
+    from course_lib.train import train
+    reference = model_for("fashion-mnist", seed=0)
+    train(reference, load_dataset("fashion-mnist", "train").split(20_000, seed=0)[0], epochs=2, progress=False)
+    data, runs = witness.mixed_splits("fashion-mnist"), []
+    for _ in range(rounds):
+        pool = witness.draw_pool(data, target=0, seed=witness.draw_seed())
+        for name, trigger in honest_triggers().items():
+            start, seed = time.perf_counter(), witness.draw_seed()
+            measured, failure = None, None
+            try:   # witness.verify_trigger_poisons, with the measurement kept
+                measured = witness.poisoning_run(pool, trigger(pool.stamped.images.clone()), reference, target=0,
+                                                 seed=seed, name=name)
+                witness.verify_witness(measured)
+            except grading.GradingFailure as err:
+                failure = str(err)
+            runs.append({"trigger": name, "seed": seed, "asr": measured and round(measured.asr, 3),
+                         "ca": measured and round(measured.ca, 3),
+                         "passed": failure is None, "failure": failure,
+                         "seconds": round(time.perf_counter() - start, 1)})
+            print(json.dumps(runs[-1]), flush=True)
+    failed = sum(not run["passed"] for run in runs)
+    return {"students": len(runs), "failed": failed, "false_failure_rate": failed / len(runs),
+            "min_asr": min(r["asr"] or 0 for r in runs), "min_ca": min(r["ca"] or 0 for r in runs),
+            "thresholds": {"asr": witness.MIN_ASR, "ca": witness.MIN_CA},
+            "mean_seconds_per_run": round(sum(r["seconds"] for r in runs) / len(runs), 1),
+            "torch_threads": torch.get_num_threads()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -429,6 +495,8 @@ def main(argv=None) -> None:
     whole.add_argument("--workers", type=int, default=2)
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     commands.add_parser("bench-student", help="time a student's Run All of Part 1 (reference solution)")
+    witnessing = commands.add_parser("bench-witness", help="false-failure rate of the grader's own poisoning run")
+    witnessing.add_argument("--rounds", type=int, default=2, help="fresh seeds per honest trigger (default 2)")
     args = parser.parse_args(argv)
     if args.command == "release":
         release = generate(args.course.resolve())
@@ -446,6 +514,8 @@ def main(argv=None) -> None:
         bench(args.full)
     elif args.command == "bench-student":
         print(json.dumps(bench_student()))
+    elif args.command == "bench-witness":
+        print(json.dumps(bench_witness(args.rounds)))
     else:
         print(json.dumps(bench_class(args.students, args.workers, args.full)))
 
