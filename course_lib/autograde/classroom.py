@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,10 +34,11 @@ from pathlib import Path
 
 import nbformat
 
-from ..checks import check_int
+from ..checks import check_float, check_int
 from . import sandbox
 from .pipeline import NotebookResult, Settings, cache_key, grade_notebook
 from .preprocessor import UnsafeRefusal, autograde_preprocessors, require_sandbox
+from .resources import LimitsRefusal, require_controls
 from .workspace import Workspace
 
 
@@ -66,6 +69,7 @@ class Summary:
     skipped: bool = False
     scores: dict = field(default_factory=dict)      # notebook -> (score, max score)
     pending: list = field(default_factory=list)     # notebooks with answers that need manual grading
+    timed_out: bool = False                         # a cell, a call or a notebook hit its time limit
 
 
 def _limit_threads(threads: int) -> None:
@@ -91,10 +95,19 @@ def grade_student(job: Job) -> Summary:
                                 workspace.inputs(), settings, zoo=workspace.zoo, cache=workspace.cache(job.student),
                                 reuse=job.reuse)
         summary.failed += [g for g, v in result.verdicts.items() if not v.passed]
+        summary.timed_out = summary.timed_out or hit_time_limit(result)
         if result.note:
             summary.notes.append(f"{name}: {result.note}")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def hit_time_limit(result) -> bool:
+    """Whether a notebook's result shows a time limit: the notebook's own, or a cell's or a call's
+    (the harvest records those as ``CellTimeoutError``)."""
+    cells = (o.get("ename") for outputs in result.cells.values() for o in outputs)
+    return bool(result.note) or "CellTimeoutError" in cells or any(
+        "CellTimeoutError" in v.message for v in result.verdicts.values() if not v.passed)
 
 
 class Course:
@@ -112,6 +125,20 @@ class Course:
         self.config = config
         self.coursedir = CourseDirectory(config=config)
         self.api = NbGraderAPI(coursedir=self.coursedir, config=config)
+
+    def limits(self, threads: int, memory_gb: float | None, disk_gb: float | None,
+               processes: int | None) -> sandbox.Limits:
+        """A sandbox's limits: the arguments given, else the course config's, else the defaults."""
+        config, default = self.config.TrustedExecute, sandbox.Limits()
+        memory_gb = memory_gb if memory_gb is not None else config.get("sandbox_memory_gb")
+        disk_gb = disk_gb if disk_gb is not None else config.get("disk_gb")
+        processes = processes if processes is not None else config.get("processes", default.processes)
+        for name, value in (("memory_gb", memory_gb), ("disk_gb", disk_gb)):
+            if value is not None:
+                check_float(name, value, 0, math.inf, low_open=True)
+        return sandbox.Limits(threads=threads, processes=processes,
+                              sandbox_memory_bytes=int(memory_gb * 2**30) if memory_gb else default.sandbox_memory_bytes,
+                              disk_bytes=int(disk_gb * 2**30) if disk_gb else default.disk_bytes)
 
     def students(self) -> list[str]:
         submitted = self.root / self.coursedir.submitted_directory
@@ -155,10 +182,31 @@ class Course:
 
     def record(self, student: str) -> None:
         """nbgrader's autograde of one student (results come from the cache), in this process."""
+        self._add_submission(student)
         result = self.api.autograde(self.assignment, student, force=True, create=True)
         if not result["success"]:
             raise RuntimeError(f"nbgrader autograde failed for {student}:\n{result.get('log', '')}\n"
                                f"{result.get('error', '')}")
+
+    def _add_submission(self, student: str) -> None:
+        """Create a first submission's gradebook entry before nbgrader's autograde does.
+
+        nbgrader's ``Gradebook.add_submission`` builds the submission, its notebooks and grades
+        while the session autoflushes: every lazy load in between flushes a submission that
+        is not in the session yet, and SQLAlchemy 2 warns each time ("SAWarning: Object of type
+        <SubmittedAssignment> not in session"). The same call with autoflush off builds it
+        without a flush; nbgrader then finds the submission and updates it.
+        """
+        from nbgrader.api import Gradebook, MissingEntry
+        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
+            try:
+                gb.find_submission(self.assignment, student)
+                return
+            except MissingEntry:
+                pass
+            gb.update_or_create_student(student)
+            with gb.db.no_autoflush:
+                gb.add_submission(self.assignment, student)
 
     def scores(self, student: str) -> tuple[dict, list]:
         """({notebook: (score, max score)}, [notebooks with answers that need manual grading])."""
@@ -182,8 +230,15 @@ def make_executor(workers: int, dask_scheduler: str | None):
 def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_scheduler: str | None = None,
                     force: bool = False, time_limit: float = 900.0, threads: int | None = None,
                     cell_timeout: float = 120.0, unsafe_no_sandbox: bool = False, progress: bool = True,
-                    students: list | None = None, timings: dict | None = None) -> list[Summary]:
+                    students: list | None = None, timings: dict | None = None, memory_gb: float | None = None,
+                    disk_gb: float | None = None, processes: int | None = None,
+                    unsafe_no_limits: bool = False) -> list[Summary]:
     """Grade every collected submission of ``assignment``; returns one Summary per student.
+
+    Each sandbox's caps (``memory_gb`` for all its processes, ``disk_gb``, ``processes``) default
+    to the course's ``nbgrader_config.py`` (``TrustedExecute.sandbox_memory_gb``, ``disk_gb``,
+    ``processes``), else to :class:`.sandbox.Limits`'. A student with a test that failed on a
+    time limit while other sandboxes ran is graded again, alone, before anything is recorded.
 
     ``timings``, when given, receives the seconds of the three phases: ``prepare`` (staging and
     sanitizing, here), ``grade`` (the workers) and ``record`` (nbgrader, here).
@@ -194,6 +249,8 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     timings = {} if timings is None else timings
     start = time.perf_counter()
     require_sandbox(unsafe_no_sandbox, lambda text: print(text, file=sys.stderr))
+    if not unsafe_no_sandbox:
+        require_controls(unsafe_no_limits, sandbox.lost_controls(), lambda text: print(text, file=sys.stderr))
     if not (Path(course_dir) / "nbgrader_config.py").is_file():
         raise ValueError(f"course_dir: {course_dir} is not an nbgrader course folder (no nbgrader_config.py); "
                          f"pass the folder you run nbgrader in, e.g. --course assignments")
@@ -201,7 +258,7 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     workspace = Workspace(course.root, assignment)
     inputs = workspace.inputs()
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    limits = sandbox.Limits(threads=threads)
+    limits = course.limits(threads, memory_gb, disk_gb, processes)
     settings = Settings(cell_timeout, limits, unsafe_no_sandbox)
     names = course.notebook_names()
     jobs, summaries = [], {}
@@ -216,6 +273,8 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
                         reuse=not force))
     timings["prepare"] = time.perf_counter() - start
     _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
+    if workers > 1 and len(jobs) > 1:
+        _regrade_alone(jobs, summaries)
     timings["grade"] = time.perf_counter() - start - timings["prepare"]
     for student, summary in summaries.items():
         if not summary.skipped:
@@ -267,6 +326,23 @@ def _run_jobs(jobs, summaries, workers, dask_scheduler, progress) -> None:
             client.close()
 
 
+def _regrade_alone(jobs, summaries) -> None:
+    """Grade again, one at a time, every student who hit a time limit while other sandboxes
+    ran: a neighbour must never cost a student points (its CPU is capped, but not every shared
+    resource is)."""
+    again = [dataclasses.replace(job, reuse=False) for job in jobs if summaries[job.student].timed_out]
+    if not again:
+        return
+    executor, _ = make_executor(1, None)
+    try:
+        for job in again:
+            summary = executor.submit(grade_student, job).result()
+            summary.notes.append("graded again alone after a time limit")
+            summaries[job.student] = summary
+    finally:
+        executor.shutdown(wait=True)
+
+
 def table(summaries: list[Summary]) -> str:
     """A markdown table: student, score per notebook, total, seconds, failed tests."""
     names = sorted({n for s in summaries for n in s.scores})
@@ -297,6 +373,14 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="regrade submissions that did not change")
     parser.add_argument("--unsafe-no-sandbox", action="store_true",
                         help="grade without a sandbox where none can be made: " + "; ".join(sandbox.UNSAFE_LOSSES))
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="memory of each sandbox's processes together, GiB (default: the course config's, else 4)")
+    parser.add_argument("--disk-gb", type=float, default=None,
+                        help="disk of each sandbox: submission, HOME, temporary files, results, GiB (default 2)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes and threads of each sandbox together (default 256)")
+    parser.add_argument("--unsafe-no-limits", action="store_true",
+                        help="grade where a per-sandbox cap cannot be made here; says what is lost")
     parser.add_argument("--json", action="store_true", help="one JSON object per student instead of a table")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -305,8 +389,9 @@ def main(argv=None) -> None:
                                     dask_scheduler=args.dask_scheduler, force=args.force,
                                     time_limit=args.time_limit, threads=args.threads, cell_timeout=args.cell_timeout,
                                     unsafe_no_sandbox=args.unsafe_no_sandbox, progress=not args.json,
-                                    students=args.student)
-    except (ValueError, TypeError, UnsafeRefusal) as err:
+                                    students=args.student, memory_gb=args.memory_gb, disk_gb=args.disk_gb,
+                                    processes=args.processes, unsafe_no_limits=args.unsafe_no_limits)
+    except (ValueError, TypeError, UnsafeRefusal, LimitsRefusal) as err:
         parser.error(str(err))
     if args.json:
         for s in summaries:
