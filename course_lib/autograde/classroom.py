@@ -38,6 +38,7 @@ from ..checks import check_float, check_int
 from . import sandbox
 from .pipeline import NotebookResult, Settings, cache_key, grade_notebook
 from .preprocessor import UnsafeRefusal, autograde_preprocessors, require_sandbox
+from .steps import course_folder
 from .resources import LimitsRefusal, require_controls
 from .workspace import Workspace
 
@@ -251,10 +252,7 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     require_sandbox(unsafe_no_sandbox, lambda text: print(text, file=sys.stderr))
     if not unsafe_no_sandbox:
         require_controls(unsafe_no_limits, sandbox.lost_controls(), lambda text: print(text, file=sys.stderr))
-    if not (Path(course_dir) / "nbgrader_config.py").is_file():
-        raise ValueError(f"course_dir: {course_dir} is not an nbgrader course folder (no nbgrader_config.py); "
-                         f"pass the folder you run nbgrader in, e.g. --course assignments")
-    course = Course(course_dir, assignment)
+    course = Course(course_folder(course_dir, "course_dir"), assignment)
     workspace = Workspace(course.root, assignment)
     inputs = workspace.inputs()
     threads = threads or max(1, (os.cpu_count() or 1) // workers)

@@ -30,12 +30,13 @@ from pathlib import Path
 COURSE_CONFIG = "nbgrader_config.py"
 
 
-def course_folder(course) -> Path:
-    """``course`` as an absolute path, checked to be an nbgrader course folder."""
+def course_folder(course, argument: str = "course") -> Path:
+    """``course`` as an absolute path, checked to be an nbgrader course folder (``argument``: its name)."""
     folder = Path(course).resolve()
     if not (folder / COURSE_CONFIG).is_file():
-        raise ValueError(f"course: {course} is not an nbgrader course folder (no {COURSE_CONFIG} in it); pass "
-                         f"the folder that holds it, e.g. --course assignments from the repository root")
+        raise ValueError(f"{argument}: {course} is not an nbgrader course folder (no {COURSE_CONFIG} in it); pass "
+                         f"the folder that holds it: --course assignments from the repository root, --course . "
+                         f"from inside it")
     return folder
 
 
