@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from course_lib.autograde import classroom, sandbox
+from course_lib.autograde import classroom, resources, sandbox
+from course_lib.autograde.pipeline import NotebookResult
 from course_lib.autograde.preprocessor import UnsafeRefusal, require_sandbox
-from course_lib.autograde.verdicts import Outputs
+from course_lib.autograde.resources import LimitsRefusal
+from course_lib.autograde.verdicts import Outputs, Verdict
 from course_lib.grading import GradingFailure
 
 LIMITS = sandbox.Limits(wall_seconds=60)
@@ -105,11 +107,144 @@ except MemoryError:
     assert "file too big" in result.stdout and "out of memory" in result.stdout, result.stdout
 
 
+MiB = 2**20
+CAPS = dict(wall_seconds=60, sandbox_memory_bytes=1024 * MiB, disk_bytes=64 * MiB, processes=32,
+            output_bytes=1 * MiB)
+
+
+def test_memory_is_capped_for_all_the_sandbox_processes_together(tmp_path):
+    """Three processes of 600 MiB each (each far below the per-process limit) against a 1 GiB
+    cap for the sandbox: the kernel kills inside the sandbox, the group never holds more."""
+    code = """
+import subprocess, sys
+hog = "import numpy as np, time; block = np.ones(600 * 2**20, np.uint8); print('held', flush=True); time.sleep(4)"
+children = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(3)]
+print("exit codes", sorted(child.wait() for child in children))
+"""
+    result = run_python(tmp_path, code, sandbox.Limits(**CAPS))
+    assert "exit codes" in result.stdout and "-9" in result.stdout, result.stdout     # killed: out of memory
+    assert result.stdout.count("held") < 3, result.stdout
+    assert 600 * MiB < result.usage["memory_bytes"] <= 1024 * MiB, result.usage
+
+
+def test_disk_is_capped_for_all_the_sandbox_files_together(tmp_path):
+    """Files in the working folder, HOME and /tmp, each far below the file-size limit, share one
+    64 MiB cap; nothing reaches the host's disk but out/."""
+    code = """
+import os
+written = 0
+for folder in ("/sandbox/work", os.environ["HOME"], "/tmp", "/sandbox/out"):
+    for i in range(4):
+        try:
+            with open(os.path.join(folder, f"fill{i}"), "wb") as handle:
+                for _ in range(8):
+                    handle.write(b"x" * 2**20); handle.flush(); written += 2**20
+        except OSError as err:
+            print("refused", err.errno); break
+print("written MiB", written // 2**20)
+"""
+    result = run_python(tmp_path, code, sandbox.Limits(**CAPS))
+    written = int(result.stdout.split("written MiB")[1].split()[0])
+    assert "refused 28" in result.stdout and written <= 64, result.stdout          # ENOSPC
+    host = sum(p.stat().st_size for p in (tmp_path / "scratch").rglob("*") if p.is_file())
+    assert host <= 64 * MiB and result.usage["disk_bytes"] <= 64 * MiB, (host, result.usage)
+
+
+def test_a_fork_bomb_stops_at_the_process_cap_and_dies_with_the_sandbox(tmp_path):
+    tag = f"sandbox-bomb-{os.getpid()}"
+    code = f"""
+import os, time
+started = 0
+try:
+    for _ in range(1000):
+        if os.fork() == 0:
+            time.sleep(60)  # {tag}
+            os._exit(0)
+        started += 1
+except OSError as err:
+    print("refused", err.errno)
+print("started", started, "uid", os.getuid())
+"""
+    result = run_python(tmp_path, code, sandbox.Limits(**CAPS))
+    started = int(result.stdout.split("started")[1].split()[0])
+    assert "refused 11" in result.stdout and started < 32, result.stdout            # EAGAIN
+    assert result.usage["processes"] <= 32
+    if os.geteuid() == 0:       # the sandbox's own unprivileged uid, so that RLIMIT_NPROC binds too
+        assert int(result.stdout.split("uid")[1].split()[0]) in resources.UID_RANGE
+    time.sleep(0.5)
+    assert tag not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_a_sandbox_gets_its_cpu_quota_and_no_more(tmp_path):
+    """Four busy processes in a sandbox with one core's quota: together they get at most about
+    one core's time, so a neighbour's core stays free."""
+    code = """
+import subprocess, sys
+spin = "import time\\nend = time.time() + 3\\nwhile time.time() < end: pass\\nprint(time.process_time())"
+children = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+print("cpu seconds", sum(float(child.communicate()[0]) for child in children))
+"""
+    result = run_python(tmp_path, code, sandbox.Limits(**CAPS, threads=1))
+    cpu = float(result.stdout.split("cpu seconds")[1].split()[0])
+    assert 0.5 < cpu < 3 * 1.2, result.stdout       # 3 s of wall clock, one core
+
+
+def test_output_is_capped(tmp_path):
+    """At most ``output_bytes`` of out/ come back (the rest is reported as truncated), and the
+    grader keeps only the end of what the sandbox prints."""
+    code = """
+import sys
+for i in range(3):
+    open(f"/sandbox/out/part{i}", "wb").write(b"x" * 600_000)
+for _ in range(2000):
+    sys.stdout.write("y" * 10_000 + "\\n")
+print("the end")
+"""
+    result = run_python(tmp_path, code, sandbox.Limits(**CAPS))
+    back = sum(p.stat().st_size for p in (tmp_path / "scratch" / "out").iterdir())
+    assert result.output_truncated and back <= 1 * MiB
+    assert len(result.stdout) <= sandbox.CONSOLE_CHARS and "the end" in result.stdout
+
+
+def test_without_a_per_sandbox_control_autograding_refuses_unless_told(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sandbox, "lost_controls", lambda: {"memory": "cgroup-tools is not installed"})
+    with pytest.raises(LimitsRefusal, match="--unsafe-no-limits") as refused:
+        classroom.autograde_class(tmp_path, "week4")
+    assert "OOM killer" in str(refused.value) and "cgroup-tools is not installed" in str(refused.value)
+    with pytest.raises(ValueError, match="course_dir"):      # accepted: it goes on (and stops at the bad folder)
+        classroom.autograde_class(tmp_path, "week4", unsafe_no_limits=True)
+    assert "WARNING: grading without the memory cap" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        classroom.main(["week4", "--course", str(tmp_path)])
+    assert "--unsafe-no-limits" in capsys.readouterr().err
+
+
+def test_the_caps_for_cgroup_v2_and_systemd():
+    """The same caps, named as cgroup v2 and systemd name them (the v1 ones are used above)."""
+    v2 = resources.settings(2, 4 * 2**30, 256, 1)
+    assert v2 == {"memory.max": 4 * 2**30, "memory.swap.max": 0, "pids.max": 256, "cpu.max": "100000 100000",
+                  "cpu.weight": 100}
+    props = resources.systemd_properties(4 * 2**30, 256, 2)
+    assert ["-p", "TasksMax=256"] == props[4:6] and "CPUQuota=200%" in props and f"MemoryMax={4 * 2**30}" in props
+
+
+def test_a_time_limit_is_recognised_for_a_regrade():
+    ok = NotebookResult("k", verdicts={"t": Verdict(True)})
+    slow_call = NotebookResult("k", verdicts={"t": Verdict(False, "f(images) failed in your notebook: "
+                                                                   "CellTimeoutError: the cell did not finish")})
+    slow_cell = NotebookResult("k", cells={"1": [{"output_type": "error", "ename": "CellTimeoutError"}]})
+    assert not classroom.hit_time_limit(ok)
+    assert classroom.hit_time_limit(slow_call) and classroom.hit_time_limit(slow_cell)
+    assert classroom.hit_time_limit(NotebookResult("k", note="the notebook was stopped at the time limit"))
+
+
 def test_limits_validate_their_arguments():
     with pytest.raises(ValueError, match="wall_seconds"):
         sandbox.Limits(wall_seconds=0)
     with pytest.raises(TypeError, match="threads"):
         sandbox.Limits(threads=1.5)
+    with pytest.raises(ValueError, match="disk_bytes"):
+        sandbox.Limits(disk_bytes=0)
 
 
 def notebook(*sources) -> nbformat.NotebookNode:

@@ -24,7 +24,7 @@ from nbgrader.api import Gradebook
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Bool, Float, Integer, Unicode
 
-from . import sandbox
+from . import resources, sandbox
 from .pipeline import Settings, apply, grade_notebook
 from .workspace import Workspace
 
@@ -63,13 +63,20 @@ class TrustedExecute(NbGraderPreprocessor):
     threads = Integer(0, help="torch/OpenMP/BLAS threads inside the sandbox (0: one per core, as nbgrader "
                       "grades one student at a time)").tag(config=True)
     memory_gb = Float(12.0, help="address-space limit of each process in the sandbox, in GiB").tag(config=True)
+    sandbox_memory_gb = Float(4.0, help="memory of all the sandbox's processes together, in GiB").tag(config=True)
+    disk_gb = Float(2.0, help="disk of the sandbox (submission copy, HOME, temporary files, results), in GiB"
+                    ).tag(config=True)
+    processes = Integer(256, help="processes and threads of the sandbox together").tag(config=True)
+    unsafe_no_limits = Bool(False, help="grade where a per-sandbox cap cannot be made (unsafe)").tag(config=True)
     unsafe_no_sandbox = Bool(False, help="grade without a sandbox where none can be made (unsafe)").tag(config=True)
     grading_dir = Unicode("", help="the instructor's grading folder (default <course>/grading/<assignment>)"
                           ).tag(config=True)
 
     def settings(self) -> Settings:
         limits = sandbox.Limits(wall_seconds=float(self.notebook_timeout), threads=self.threads or os.cpu_count() or 1,
-                                memory_bytes=int(self.memory_gb * 2**30))
+                                memory_bytes=int(self.memory_gb * 2**30),
+                                sandbox_memory_bytes=int(self.sandbox_memory_gb * 2**30),
+                                disk_bytes=int(self.disk_gb * 2**30), processes=self.processes)
         return Settings(cell_timeout=float(self.timeout), limits=limits, unsafe_no_sandbox=self.unsafe_no_sandbox)
 
     def preprocess(self, nb, resources):
@@ -77,6 +84,8 @@ class TrustedExecute(NbGraderPreprocessor):
         submission = Path(resources["metadata"]["path"]).resolve()
         course = submission.parents[2]
         require_sandbox(self.unsafe_no_sandbox, self.log.warning)
+        if not self.unsafe_no_sandbox:
+            resources.require_controls(self.unsafe_no_limits, sandbox.lost_controls(), self.log.warning)
         workspace = Workspace(course, info["assignment"], self.grading_dir or None)
         settings = self.settings()
         result = grade_notebook(nb, submission, info["notebook"], workspace.files, workspace.inputs(), settings,

@@ -192,3 +192,19 @@ def missing() -> dict:
 def losses_text(lost: dict) -> str:
     """What is lost, control by control, and why."""
     return "; ".join(f"{LOSSES[name]} ({why})" for name, why in lost.items())
+
+
+class LimitsRefusal(RuntimeError):
+    """A per-sandbox control cannot be made here, and the instructor did not accept the loss."""
+
+
+def require_controls(unsafe: bool, lost: dict, log=print) -> None:
+    """Refuse to grade when a control of ``lost`` (see :func:`missing`) is missing, unless
+    ``unsafe``; then say what is lost."""
+    if not lost:
+        return
+    if not unsafe:
+        raise LimitsRefusal("autograding refuses to run: without " + losses_text(lost) + ". Install cgroup-tools "
+                            "and run the grader as root (or under systemd with delegated controllers), or pass "
+                            "--unsafe-no-limits (nbgrader: --TrustedExecute.unsafe_no_limits=True) to accept it")
+    log("WARNING: grading without " + losses_text(lost))
