@@ -3,7 +3,7 @@
 A student writes an answer (a prediction, a number, or a repaired copy of one of the
 lecture's code sketches) and runs a check cell. :func:`check` compares the answer with
 what is right *for this run* and prints one line: a pass, or what is wrong (never the
-answer itself). It returns ``True`` or ``False`` and never stops a "Run all".
+answer itself). It returns nothing and never stops a "Run all".
 
 How a notebook declares an exercise (the convention tests/test_notebooks.py relies on):
 
@@ -78,7 +78,7 @@ def exercise(name: str, task: str) -> Callable[[Verifier], Verifier]:
     return register
 
 
-def check(name: str, answer, *, expected=None, tolerance: float = 0.0, **data) -> bool:
+def check(name: str, answer, *, expected=None, tolerance: float = 0.0, **data) -> None:
     """Check the answer to exercise ``name``; print one line saying whether it is right.
 
     - A registered exercise (see :func:`exercise`) runs its verifier on ``answer`` and ``data``.
@@ -95,7 +95,7 @@ def check(name: str, answer, *, expected=None, tolerance: float = 0.0, **data) -
         raise ValueError(f"exercise {name!r} is not registered, so pass the right value as expected=...")
     if answer is Ellipsis:
         print(f"{TODO} {name}: not answered yet: replace the ... in the cell above, run it, then this cell")
-        return False
+        return
     try:
         if name in EXERCISES:
             problem = EXERCISES[name].verify(answer, **data)
@@ -105,9 +105,8 @@ def check(name: str, answer, *, expected=None, tolerance: float = 0.0, **data) -
         problem = f"running your answer raised {type(err).__name__}: {err}"
     if problem:
         print(f"{FAIL} {name}: not yet. {problem}")
-        return False
+        return
     print(f"{PASS} {name}: right.")
-    return True
 
 
 def compare(answer, expected, tolerance: float = 0.0) -> str | None:
@@ -135,7 +134,7 @@ def load_solutions(path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"path must be a solutions file, {path} does not exist")
     found: dict[str, dict[str, str]] = {}
-    for header, body in re.findall(r"^# %% (.+)\n(.*?)(?=^# %% |\Z)", path.read_text(), flags=re.M | re.S):
+    for header, body in re.findall(r"^# %% ([^\n]+)\n(.*?)(?=^# %% |\Z)", path.read_text(), flags=re.M | re.S):
         kind, _, rest = header.partition(" ")
         name, _, says = rest.partition(":")
         if kind not in ("answer", "wrong", "written"):
@@ -161,7 +160,7 @@ def _flip(flip, labels: torch.Tensor, rate: float = 0.2, num_classes: int = 10):
         return f"it should return one label per image ({tuple(labels.shape)}), got shape {tuple(flipped.shape)}"
     if flipped.min() < 0 or flipped.max() >= num_classes:
         return f"some new labels are outside 0..{num_classes - 1}"
-    changed, wanted = int((flipped != labels).sum()), int(rate * len(labels))
+    changed, wanted = int((flipped != labels).sum()), round(rate * len(labels))
     if changed < wanted:
         return f"it keeps some chosen labels: only {changed} of the {wanted} chosen labels changed"
     if changed > wanted:
@@ -174,8 +173,8 @@ def _noops(choose, labels: torch.Tensor, rate: float = 0.05, target: int = 0):
     """Erratum 9: an image already in the target class, relabelled as the target, teaches nothing."""
     labels = torch.as_tensor(labels)
     chosen = torch.as_tensor(np.asarray(choose(labels, rate, target, seed=0))).long().flatten()
-    if len(chosen) != int(rate * len(labels)):
-        return f"it chose {len(chosen)} images, not the {int(rate * len(labels))} that rate={rate} asks for"
+    if len(chosen) != round(rate * len(labels)):
+        return f"it chose {len(chosen)} images, not the {round(rate * len(labels))} that rate={rate} asks for"
     if len(set(chosen.tolist())) != len(chosen):
         return "it chose some images twice"
     if chosen.min() < 0 or chosen.max() >= len(labels):
@@ -183,6 +182,26 @@ def _noops(choose, labels: torch.Tensor, rate: float = 0.05, target: int = 0):
     wasted = int((labels[chosen] == target).sum())
     if wasted:
         return f"{wasted} of the chosen images are already in the target class: relabelling them changes nothing"
+    return None
+
+
+@exercise("03-fgsm", "repair the direction of the lecture's FGSM step toward the target class")
+def _fgsm(step, model, images: torch.Tensor, target: int, eps: float = 0.1):
+    """Erratum 2: adding the sign of the gradient of the loss *toward* the target moves away from it."""
+    from .train import model_device
+
+    device = model_device(model)
+    moved = torch.as_tensor(step(model, images, target, eps)).detach().cpu()
+    if moved.shape != images.shape:
+        return f"it should return one image per input image, shape {tuple(images.shape)}, got {tuple(moved.shape)}"
+    if (moved - images).abs().max() > eps + 1e-6:
+        return f"some pixels moved by more than eps={eps}"
+    if moved.min() < 0 or moved.max() > 1:
+        return "some pixels left the range [0, 1]"
+    with torch.no_grad():
+        before, after = (model(x.to(device)).softmax(1)[:, target].mean().item() for x in (images, moved))
+    if after <= before:
+        return "the step makes the target class less likely: it moves away from the target"
     return None
 
 

@@ -13,6 +13,8 @@ data, the device, where trained models are cached and where the measured numbers
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -26,7 +28,6 @@ from IPython.display import Markdown
 from .attacks import PoisonResult
 from .data import DATASETS, ImageDataset, load_splits
 from .experiments import BackdoorRun, run_backdoor, run_clean
-from .metrics import attack_success_rate
 from .train import pick_device
 
 #: Training images used when ``fast=True``: enough for a small CNN to learn Fashion-MNIST
@@ -86,9 +87,41 @@ class Lab:
         :func:`~course_lib.experiments.run_backdoor` does not cover (clean-label attacks, an
         optimized patch). Returns clean accuracy and the ASR of ``poison.trigger``.
         """
-        run = self.run_clean(train=poison.dataset, **kwargs)
-        asr = attack_success_rate(run.model, self.test, poison.trigger, poison.target)
-        return BackdoorRun(run.model, poison, run.history, run.clean_acc, asr, run.train_seconds)
+        run = self.run_clean(train=poison.dataset, trigger=poison.trigger, target=poison.target, **kwargs)
+        return BackdoorRun(run.model, poison, run.history, run.clean_acc, run.asr, run.train_seconds)
+
+    def cached(self, name: str, compute, *, depends=(), **params):
+        """``compute(**params)``, computed once and then loaded from the cache.
+
+        For results that are expensive, deterministic and not a trained model (an optimized
+        patch, a fine-tuned copy's scores): a lecture re-run then costs only a file read. The
+        key holds ``name``, ``params`` (a tensor or a model counts by its values) and the
+        source code of ``compute`` and of each function or class in ``depends``, so editing
+        the code recomputes instead of loading a stale result. The value may hold tensors,
+        numbers, strings, lists and dicts (saved with ``torch.save``, loaded with
+        ``weights_only=True``: a cache file cannot run code). Without a cache folder it computes.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name must be a short identifier (it names the cache file), got {name!r}")
+        if not callable(compute):
+            raise TypeError(f"compute must be a function, got {type(compute).__name__}")
+        if self.cache_dir is None:
+            return compute(**params)
+        key = hashlib.sha256(name.encode())
+        for part in (compute, *depends):
+            key.update(inspect.getsource(part).encode())
+        for param, value in sorted(params.items()):
+            key.update(param.encode())
+            _hash_value(key, value)
+        path = self.cache_dir / "results" / f"{name}-{key.hexdigest()[:16]}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        value = compute(**params)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+        return value
 
     def record(self, **values) -> None:
         """Add measured numbers to this notebook's results and rewrite its JSON file.
@@ -237,6 +270,23 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _hash_value(key, value) -> None:
+    """Feed ``value`` into the hash ``key``: tensors and models by their values, the rest by repr."""
+    if isinstance(value, torch.nn.Module):
+        value = value.state_dict()
+    if isinstance(value, dict):
+        for k, v in sorted(value.items(), key=lambda item: str(item[0])):
+            key.update(str(k).encode())
+            _hash_value(key, v)
+    elif isinstance(value, torch.Tensor):
+        key.update(str((value.dtype, tuple(value.shape))).encode())
+        key.update(value.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(value, ImageDataset):
+        key.update(value.fingerprint().encode())
+    else:
+        key.update(repr(value).encode())
 
 
 def _jsonable(value):

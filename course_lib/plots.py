@@ -85,6 +85,16 @@ def training_curves(history: History, title: str = "training"):
     return fig
 
 
+def percent_ticks(ax, rates) -> None:
+    """A log-scale x axis with one tick per rate, labelled in percent ("0.1%", not "10^-3")."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(list(rates)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{100 * r:g}%" for r in rates])
+
+
 def rate_curve(rates, clean_acc, asr, *, title: str = "ASR and clean accuracy vs poisoning rate"):
     """Clean accuracy and attack success rate against the poisoning rate (log x axis)."""
     if not (len(rates) == len(clean_acc) == len(asr)) or not rates:
@@ -92,8 +102,8 @@ def rate_curve(rates, clean_acc, asr, *, title: str = "ASR and clean accuracy vs
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
     ax.plot(rates, asr, marker="o", label="ASR (non-target test images)")
     ax.plot(rates, clean_acc, marker="s", label="clean accuracy")
-    ax.set_xscale("log")
-    ax.set(xlabel="poisoning rate (fraction of the training set, log scale)", ylabel="share of test images",
+    percent_ticks(ax, rates)
+    ax.set(xlabel="poisoning rate (share of the training set, log scale)", ylabel="share of test images",
            ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # outside: never over the curves

@@ -218,20 +218,23 @@ class RateExplorer:
         self.readout.value = (
             f"poisoning rate <b>{100 * rate:g}%</b> ({len(run.poison.indices):,} poisoned training images): "
             f"clean accuracy <b>{100 * run.clean_acc:.1f}%</b>, attack success rate <b>{100 * run.asr:.1f}%</b>"
-            f"<br>triggered test images below: {sum(hits)} of {len(hits)} sent to "
+            f"<br>triggered test images in the strip: {sum(hits)} of {len(hits)} sent to "
             f"'{html.escape(self.classes[self.target])}' (red frame); predictions: "
             f"{html.escape(', '.join(names))}")
         self.curve.value = self._curve_png(rate)
         self.strip.value = _panels(list(self.triggered_images), self.scale, frames=hits)
 
     def _curve_png(self, rate: float) -> bytes:
-        from matplotlib.figure import Figure  # no pyplot: nothing is drawn twice in the notebook
+        from matplotlib.figure import Figure  # no pyplot figure: nothing is drawn twice in the notebook
+
+        from .plots import percent_ticks
         fig = Figure(figsize=(5.6, 2.6), dpi=90)
         ax = fig.add_subplot()
         ax.plot(self.rates, [self.runs[r].asr for r in self.rates], marker="o", label="attack success rate")
         ax.plot(self.rates, [self.runs[r].clean_acc for r in self.rates], marker="s", label="clean accuracy")
         ax.axvline(rate, color="grey", linestyle="--", label="slider")
-        ax.set(xscale="log", ylim=(0, 1.02), xlabel="poisoning rate (log scale)", ylabel="share of test images")
+        percent_ticks(ax, self.rates)
+        ax.set(ylim=(0, 1.02), xlabel="poisoning rate (log scale)", ylabel="share of test images")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         buf = io.BytesIO()

@@ -1,0 +1,43 @@
+# Reference answers to the exercises of notebooks/05_trigger_design.ipynb (instructor copy).
+# Format: course_lib/exercises.py (load_solutions).
+
+# %% answer 05-ssim
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+def ssim(clean, triggered):
+    """Windowed SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, pixels in [0, 1]."""
+    return structural_similarity_index_measure(triggered[None], clean[None], data_range=1.0).item()
+
+# %% wrong 05-ssim: it differs from the windowed SSIM
+def ssim(clean, triggered):
+    """The lecture's sketch, unrepaired."""
+    return lecture_global_ssim(clean[None], triggered[None]).item()
+
+# %% answer 05-reseed
+SECRET_KEY = 42
+
+def sample_pattern(sample_id, size):
+    """A local generator seeded by (key, sample id): reproducible, and the global generator is untouched."""
+    rng = np.random.default_rng([SECRET_KEY, sample_id])
+    return rng.choice([0.0, 1.0], size=(size, size))
+
+# %% wrong 05-reseed: it still reseeds
+SECRET_KEY = 42
+
+def sample_pattern(sample_id, size):
+    """The lecture's sketch, unrepaired."""
+    np.random.seed(SECRET_KEY + sample_id)
+    return np.random.choice([0.0, 1.0], size=(size, size))
+
+# %% written 05-choose
+# A good answer picks from the run's numbers, e.g. a faint blend (blend a=0.1) or WaNet:
+# - stealth: its PSNR is far above the 3x3 patch's (the stealth table), and a person looking at 1%
+#   of the training images sees a noisy or slightly warped image, not a sticker;
+# - effectiveness: its ASR at 10% poisoning (effectiveness table), and its worst class;
+# - robustness: its ASR after jpeg75 and crop_resize (heat map), where the corner patch of
+#   "pixel 3x3" is cropped away or smeared.
+# It fails "L2 < 0.1" (every trigger of the notebook does) and possibly "PSNR > 30 dB" or a
+# rotation criterion; the point is to state the trade-off with numbers. A student who picks the
+# patch must explain how it survives the crop (it does not, in this run's heat map) - that answer
+# is wrong for this threat model. Note too that the defender's JPEG/crop is applied at run time,
+# so robustness, not stealth, decides whether the attack works at all.
