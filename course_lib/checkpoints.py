@@ -26,6 +26,7 @@ from torch import nn
 from .models import ARCHITECTURES, build_model
 
 FORMAT = "course_lib.checkpoint/1"
+MAX_METADATA_BYTES = 1_000_000
 
 
 class CheckpointError(ValueError):
@@ -60,14 +61,24 @@ def save_checkpoint(model: nn.Module, path, *, dataset: str, classes, extra: dic
 
 
 def read_metadata(path) -> dict:
-    """The JSON sidecar of a checkpoint, validated."""
+    """The JSON sidecar of a checkpoint, validated (what is wrong with a bad one is said in
+    terms of the file, never of the parser's internals)."""
     side = sidecar_path(path)
     if not side.is_file():
         raise CheckpointError(f"path: no metadata file {side.name} next to {Path(path).name}")
+    if side.stat().st_size > MAX_METADATA_BYTES:
+        raise CheckpointError(f"path: metadata file {side.name} is {side.stat().st_size} bytes, more than the "
+                              f"{MAX_METADATA_BYTES} a model's description may take (save_checkpoint writes it)")
     try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"path: metadata file {side.name} is not valid JSON ({err})") from err
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"path: metadata file {side.name} is not text (UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"path: metadata file {side.name} is not valid JSON: {err.msg.lower()} at line "
+                              f"{err.lineno}, column {err.colno}") from None
+    except RecursionError:
+        raise CheckpointError(f"path: metadata file {side.name} nests lists or objects too deeply to be a model's "
+                              f"description (save_checkpoint writes a flat one)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"path: {side.name} is not a course_lib checkpoint description (format {FORMAT})")
     return meta
@@ -96,8 +107,11 @@ def load_checkpoint(path, *, expected_arch: str | None = None, expected_dataset:
     try:
         with torch.device("meta"):  # size the described model first, without allocating it
             described = sum(t.numel() * t.element_size() for t in build_model(arch, **config).state_dict().values())
-    except (TypeError, ValueError) as err:
+    except ValueError as err:
         raise CheckpointError(f"path: cannot rebuild architecture {arch!r} from {sidecar_path(path).name}: {err}") from err
+    except TypeError:
+        raise CheckpointError(f"path: the config in {sidecar_path(path).name} does not describe a {arch!r} model "
+                              f"(settings: {', '.join(sorted(map(str, config)))})") from None
     if described > max_bytes:
         raise CheckpointError(f"path: {sidecar_path(path).name} describes a model of {described} bytes, "
                               f"more than max_bytes={max_bytes}")

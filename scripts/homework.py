@@ -419,6 +419,38 @@ def bench_student() -> dict:
     return {"cores": os.cpu_count(), **seconds}
 
 
+def bench_sandbox(runs: int = 10) -> dict:
+    """What an honest submission needs in its sandbox, per notebook (peak memory and processes
+    of its control group, disk used at the end, MiB), the grading time of that submission with
+    one worker, and what the per-sandbox controls cost: the median start-to-end time of an
+    empty sandbox with and without its control group and uid."""
+    from course_lib.autograde import sandbox
+    from course_lib.autograde.pipeline import NotebookResult
+    from course_lib.autograde.workspace import Workspace
+    report = {"cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        course, fetched, models = prepared_course(tmp, full=False)
+        submission = reference_submission(course, fetched, tmp / "students" / ASSIGNMENT, models)
+        submit(submission, "reference", tmp / "exchange")
+        nbgrader(course, "collect", ASSIGNMENT, f"--Exchange.root={tmp / 'exchange'}")
+        start = time.perf_counter()
+        summary, = autograde_class(course, workers=1, students=["reference"])
+        report["grading seconds, 1 worker"] = round(time.perf_counter() - start, 1)
+        report["score"] = sum(v[0] for v in summary.scores.values())
+        for path in sorted(Workspace(course, ASSIGNMENT).cache("reference").glob("*.json")):
+            usage = NotebookResult.from_json(path.read_text()).usage
+            report[path.stem] = {k.replace("_bytes", " MiB"): round(v / 2**20) if k.endswith("_bytes") else v
+                                 for k, v in usage.items() if v is not None}
+        scratch = tmp / "empty"
+        sandbox.prepare(scratch)
+        for controls in (True, False):
+            seconds = sorted(sandbox.run(scratch, ["/bin/true"], controls=controls).seconds for _ in range(runs))
+            report[f"empty sandbox ms, {'with' if controls else 'without'} cgroup and uid"] = \
+                round(1000 * seconds[runs // 2])
+    return report
+
+
 # Each dirty-label trigger family of the kit (course_lib.triggers), with the zoo's settings where it has them.
 HONEST_FAMILIES = {
     "checkerboard": ("patch", {"size": 3, "pattern": "checkerboard"}),
@@ -495,6 +527,7 @@ def main(argv=None) -> None:
     whole.add_argument("--workers", type=int, default=2)
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     commands.add_parser("bench-student", help="time a student's Run All of Part 1 (reference solution)")
+    commands.add_parser("bench-sandbox", help="what an honest submission's sandbox needs; what its controls cost")
     witnessing = commands.add_parser("bench-witness", help="false-failure rate of the grader's own poisoning run")
     witnessing.add_argument("--rounds", type=int, default=2, help="fresh seeds per honest trigger (default 2)")
     args = parser.parse_args(argv)
@@ -512,6 +545,8 @@ def main(argv=None) -> None:
             print(f"wrote {path.relative_to(ROOT)}")
     elif args.command == "bench":
         bench(args.full)
+    elif args.command == "bench-sandbox":
+        print(json.dumps(bench_sandbox()))
     elif args.command == "bench-student":
         print(json.dumps(bench_student()))
     elif args.command == "bench-witness":

@@ -293,10 +293,27 @@ def test_unreadable_results_fail_the_test_not_the_grader(tmp_path):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "link.safetensors").symlink_to("/etc/passwd")
     out = Outputs(tmp_path)
-    with pytest.raises(GradingFailure, match="could not be read"):
+    with pytest.raises(GradingFailure, match="could not be read back as tensors"):
         out.result("corrupt")
     with pytest.raises(GradingFailure, match="produced no result"):
         out.result("link")     # a symlink is never followed
+
+
+def test_a_metadata_file_nested_100000_deep_is_named_for_what_it_is(tmp_path):
+    """The student sees what is wrong with the file, not the JSON parser's RecursionError."""
+    from course_lib import grading
+    from course_lib.checkpoints import save_checkpoint
+    from course_lib.models import model_for
+    path = tmp_path / grading.MODEL_FILE
+    save_checkpoint(model_for("fashion-mnist", seed=0), path, dataset="fashion-mnist",
+                    classes=[str(i) for i in range(10)])
+    path.with_suffix(".json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(GradingFailure, match="nests lists or objects too deeply") as failure:
+        grading.load_student_model(path, dataset="fashion-mnist")
+    assert "Recursion" not in str(failure.value)
+    path.with_suffix(".json").write_text('{"format": ')
+    with pytest.raises(GradingFailure, match="is not valid JSON: expecting value at line 1, column 12"):
+        grading.load_student_model(path, dataset="fashion-mnist")
 
 
 def test_without_a_sandbox_autograding_refuses_unless_told_it_is_unsafe(monkeypatch, capsys):

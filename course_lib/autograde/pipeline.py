@@ -48,6 +48,7 @@ class NotebookResult:
     verdicts: dict = field(default_factory=dict)       # grade id -> Verdict
     seconds: float = 0.0
     sandbox_seconds: float = 0.0
+    usage: dict = field(default_factory=dict)          # what the sandbox used (sandbox.Result.usage)
     note: str = ""
 
     def to_json(self) -> str:
@@ -192,13 +193,13 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
         sandbox.prepare(scratch)
         _copy_submission(folder, scratch / "work", nb, name)
         ran = run_in_sandbox(scratch, inputs, zoo, name, settings)
-        result.sandbox_seconds = ran.seconds
+        result.sandbox_seconds, result.usage = ran.seconds, ran.usage
         if ran.timed_out:
             result.note = f"the notebook was stopped at the time limit ({settings.limits.wall_seconds:g} s)"
         cells = read_regular_file(scratch / "out" / "cells.json", 50 * 2**20)
         try:
             raw = json.loads(cells) if cells else {}
-        except ValueError:
+        except (ValueError, RecursionError):     # the student's outputs, unreadable: shown as none
             raw = {}
         result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
         result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files, inputs))

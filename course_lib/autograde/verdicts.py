@@ -61,7 +61,8 @@ class Outputs:
             try:
                 return load_safetensors(data)
             except Exception as err:  # a corrupt file is the student's loss, never the grader's crash
-                raise GradingFailure(f"the result of {call_id} could not be read: {err}") from None
+                raise GradingFailure(f"what {_call_text(call_id)} returned could not be read back as tensors "
+                                     f"(the file was changed after it was written: {err})") from None
         error = read_regular_file(self.folder / f"{call_id}.error.txt", 10_000)
         if error is not None:
             raise GradingFailure(f"{_call_text(call_id)} failed in your notebook: "
