@@ -108,6 +108,13 @@ except MemoryError:
 
 
 MiB = 2**20
+
+
+def left_behind(result: sandbox.Result) -> list:
+    """The control groups of ``result``'s sandbox that still exist (lscgroup, cgroup-tools)."""
+    name = next(arg.split(":", 1)[1] for arg in result.command if arg.startswith(f"{resources.CONTROLLERS}:"))
+    groups = subprocess.run(["lscgroup"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in groups if line.endswith(name)]
 CAPS = dict(wall_seconds=60, sandbox_memory_bytes=1024 * MiB, disk_bytes=64 * MiB, processes=32,
             output_bytes=1 * MiB)
 
@@ -125,6 +132,7 @@ print("exit codes", sorted(child.wait() for child in children))
     assert "exit codes" in result.stdout and "-9" in result.stdout, result.stdout     # killed: out of memory
     assert result.stdout.count("held") < 3, result.stdout
     assert 600 * MiB < result.usage["memory_bytes"] <= 1024 * MiB, result.usage
+    assert left_behind(result) == []
 
 
 def test_disk_is_capped_for_all_the_sandbox_files_together(tmp_path):
@@ -173,6 +181,7 @@ print("started", started, "uid", os.getuid())
         assert int(result.stdout.split("uid")[1].split()[0]) in resources.UID_RANGE
     time.sleep(0.5)
     assert tag not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert left_behind(result) == []
 
 
 def test_a_sandbox_gets_its_cpu_quota_and_no_more(tmp_path):

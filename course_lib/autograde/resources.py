@@ -128,7 +128,9 @@ class Group:
         return {"memory_bytes": self.read(memory), "processes": self.read("pids.peak")}
 
     def close(self) -> None:
-        _tool("cgdelete", "-r", "-g", f"{CONTROLLERS}:{self.name}")
+        """Delete the group (cgdelete 2.0 deletes one controller's group per call)."""
+        for controller in CONTROLLERS.split(","):
+            _tool("cgdelete", "-r", "-g", f"{controller}:{self.name}")
 
 
 def free_uids() -> list[int]:
