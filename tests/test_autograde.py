@@ -156,6 +156,7 @@ print("written MiB", written // 2**20)
     assert "refused 28" in result.stdout and written <= 64, result.stdout          # ENOSPC
     host = sum(p.stat().st_size for p in (tmp_path / "scratch").rglob("*") if p.is_file())
     assert host <= 64 * MiB and result.usage["disk_bytes"] <= 64 * MiB, (host, result.usage)
+    assert "filled the sandbox's disk" in result.exhausted(sandbox.Limits(**CAPS))
 
 
 def test_a_fork_bomb_stops_at_the_process_cap_and_dies_with_the_sandbox(tmp_path):
@@ -212,6 +213,7 @@ print("the end")
     result = run_python(tmp_path, code, sandbox.Limits(**CAPS))
     back = sum(p.stat().st_size for p in (tmp_path / "scratch" / "out").iterdir())
     assert result.output_truncated and back <= 1 * MiB
+    assert "results were more than" in result.exhausted(sandbox.Limits(**CAPS))
     assert len(result.stdout) <= sandbox.CONSOLE_CHARS and "the end" in result.stdout
 
 
@@ -245,6 +247,7 @@ def test_a_time_limit_is_recognised_for_a_regrade():
     assert not classroom.hit_time_limit(ok)
     assert classroom.hit_time_limit(slow_call) and classroom.hit_time_limit(slow_cell)
     assert classroom.hit_time_limit(NotebookResult("k", note="the notebook was stopped at the time limit"))
+    assert not classroom.hit_time_limit(NotebookResult("k", note="your notebook filled the sandbox's disk"))
 
 
 def test_limits_validate_their_arguments():

@@ -107,7 +107,7 @@ def hit_time_limit(result) -> bool:
     """Whether a notebook's result shows a time limit: the notebook's own, or a cell's or a call's
     (the harvest records those as ``CellTimeoutError``)."""
     cells = (o.get("ename") for outputs in result.cells.values() for o in outputs)
-    return bool(result.note) or "CellTimeoutError" in cells or any(
+    return "time limit" in result.note or "CellTimeoutError" in cells or any(
         "CellTimeoutError" in v.message for v in result.verdicts.values() if not v.passed)
 
 

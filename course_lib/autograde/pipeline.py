@@ -203,6 +203,11 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
             raw = {}
         result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
         result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files, inputs))
+        exhausted = ran.exhausted(settings.limits)
+        if exhausted:
+            result.note = exhausted
+            result.verdicts = {g: v if v.passed else Verdict(False, f"{v.message} ({exhausted})")
+                               for g, v in result.verdicts.items()}
     return result
 
 

@@ -120,6 +120,16 @@ class Result:
     output_truncated: bool = False
     usage: dict = field(default_factory=dict)
 
+    def exhausted(self, limits: Limits) -> str:
+        """What of the sandbox's disk or output the submission used up ("" if nothing): the
+        reason its later results are missing, to show beside them."""
+        if self.usage.get("disk_bytes", 0) >= 0.99 * limits.disk_bytes:
+            return f"your notebook filled the sandbox's disk ({limits.disk_bytes / 2**30:g} GiB), so results " \
+                   f"could not be written"
+        if self.output_truncated:
+            return f"your notebook's results were more than the {limits.output_bytes / 2**30:g} GiB the grader reads"
+        return ""
+
 
 def available() -> tuple[bool, str]:
     """(True, "") when a bubblewrap sandbox starts here; else (False, why not)."""
