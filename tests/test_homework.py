@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from nbgrader.api import Gradebook
 
 from course_lib import grading
+from course_lib.autograde import resources
 from course_lib.checkpoints import load_checkpoint, save_checkpoint
 from course_lib.data import synthetic_dataset
 from course_lib.models import build_model, model_for
@@ -270,6 +272,10 @@ STUDENTS = {
     "deaf": (ZOO_TESTS, "did not finish"),           # ignores interrupts, hangs on the zoo models
     "aaa_honest": (set(), None),                     # graded before the saboteurs ...
     "zzz_honest": (set(), None),                     # ... and after them: the same grade as alone
+    # issue 18: one sandbox, one share of the machine (each on top of the reference submission)
+    "hog": (set(), None),                            # 3 x 1.4 GiB held in background processes
+    "filler": (PART2, "filled the sandbox's disk"),  # fills its folder, HOME and /tmp: Part 2's results are lost
+    "spinner": (set(), None),                        # 24 busy background processes, graded beside the others
 }
 HONEST_BASE = ("reference", "buggy", "zookeeper", "patcher", "torcher", "hider", "reader", "inspector", "vandal",
                "forker", "dier", "deaf", "aaa_honest", "zzz_honest")
@@ -426,6 +432,61 @@ def activation_clustering(activations, labels, seed=0):
 '''
 
 
+# More memory together than the sandbox's 4 GiB, in processes each far below the per-process limit.
+HOG = '''
+import subprocess as _subprocess
+import sys as _sys
+for _ in range(3):
+    _subprocess.Popen([_sys.executable, "-c", "import numpy, time\\n"
+                       "block = numpy.ones(1400 * 2**20, numpy.uint8)\\n"
+                       "time.sleep(600)"], start_new_session=True,
+                      stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
+'''
+
+# Nine files of 500 MiB (each below the file-size limit) against the sandbox's 2 GiB of disk.
+FILLER = '''
+import os as _os
+for _folder in (_os.getcwd(), _os.path.expanduser("~"), "/tmp"):
+    for _i in range(3):
+        try:
+            with open(_os.path.join(_folder, f"filler{_i}"), "wb") as _handle:
+                for _ in range(500):
+                    _handle.write(b"x" * 2**20)
+        except OSError as _err:
+            print("filler:", _err.strerror)
+'''
+
+# Busy processes left running (at the lowest priority, so that the student's own calls still
+# finish in time: what is checked is that they take nothing from the students graded beside).
+SPINNER = '''
+import subprocess as _subprocess
+import sys as _sys
+for _ in range(24):
+    _subprocess.Popen([_sys.executable, "-c", "import os\\nos.nice(19)\\nwhile True:\\n    pass"],
+                      start_new_session=True, stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
+'''
+
+# student -> (notebook, cell, code appended to it) of the machine's hogs of issue 18
+MACHINE_HOGS = {"hog": ("part1_attack", "p1-triggers", HOG), "filler": ("part2_detection", "p2-ac", FILLER),
+                "spinner": ("part1_attack", "p1-triggers", SPINNER)}
+
+
+def sandbox_leftovers() -> dict:
+    """What a sandbox could leave on the machine: processes of the sandboxes' uids, control groups
+    (cgroup-tools' lscgroup), scratch folders."""
+    uids = {int(uid) for uid in subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()}
+    groups = [line for line in subprocess.run(["lscgroup"], capture_output=True, text=True).stdout.splitlines()
+              if f"{resources.PARENT}/" in line]
+    scratch = sorted(str(p) for p in Path(tempfile.gettempdir()).glob("course-sandbox-*"))
+    return {"processes": sorted(uids & set(resources.UID_RANGE)), "groups": groups, "scratch": scratch}
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024
+
+
 def edit_cell(notebook: Path, grade_id: str, change) -> None:
     """Rewrite the source of the cell ``grade_id`` of ``notebook`` with ``change(source)``."""
     nb = nbformat.read(notebook, as_version=4)
@@ -501,6 +562,9 @@ def make_students(course: Path, fetched: Path, models: Path, students: Path, mar
     append(p1["forker"], "p1-triggers", FORKER.replace("TARGETS", targets).replace("FORK_TAG", FORK_TAG))
     append(p1["dier"], "p1-triggers", DIER)
     append(p2["deaf"], "p2-ac", DEAF)
+    for name, (notebook, grade_id, code) in MACHINE_HOGS.items():
+        hw.reference_submission(course, fetched, folders[name], models)
+        append(folders[name] / f"{notebook}.ipynb", grade_id, code)
     return folders
 
 
@@ -578,6 +642,7 @@ def test_round_trip(tmp_path):
     before = fingerprint(protected)
     startup = Path.home() / ".ipython" / "profile_default" / "startup" / "00-pwn.py"
 
+    machine = (sandbox_leftovers(), available_memory(), shutil.disk_usage(tmp_path).used)
     step = time.perf_counter()
     summaries = hw.autograde_class(course, workers=2, cell_timeout=20)
     timings["autograde, 2 workers"] = time.perf_counter() - step
@@ -587,6 +652,9 @@ def test_round_trip(tmp_path):
     time.sleep(1.5)   # a surviving background process would rewrite its targets every 0.5 s
     assert fingerprint(protected) == before, "a submission changed files outside its sandbox"
     assert FORK_TAG not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    # memory, disk and the process table are back where they were (the grading's own files aside)
+    assert sandbox_leftovers() == machine[0] == {"processes": [], "groups": [], "scratch": []}
+    assert available_memory() > machine[1] - 2**30 and shutil.disk_usage(tmp_path).used < machine[2] + 2**30
     assert_scores(course, STUDENTS)
     for student in STUDENTS:
         manual = {g for g, (_, _, needs) in scores(course, student).items() if needs}
