@@ -24,8 +24,9 @@ from nbgrader.api import Gradebook
 from nbgrader.preprocessors import NbGraderPreprocessor
 from traitlets import Bool, Float, Integer, Unicode
 
-from . import resources, sandbox
+from . import sandbox
 from .pipeline import Settings, apply, grade_notebook
+from .resources import require_controls
 from .workspace import Workspace
 
 
@@ -85,7 +86,7 @@ class TrustedExecute(NbGraderPreprocessor):
         course = submission.parents[2]
         require_sandbox(self.unsafe_no_sandbox, self.log.warning)
         if not self.unsafe_no_sandbox:
-            resources.require_controls(self.unsafe_no_limits, sandbox.lost_controls(), self.log.warning)
+            require_controls(self.unsafe_no_limits, sandbox.lost_controls(), self.log.warning)
         workspace = Workspace(course, info["assignment"], self.grading_dir or None)
         settings = self.settings()
         result = grade_notebook(nb, submission, info["notebook"], workspace.files, workspace.inputs(), settings,
