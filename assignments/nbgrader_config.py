@@ -39,6 +39,14 @@ c.TrustedExecute.timeout = 120
 c.TrustedExecute.notebook_timeout = 600
 # Where no sandbox can be made, autograding refuses to run; this switch accepts the loss:
 # c.TrustedExecute.unsafe_no_sandbox = True
+# Each sandbox's share of the machine (all its processes together; defaults for a 24 GiB,
+# 2-core machine grading with 2 workers; the kit's autograde command reads them too):
+c.TrustedExecute.sandbox_memory_gb = 4.0
+c.TrustedExecute.disk_gb = 2.0
+c.TrustedExecute.processes = 256
+# Where such a cap cannot be made (no cgroup-tools or systemd, not root), autograding refuses to
+# run; this switch accepts the loss:
+# c.TrustedExecute.unsafe_no_limits = True
 
 # Autograding copies the instructor's version of every non-notebook file in
 # source/week4 over the submission (so the zoo cannot be tampered with). The model a
