@@ -9,8 +9,10 @@ student's own kernel (nbgrader's default) cannot be secured. So here:
 ================  ==============================================================
 module            role
 ================  ==============================================================
-:mod:`.sandbox`   bubblewrap: no network, read-only system, one scratch folder,
+:mod:`.sandbox`   bubblewrap: no network, read-only system, one size-capped tmpfs,
                   a fresh HOME, resource limits, every process killed at the end
+:mod:`.resources` each sandbox's share of the machine: a control group capping
+                  its memory, processes and CPU; its own unprivileged uid
 :mod:`.plan`      the inputs the grader chooses and the calls it asks for
 :mod:`.harvest`   inside the sandbox: run the notebook, perform the calls, write
                   the results as tensors; a dead or hung kernel loses one call
