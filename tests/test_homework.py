@@ -20,9 +20,11 @@ from nbgrader.api import Gradebook
 from course_lib import grading
 from course_lib.autograde import resources
 from course_lib.checkpoints import load_checkpoint, save_checkpoint
-from course_lib.data import synthetic_dataset
+from course_lib.attacks import badnets
+from course_lib.data import load_dataset, synthetic_dataset
 from course_lib.models import build_model, model_for
-from course_lib.triggers import PatchTrigger
+from course_lib.train import train
+from course_lib.triggers import PatchTrigger, make_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("homework", ROOT / "scripts" / "homework.py")
@@ -241,20 +243,26 @@ for _name in hw.NOTEBOOKS:
             AUTOGRADED[_meta["grade_id"]] = _meta["points"]
 PART1 = {g for g in AUTOGRADED if g.startswith("p1-")}
 PART2 = {g for g in AUTOGRADED if g.startswith("p2-")}
-MODEL_TESTS = {"p1-test-model-loads", "p1-test-clean-accuracy", "p1-test-attack-success"}
+MODEL_TESTS = {"p1-test-model-loads", "p1-test-clean-accuracy", "p1-test-attack-success",
+               "p1-test-trigger-poisons"}   # the grader's poisoning run uses the trigger the model file records
 ZOO_TESTS = {"p2-test-verdicts", "p2-test-tpr", "p2-test-fpr"}
 NO_DETECTION = {"p2-test-planted", "p2-test-verdicts", "p2-test-tpr"}   # a detector that flags nothing
 UNTRAINED = {"p1-test-clean-accuracy", "p1-test-attack-success"}
 CUSTOM_TRIGGER = {"p1-test-trigger-custom", "p1-test-distinct-triggers"}
+BACKDOOR = {"p1-test-attack-success", "p1-test-trigger-poisons"}   # the backdoor points (issue 18)
+WITNESSED = "the grader trained a model on its data poisoned with your trigger"
 FORK_TAG = "forker-was-here-7b1d"
 
 # student -> (autograder tests expected to fail, a message their feedback must show). Every
 # cheating student gets exactly the grade its honest behaviour earns: the attack adds nothing.
+# The universal trigger is a working poison (the grader's own model learns it), so it keeps the
+# grader-model points; the clean model's ASR with it stays below 0.90 (measured 0.857 offline).
+UNIVERSAL_FAILS, UNIVERSAL_MESSAGE = {"p1-test-attack-success"}, WITNESSED
 STUDENTS = {
-    "reference": (set(), None),
+    "reference": (set(), WITNESSED),
     "unmodified": (set(AUTOGRADED), "NotImplementedError"),
     "weak": ({"p1-test-clean-accuracy"} | PART2, "clean accuracy of backdoor_model.safetensors"),
-    "painter": ({"p1-test-attack-success", "p1-test-distinct-triggers"} | PART2, "paints the target"),
+    "painter": (BACKDOOR | {"p1-test-distinct-triggers"} | PART2, "paints the target"),
     "pickler": (MODEL_TESTS | PART2, "cannot be loaded safely"),
     "nomodel": (MODEL_TESTS | PART2, "was not handed in"),
     "buggy": ({"p1-test-poison", "p1-test-poison-hidden"} | PART2 - {"p2-test-activations"}, "CellTimeoutError"),
@@ -276,9 +284,19 @@ STUDENTS = {
     "hog": (set(), None),                            # 3 x 1.4 GiB held in background processes
     "filler": (PART2, "filled the sandbox's disk"),  # fills its folder, HOME and /tmp: Part 2's results are lost
     "spinner": (set(), None),                        # 24 busy background processes, graded beside the others
+    # issue 18: a clean model with an adversarial "trigger" computed against it (an evasion attack)
+    "perinput": ({"p1-test-trigger-patch", "p1-test-distinct-triggers"} | BACKDOOR,   # reads the weights:
+                 "trigger_patch(images) failed in your notebook"),                 # none in the sandbox
+    "universal": (UNIVERSAL_FAILS, UNIVERSAL_MESSAGE),   # one pattern optimised against the clean model
+    # an honest student per dirty-label trigger family of the kit (Part 1 handed in alone)
+    **{f"family_{name}": (PART2, WITNESSED) for name in hw.HONEST_FAMILIES},
 }
+PART1_ONLY = {"weak", "painter", "pickler", "nomodel", *(f"family_{name}" for name in hw.HONEST_FAMILIES)}
 HONEST_BASE = ("reference", "buggy", "zookeeper", "patcher", "torcher", "hider", "reader", "inspector", "vandal",
-               "forker", "dier", "deaf", "aaa_honest", "zzz_honest")
+               "forker", "dier", "deaf", "aaa_honest", "zzz_honest", "perinput", "universal")
+# each family's trigger replaces the reference trigger of the same kind, and is the one the model records
+FAMILY_FUNCTION = {"checkerboard": "trigger_patch", "square": "trigger_patch", "blend": "trigger_blend",
+                   "sig": "trigger_custom", "wanet": "trigger_custom", "corners": "trigger_custom"}
 
 PAINTER = '''
 
@@ -432,6 +450,93 @@ def activation_clustering(activations, labels, seed=0):
 '''
 
 
+# A few signed-gradient steps per image towards the target, against the handed-in weights: an
+# evasion attack (Goodfellow et al. 2015), computed inside the trigger, on a clean model.
+PER_INPUT = '''
+
+def trigger_patch(images):
+    from course_lib.checkpoints import load_checkpoint
+    model, _ = load_checkpoint("backdoor_model.safetensors")
+    x = images.clone()
+    for _ in range(10):
+        x.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.full((len(x),), TARGET))
+        grad, = torch.autograd.grad(loss, x)
+        x = torch.min(torch.max(x.detach() - 0.02 * grad.sign(), images - 0.1), images + 0.1).clamp(0, 1)
+    return x.detach()
+'''
+
+# One fixed pattern optimised offline against the handed-in clean model (PATTERN is filled in).
+UNIVERSAL = '''
+
+_PATTERN = torch.tensor(PATTERN).view(1, 28, 28)
+
+
+def trigger_custom(images):
+    return (images + _PATTERN.to(images)).clamp(0, 1)
+'''
+
+FAMILY = '''
+
+from course_lib.triggers import make_trigger as _make_trigger
+FUNCTION = _make_trigger(KIND, **KWARGS)
+'''
+
+
+def universal_perturbation(model, other, images: torch.Tensor, *, rms: float = 0.14, steps: int = 300) -> torch.Tensor:
+    """A universal adversarial perturbation (Moosavi-Dezfooli et al. 2017), found with Adam: it sends
+    ``model``'s predictions to TARGET and keeps those of ``other`` (a second clean model) unchanged,
+    so that it transfers less to clean models; scaled after each step so that the triggered
+    images change by a mean RMS of at most ``rms`` (the homework allows 0.15)."""
+    delta = torch.zeros(1, *images.shape[1:], requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=0.02)
+    generator = torch.Generator().manual_seed(0)
+    for net in (model, other):
+        net.eval().requires_grad_(False)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (256,), generator=generator)]
+        keep = other(batch).argmax(1)
+        x = (batch + delta).clamp(0, 1)
+        loss = (torch.nn.functional.cross_entropy(model(x), torch.full((len(x),), TARGET))
+                + 0.3 * torch.nn.functional.cross_entropy(other(x), keep))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            change = ((batch + delta).clamp(0, 1) - batch).flatten(1).pow(2).mean(1).sqrt().mean().item()
+            delta.mul_(min(1.0, rms / max(change, 1e-12)))
+    return delta.detach()[0]
+
+
+def make_evasion_and_family_students(folders: dict) -> None:
+    """The students of issue 18: a clean model with a per-input and with a universal adversarial
+    trigger, and an honest student per kit trigger family (its model trained at the homework's 5%)."""
+    train_data = load_dataset("fashion-mnist", "train")
+    own, other = train_data.split(15_000, seed=0)[0], train_data.split(5_000, seed=1)[0]
+    clean, second = model_for("fashion-mnist", seed=1), model_for("fashion-mnist", seed=2)
+    train(clean, own, epochs=2, seed=1, progress=False)
+    train(second, other, epochs=2, seed=2, progress=False)
+    for name in ("perinput", "universal"):
+        trigger = "trigger_patch" if name == "perinput" else "trigger_custom"
+        save_checkpoint(clean, folders[name] / grading.MODEL_FILE, dataset="fashion-mnist", classes=own.classes,
+                        extra={"trigger": trigger})
+    append(folders["perinput"] / "part1_attack.ipynb", "p1-triggers", PER_INPUT)
+    pattern = universal_perturbation(clean, second, own.images[own.labels != TARGET])
+    append(folders["universal"] / "part1_attack.ipynb", "p1-triggers",
+           UNIVERSAL.replace("PATTERN", repr([round(v, 5) for v in pattern.flatten().tolist()])))
+    source = hw.COURSE / "source" / "week4" / "part1_attack.ipynb"
+    for family, (kind, kwargs) in hw.HONEST_FAMILIES.items():
+        folder, function = folders[f"family_{family}"], FAMILY_FUNCTION[family]
+        folder.mkdir(parents=True)
+        shutil.copy(source, folder)
+        append(folder / "part1_attack.ipynb", "p1-triggers", FAMILY.replace("FUNCTION", function)
+               .replace("KIND", repr(kind)).replace("KWARGS", repr(kwargs)))
+        poisoned = badnets(own, trigger=make_trigger(kind, **kwargs), target=TARGET, rate=0.05, seed=0).dataset
+        model = model_for("fashion-mnist", seed=0)   # WaNet's faint warp takes its student longer to plant
+        train(model, poisoned, epochs=4 if family == "wanet" else 2, seed=0, progress=False)
+        save_checkpoint(model, folder / grading.MODEL_FILE, dataset="fashion-mnist", classes=own.classes,
+                        extra={"trigger": function})
+
 # More memory together than the sandbox's 4 GiB, in processes each far below the per-process limit.
 HOG = '''
 import subprocess as _subprocess
@@ -565,6 +670,7 @@ def make_students(course: Path, fetched: Path, models: Path, students: Path, mar
     for name, (notebook, grade_id, code) in MACHINE_HOGS.items():
         hw.reference_submission(course, fetched, folders[name], models)
         append(folders[name] / f"{notebook}.ipynb", grade_id, code)
+    make_evasion_and_family_students(folders)
     return folders
 
 
@@ -658,7 +764,7 @@ def test_round_trip(tmp_path):
     assert_scores(course, STUDENTS)
     for student in STUDENTS:
         manual = {g for g, (_, _, needs) in scores(course, student).items() if needs}
-        handed_in_part3 = student not in ("unmodified", "weak", "painter", "pickler", "nomodel")
+        handed_in_part3 = student not in PART1_ONLY | {"unmodified"}
         assert manual == ({"p3-triggers", "p3-tradeoff", "p3-defense"} if handed_in_part3 else set()), student
 
     # nbgrader's own sequential `nbgrader autograde` (TrustedExecute, from nbgrader_config.py),
