@@ -65,3 +65,18 @@ def test_the_trusted_rule_also_checks_legitimacy(pool):
     painted = pool.stamped.images * 0 + pool.clean.images[pool.clean.labels == TARGET].mean(0)
     with pytest.raises(grading.GradingFailure, match="changes the images too much|paints the target"):
         witness.verify_trigger_poisons(pool, painted, reference, target=TARGET, seed=1, name="painter")
+
+
+def test_the_handed_in_model_never_enters_a_sandbox(tmp_path):
+    """A trigger is a function of the image alone: the sandbox gets every handed-in file but the model."""
+    import nbformat
+
+    from course_lib.autograde import pipeline
+    submission, work = tmp_path / "submission", tmp_path / "work"
+    submission.mkdir()
+    work.mkdir()
+    (submission / grading.MODEL_FILE).write_bytes(b"weights")
+    (submission / "backdoor_model.json").write_text("{}")
+    (submission / "pattern.txt").write_text("a pattern of my own")
+    pipeline._copy_submission(submission, work, nbformat.v4.new_notebook(), "part1_attack")
+    assert sorted(p.name for p in work.iterdir()) == ["part1_attack.ipynb", "pattern.txt"]
