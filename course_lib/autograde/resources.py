@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,8 @@ CONTROLLERS = "memory,pids,cpu"
 UID_RANGE = range(62000, 62256)           # unprivileged uids no account uses (checked by free_uids)
 LOCKS = Path(tempfile.gettempdir()) / "course-sandbox-uids"
 PERIOD_US = 100_000                       # the CPU quota's period
+CONTROL_FILES = {1: {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.shares"},
+                 2: {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.weight"}}   # one per controller
 
 LOSSES = {
     "memory": "the memory cap: one submission's processes together can take all the machine's memory, "
@@ -119,6 +122,7 @@ class Group:
         self.prefix = ["cgexec", "-g", f"{CONTROLLERS}:{self.name}"]
 
     def read(self, key: str) -> int | None:
+        """The group's control file ``key`` as a number (None if it has no such file, or no number)."""
         value = _tool("cgget", "-n", "-v", "-r", key, self.name).stdout.strip()
         return int(value) if value.isdigit() else None
 
@@ -127,10 +131,18 @@ class Group:
         memory = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
         return {"memory_bytes": self.read(memory), "processes": self.read("pids.peak")}
 
-    def close(self) -> None:
-        """Delete the group (cgdelete 2.0 deletes one controller's group per call)."""
-        for controller in CONTROLLERS.split(","):
-            _tool("cgdelete", "-r", "-g", f"{controller}:{self.name}")
+    def close(self, patience: float = 10.0) -> None:
+        """Delete the group, one controller at a time (cgdelete 2.0 deletes only the first of a
+        list), waiting up to ``patience`` seconds for the killed processes to be reaped (a
+        group with a process left, even a zombie, cannot be deleted)."""
+        left = CONTROLLERS.split(",")
+        deadline = time.monotonic() + patience
+        while left and time.monotonic() < deadline:
+            for controller in left:
+                _tool("cgdelete", "-r", "-g", f"{controller}:{self.name}")
+            left = [c for c in left if self.read(CONTROL_FILES[self.version][c]) is not None]
+            if left:
+                time.sleep(0.1)
 
 
 def free_uids() -> list[int]:
