@@ -283,7 +283,7 @@ STUDENTS = {
     # issue 18: one sandbox, one share of the machine (each on top of the reference submission)
     "hog": (set(), None),                            # 3 x 1.4 GiB held in background processes
     "filler": (PART2, "filled the sandbox's disk"),  # fills its folder, HOME and /tmp: Part 2's results are lost
-    "spinner": (set(), None),                        # 24 busy background processes, graded beside the others
+    "spinner": (set(), None),                        # 48 busy background processes, graded beside the others
     # issue 18: a clean model with an adversarial "trigger" computed against it (an evasion attack)
     "perinput": ({"p1-test-trigger-patch", "p1-test-distinct-triggers"} | BACKDOOR,   # reads the weights:
                  "trigger_patch(images) failed in your notebook"),                 # none in the sandbox
@@ -561,13 +561,15 @@ for _folder in (_os.getcwd(), _os.path.expanduser("~"), "/tmp"):
             print("filler:", _err.strerror)
 '''
 
-# Busy processes left running (at the lowest priority, so that the student's own calls still
-# finish in time: what is checked is that they take nothing from the students graded beside).
+# 48 busy processes left running, as in issue 18 (scheduled only when nothing else of the
+# sandbox wants the CPU, SCHED_IDLE, so that the student's own calls still finish in time:
+# what is checked is that they take nothing from the students graded beside it).
 SPINNER = '''
 import subprocess as _subprocess
 import sys as _sys
-for _ in range(24):
-    _subprocess.Popen([_sys.executable, "-c", "import os\\nos.nice(19)\\nwhile True:\\n    pass"],
+for _ in range(48):
+    _subprocess.Popen([_sys.executable, "-c", "import os\\nos.sched_setscheduler(0, os.SCHED_IDLE, "
+                       "os.sched_param(0))\\nwhile True:\\n    pass"],
                       start_new_session=True, stdout=_subprocess.DEVNULL, stderr=_subprocess.DEVNULL)
 '''
 
