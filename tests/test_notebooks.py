@@ -220,6 +220,10 @@ def check_04(r):
     low, high = r["rate_sweep_largest_step"]
     assert sweep[high]["asr"] - sweep[low]["asr"] >= 0.5
     assert max(v["clean_acc"] for v in sweep.values()) - min(v["clean_acc"] for v in sweep.values()) < 0.02
+    # the takeaway on the lecture's transferability claim: fine-tuning alone, both compressions and JPEG inputs
+    # left the backdoor in place
+    survival = r["transferability"]
+    assert len(survival) == 5 and all(v["asr"] >= 0.9 for v in survival.values())
 
 
 def check_05(r):
@@ -319,6 +323,12 @@ def test_notebook_6_rows_come_from_the_bench_runners():
     runs = [c.source for c in nb.cells if c.cell_type == "code" and "compare.run_defense(" in c.source]
     assert len(runs) == 1 and "lecture.progress(compare.DEFENSES" in runs[0] and "cache_dir=CACHE_DIR" in runs[0]
     assert "D.run_pipeline(case" in code, "the defense pipeline runs through the function bench pipeline calls"
+    # a table that is not a cell's last expression is never shown: every other one goes through display()
+    for cell in (c.source for c in nb.cells if c.cell_type == "code"):
+        body = ast.parse("\n".join(line for line in cell.splitlines() if not line.lstrip().startswith("%"))).body
+        dropped = [node for node in body[:-1] if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                   and getattr(node.value.func, "attr", None) in ("table", "versus")]
+        assert not dropped, f"a table in the middle of a cell is silently dropped: {cell[:80]}"
 
 
 def check_05_ssim(r):
@@ -327,6 +337,8 @@ def check_05_ssim(r):
     gaps = {name: abs(s["lecture_ssim"] - s["ssim"]) for name, s in r["stealth"].items()}
     assert all(gaps[name] <= 0.05 for name in local)
     assert any(gap > 0.05 for gap in gaps.values()), "some spread-out trigger must show the disagreement"
+    # the text: where they disagree, the lecture's global formula reports the trigger as the less visible one
+    assert all(s["lecture_ssim"] > s["ssim"] for name, s in r["stealth"].items() if gaps[name] > 0.05)
 
 
 def check_07(r):
