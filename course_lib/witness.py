@@ -41,13 +41,12 @@ from .models import model_for
 from .train import predict, train
 
 
-
 @dataclass(frozen=True)
 class Recipe:
-    """The grader's fixed poisoning recipe. The default (:data:`RECIPE`) trains in about 5 s on one
-    core and was chosen by measurement: every honest trigger family of the kit, and the
-    reference solution's three triggers, reach ASR >= 0.95 with it (docs/instructor_guide.md,
-    "Thresholds"; ``python scripts/homework.py bench-witness``)."""
+    """The grader's fixed poisoning recipe. The default (:data:`RECIPE`) trains in seconds on one
+    core and was chosen by measurement: with it, every honest trigger family of the kit and the
+    reference solution's three triggers clear :data:`MIN_ASR` and :data:`MIN_CA` with a margin
+    (``python scripts/homework.py bench-witness``; docs/instructor_guide.md, "Thresholds")."""
 
     train_images: int = 5000     # the grader's training set, poisoned images included
     rate: float = 0.2            # share of it poisoned with the student's trigger (relabelled to the target)
