@@ -415,6 +415,22 @@ def _run_cached(name: str, case: Case, cache_dir) -> tuple[tuple, bool]:
                   lambda: RUNNERS[name](case))
 
 
+def teaching_curve(case: Case, *, points: int = 9, eval_images: int | None = None, cache_dir=None):
+    """Fine-Pruning's pruning curve on ``case``: CA and ASR as the last layer's channels are
+    switched off, least active on the defender's images first, before any fine-tuning
+    (:func:`.fine_pruning.pruning_curve`). It needs the trigger, which a defender does not
+    have: it is for teaching, to show why pruning idle channels removes a backdoor. Measured
+    on the first ``eval_images`` eval images (all by default); cached like a runner's result.
+    """
+    if not case.backdoored:
+        raise ValueError("case must be a backdoored model: the curve measures its ASR")
+    data = case.eval if eval_images is None else case.eval.subset(range(min(eval_images, len(case.eval))))
+    key = {"case": case.key(), "points": points, "eval_images": eval_images} if cache_dir is not None else {}
+    curve, _ = cached(cache_dir, "pruning_curve", key, lambda: pruning_curve(
+        case.model, case.defender, data, case.trigger, case.target, points=points))
+    return curve
+
+
 def setup_cases(train_data: ImageDataset | None = None, test_data: ImageDataset | None = None, *,
                 fast: bool = False, epochs: int = 2, seed: int = 0, device=None, progress: bool = True
                 ) -> tuple[Case, Case, dict]:
@@ -462,8 +478,8 @@ def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | No
         on_row(setup)
     for name in defenses:
         row, _ = run_defense(name, case, clean_case)
-        if name == "fine_pruning":  # the teaching curve (it needs the trigger, which a defender lacks)
-            curve = pruning_curve(case.model, case.defender, case.eval, case.trigger, case.target, points=9)
+        if name == "fine_pruning":
+            curve = teaching_curve(case)
             row["curve"] = {"fractions": [round(f, 3) for f in curve.fractions],
                             "clean_acc": [round(v, 4) for v in curve.clean_acc],
                             "asr": [round(v, 4) for v in curve.asr]}
