@@ -439,9 +439,11 @@ def bench_sandbox(runs: int = 10) -> dict:
         report["grading seconds, 1 worker"] = round(time.perf_counter() - start, 1)
         report["score"] = sum(v[0] for v in summary.scores.values())
         for path in sorted(Workspace(course, ASSIGNMENT).cache("reference").glob("*.json")):
-            usage = NotebookResult.from_json(path.read_text()).usage
+            result = NotebookResult.from_json(path.read_text())
             report[path.stem] = {k.replace("_bytes", " MiB"): round(v / 2**20) if k.endswith("_bytes") else v
-                                 for k, v in usage.items() if v is not None}
+                                 for k, v in result.usage.items() if v is not None}
+            report[path.stem].update({"seconds": round(result.seconds, 1),
+                                      "sandbox seconds": round(result.sandbox_seconds, 1)})
         scratch = tmp / "empty"
         sandbox.prepare(scratch)
         for controls in (True, False):
