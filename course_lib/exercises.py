@@ -274,3 +274,30 @@ def _reseed(pattern, sample_ids=range(8), size: int = 5):
     if len({p.tobytes() for p in first}) < len(first):
         return "different sample ids give the same pattern"
     return None
+
+
+# Computations whose right value the check cell should not spell out (the formula is the exercise).
+
+@exercise("01-count", "how many training images a poisoning rate poisons")
+def _count(answer, run):
+    return compare(answer, len(run.poison.indices))
+
+
+@exercise("01-asr", "the attack success rate, computed by hand")
+def _asr_by_hand(answer, run):
+    return compare(answer, run.asr, 1e-4)
+
+
+@exercise("02-margin", "the margin of the true label after random label flipping")
+def _margin(answer, rate: float, classes: int):
+    return compare(answer, (1 - rate) - rate / (classes - 1), 1e-3)
+
+
+@exercise("07-score", "the detection score of appendix A.2 (TPR - FPR)")
+def _detection_score(answer, flagged_poisoned: int, poisoned: int, flagged_clean: int, clean: int):
+    return compare(answer, flagged_poisoned / poisoned - flagged_clean / clean, 1e-4)
+
+
+@exercise("07-mitigation", "the kit's mitigation score (ASR reduction / clean-accuracy drop floored at one point)")
+def _mitigation_score(answer, asr_before: float, asr_after: float, ca_before: float, ca_after: float):
+    return compare(answer, (asr_before - asr_after) / max(ca_before - ca_after, 0.01), 1e-6)

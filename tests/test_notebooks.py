@@ -506,17 +506,17 @@ def test_exercise_checks_pass_right_answers_and_explain_wrong_ones(capsys):
         return y
     exercises.check("02-flip", lecture_flip, labels=labels)
     exercises.check("02-flip", lambda y, r, seed: 1 / 0, labels=labels)
-    exercises.check("01-count", 20, expected=20)
-    exercises.check("01-count", 25, expected=20)
-    exercises.check("01-count", ..., expected=20)
+    exercises.check("01-example", 20, expected=20)
+    exercises.check("01-example", 25, expected=20)
+    exercises.check("01-example", ..., expected=20)
     shown = capsys.readouterr().out.splitlines()
     assert shown[0] == "✔ 02-flip: right." and shown[1].startswith("✘ 02-flip: not yet. it keeps some chosen labels")
-    assert "ZeroDivisionError" in shown[2] and shown[4] == "✘ 01-count: not yet. too high"
+    assert "ZeroDivisionError" in shown[2] and shown[4] == "✘ 01-example: not yet. too high"
     assert "not answered yet" in shown[5] and "20" not in shown[4]
     with pytest.raises(ValueError, match="expected"):
         exercises.check("01-unknown", 3)
     with pytest.raises(ValueError, match="tolerance"):
-        exercises.check("01-count", 3, expected=3, tolerance=-1)
+        exercises.check("01-example", 3, expected=3, tolerance=-1)
     with pytest.raises(ValueError, match="name"):
         exercises.exercise("flip", "a task")
 
