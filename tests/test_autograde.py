@@ -230,6 +230,15 @@ def test_without_a_per_sandbox_control_autograding_refuses_unless_told(monkeypat
     assert "--unsafe-no-limits" in capsys.readouterr().err
 
 
+def test_a_group_left_behind_by_a_killed_grader_is_removed():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    name = f"{resources.PARENT}/{gone.pid}-left-behind"
+    subprocess.run(["cgcreate", "-g", f"{resources.CONTROLLERS}:{name}"], check=True)
+    resources.remove_orphans()
+    assert name not in subprocess.run(["lscgroup"], capture_output=True, text=True).stdout
+
+
 def test_the_caps_for_cgroup_v2_and_systemd():
     """The same caps, named as cgroup v2 and systemd name them (the v1 ones are used above)."""
     v2 = resources.settings(2, 4 * 2**30, 256, 1)

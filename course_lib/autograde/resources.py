@@ -106,7 +106,9 @@ class Group:
     :attr:`prefix`, read by :meth:`peak`, deleted by :meth:`close`."""
 
     def __init__(self, memory_bytes: int, processes: int, cpus: int, name: str | None = None):
-        self.name = f"{PARENT}/{name or uuid.uuid4().hex[:12]}"
+        # named after the grader process that made it, so that one it left behind when it was
+        # killed can be recognised (remove_orphans)
+        self.name = f"{PARENT}/{os.getpid()}-{name or uuid.uuid4().hex[:12]}"
         self.version = cgroup_version()
         made = _tool("cgcreate", "-g", f"{CONTROLLERS}:{self.name}")
         if made.returncode != 0:
@@ -143,6 +145,24 @@ class Group:
             left = [c for c in left if self.read(CONTROL_FILES[self.version][c]) is not None]
             if left:
                 time.sleep(0.1)
+
+
+def remove_orphans() -> None:
+    """Delete the empty groups that graders killed before they could delete them left behind
+    (their maker's process is gone; lscgroup lists them)."""
+    listed = _tool("lscgroup").stdout.splitlines()
+    for line in listed:
+        controller, _, path = line.partition(":")
+        name = path.strip("/").removeprefix(f"{PARENT}/")
+        maker = name.split("-")[0]
+        if not path.strip("/").startswith(f"{PARENT}/") or not maker.isdigit():
+            continue
+        try:
+            os.kill(int(maker), 0)
+        except ProcessLookupError:
+            _tool("cgdelete", "-g", f"{controller}:{path}")
+        except PermissionError:
+            pass
 
 
 def free_uids() -> list[int]:
@@ -184,8 +204,9 @@ def _group_probe() -> str:
         return "" if probe.returncode == 0 else f"systemd-run --scope failed: {probe.stderr.strip()}"
     if shutil.which("cgcreate") is None:
         return "cgroup-tools is not installed (Debian: apt-get install cgroup-tools)"
+    remove_orphans()
     try:
-        group = Group(2**30, 64, 1, name=f"probe-{os.getpid()}")
+        group = Group(2**30, 64, 1, name="probe")
     except OSError as err:
         return f"no control group can be made here ({err})"
     group.close()
