@@ -66,7 +66,7 @@ GRADING_DIR_ENV = "COURSE_GRADING_DIR"
 GRADING_SUBDIR = Path("grading") / "week4"
 
 
-FEEDBACK_WIDTH = 88               # characters per line of a failure message in feedback
+FEEDBACK_WIDTH = 80               # characters per line of a failure message (nbgrader validate cuts at 83)
 
 
 class GradingFailure(AssertionError):
@@ -92,11 +92,12 @@ def failure_lines(message: str, width: int = FEEDBACK_WIDTH) -> list[str]:
     """A failure message as the lines of an error output: the name in red (so it looks unlike
     a pass in JupyterLab and in nbgrader's feedback HTML, which render ANSI colours), every
     line wrapped to ``width`` characters (a traceback is shown unwrapped, cut at the page's edge)."""
+    name = "GradingFailure: "
     lines = []
-    for paragraph in str(message).splitlines() or [""]:
+    for paragraph in (name + str(message)).splitlines():
         indent = " " * (len(paragraph) - len(paragraph.lstrip(" 0123456789.")))
         lines += textwrap.wrap(paragraph, width, subsequent_indent=indent or "  ") or [""]
-    return [f"\x1b[0;31mGradingFailure\x1b[0m: {lines[0]}", *lines[1:]]
+    return [f"\x1b[0;31mGradingFailure\x1b[0m: {lines[0][len(name):]}", *lines[1:]]
 
 
 class Problems:
