@@ -241,9 +241,9 @@ def test_a_group_left_behind_by_a_killed_grader_is_removed():
 
 def test_the_caps_for_cgroup_v2_and_systemd():
     """The same caps, named as cgroup v2 and systemd name them (the v1 ones are used above)."""
-    v2 = resources.settings(2, 4 * 2**30, 256, 1)
-    assert v2 == {"memory.max": 4 * 2**30, "memory.swap.max": 0, "pids.max": 256, "cpu.max": "100000 100000",
-                  "cpu.weight": 100}
+    v2 = resources.settings(2, 4 * 2**30, 256, 2)
+    assert v2 == {"memory.max": 4 * 2**30, "memory.swap.max": 0, "pids.max": 256, "cpu.max": "200000 100000",
+                  "cpu.weight": 200}
     props = resources.systemd_properties(4 * 2**30, 256, 2)
     assert ["-p", "TasksMax=256"] == props[4:6] and "CPUQuota=200%" in props and f"MemoryMax={4 * 2**30}" in props
 

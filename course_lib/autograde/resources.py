@@ -10,8 +10,10 @@ processes, children included), with
   ``memory.max`` in v2; its tmpfs pages count too): past it, the kernel's OOM killer picks a
   process *of that sandbox*, never the grader or a neighbour;
 - a cap on its processes and threads (``pids.max``): a fork bomb stops at it;
-- a CPU quota of ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``) and an equal CPU
-  weight: with ``workers x threads`` = the cores, no sandbox can take another's core.
+- a CPU quota of ``threads`` cores (``cpu.cfs_quota_us`` / ``cpu.max``) and the CPU weight
+  of ``threads`` busy processes (``cpu.shares`` / ``cpu.weight``; a group competes with the
+  machine's other processes as one): with ``workers x threads`` = the cores, no sandbox can
+  take another's core, and all sandboxes weigh the same.
 
 Its disk is capped by bubblewrap itself (a size-limited tmpfs, see :mod:`.sandbox`), and its
 output by the grader, which reads at most ``output_bytes`` of it.
@@ -78,15 +80,15 @@ def settings(version: int, memory_bytes: int, processes: int, cpus: int) -> dict
     """The control files and values of one sandbox's group, for cgroup ``version`` 1 or 2."""
     if version == 2:
         return {"memory.max": memory_bytes, "memory.swap.max": 0, "pids.max": processes,
-                "cpu.max": f"{cpus * PERIOD_US} {PERIOD_US}", "cpu.weight": 100}
+                "cpu.max": f"{cpus * PERIOD_US} {PERIOD_US}", "cpu.weight": 100 * cpus}
     return {"memory.limit_in_bytes": memory_bytes, "pids.max": processes, "cpu.cfs_period_us": PERIOD_US,
-            "cpu.cfs_quota_us": cpus * PERIOD_US, "cpu.shares": 1024}
+            "cpu.cfs_quota_us": cpus * PERIOD_US, "cpu.shares": 1024 * cpus}
 
 
 def systemd_properties(memory_bytes: int, processes: int, cpus: int) -> list[str]:
     """The same caps as ``systemd-run`` properties."""
     return ["-p", f"MemoryMax={memory_bytes}", "-p", "MemorySwapMax=0", "-p", f"TasksMax={processes}",
-            "-p", f"CPUQuota={cpus * 100}%", "-p", "CPUWeight=100"]
+            "-p", f"CPUQuota={cpus * 100}%", "-p", f"CPUWeight={100 * cpus}"]
 
 
 def systemd_prefix(memory_bytes: int, processes: int, cpus: int) -> list[str]:
