@@ -466,14 +466,14 @@ def trigger_patch(images):
     return x.detach()
 '''
 
-# One fixed pattern optimised offline against the handed-in clean model (PATTERN is filled in).
+# One fixed pattern optimised offline against the handed-in clean model (VALUES is filled in).
 UNIVERSAL = '''
 
-_PATTERN = torch.tensor(PATTERN).view(1, 28, 28)
+_pattern = torch.tensor(VALUES).view(1, 28, 28)
 
 
 def trigger_custom(images):
-    return (images + _PATTERN.to(images)).clamp(0, 1)
+    return (images + _pattern.to(images)).clamp(0, 1)
 '''
 
 FAMILY = '''
@@ -523,7 +523,7 @@ def make_evasion_and_family_students(folders: dict) -> None:
     append(folders["perinput"] / "part1_attack.ipynb", "p1-triggers", PER_INPUT)
     pattern = universal_perturbation(clean, second, own.images[own.labels != TARGET])
     append(folders["universal"] / "part1_attack.ipynb", "p1-triggers",
-           UNIVERSAL.replace("PATTERN", repr([round(v, 5) for v in pattern.flatten().tolist()])))
+           UNIVERSAL.replace("VALUES", repr([round(v, 5) for v in pattern.flatten().tolist()])))
     source = hw.COURSE / "source" / "week4" / "part1_attack.ipynb"
     for family, (kind, kwargs) in hw.HONEST_FAMILIES.items():
         folder, function = folders[f"family_{family}"], FAMILY_FUNCTION[family]
