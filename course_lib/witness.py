@@ -29,6 +29,7 @@ computed from, and it passes here even when the model handed in beside it is cle
 """
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -86,8 +87,10 @@ def draw_seed() -> int:
     return secrets.randbits(31)
 
 
+@functools.lru_cache(maxsize=2)
 def mixed_splits(dataset: str) -> ImageDataset:
-    """The train and test splits of ``dataset`` as one set (70,000 images for Fashion-MNIST)."""
+    """The train and test splits of ``dataset`` as one set (70,000 images for Fashion-MNIST),
+    loaded once per process (callers only read it: :func:`draw_pool` copies what it takes)."""
     train_split, test_split = load_dataset(dataset, "train"), load_dataset(dataset, "test")
     return train_split.replace(images=torch.cat([train_split.images, test_split.images]),
                                labels=torch.cat([train_split.labels, test_split.labels]))
