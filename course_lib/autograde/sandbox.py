@@ -58,6 +58,7 @@ SANDBOX_ROOT = Path("/sandbox")            # the sandbox's only writable folder 
 HANDED_IN = SANDBOX_ROOT / "handed-in"     # the host's copy of the submission, read-only
 EXPORT_GRACE = 60.0                        # seconds past the wall-clock limit for handing out/ over
 CONSOLE_CHARS = 20_000
+SHM_BYTES = 64 * 2**20                     # /dev/shm, a tmpfs of its own (counted in the memory cap)
 MAX_OUTPUT_FILES = 10_000
 # Inside, around the command ($1: the pipe's fd, $2: the wall-clock limit, $3: the uid or -):
 # copy the submission into the tmpfs, hand the folders to the uid, run the command as that uid
@@ -215,7 +216,9 @@ def command(limits: Limits, uid: int | None = None, env: dict | None = None, bin
     for name in ("work", "home", "tmp", "out"):
         cmd += ["--dir", str(SANDBOX_ROOT / name)]
     cmd += ["--symlink", str(SANDBOX_ROOT.relative_to("/") / "tmp"), "/tmp", "--ro-bind", "/usr", "/usr", *_usr_links(),
-            *_etc_binds(), "--proc", "/proc", "--dev", "/dev"]
+            *_etc_binds(), "--proc", "/proc", "--dev", "/dev",
+            # POSIX semaphores and shared memory (multiprocessing, joblib) for the sandbox's uid
+            "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
     mounts = [*_python_binds(), *[(str(source), str(inside)) for source, inside in binds]]
     cmd += _mount_points([inside for _, inside in mounts])
     for source, inside in mounts:
