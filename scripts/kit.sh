@@ -34,8 +34,8 @@ setup() {
   apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
   apt_install bubblewrap /usr/bin/bwrap
   apt_install cgroup-tools /usr/bin/cgcreate
-  if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV"
+  if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m venv --clear "$VENV"   # new, or left half-made by an interrupted setup
   fi
   local stamp="$VENV/.kit-installed" want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
