@@ -279,8 +279,11 @@ def _reseed(pattern, sample_ids=range(8), size: int = 5):
 # Computations whose right value the check cell should not spell out (the formula is the exercise).
 
 @exercise("01-count", "how many training images a poisoning rate poisons")
-def _count(answer, run):
-    return compare(answer, len(run.poison.indices))
+def _count(answer, train, rate: float, trigger, target: int):
+    """Counts what :func:`course_lib.attacks.badnets` really poisons at ``rate`` (no training)."""
+    from .attacks import badnets
+
+    return compare(answer, len(badnets(train, trigger=trigger, target=target, rate=rate).indices))
 
 
 @exercise("01-asr", "the attack success rate, computed by hand")

@@ -191,9 +191,10 @@ def start(name: str, *, dataset: str = "fashion-mnist", device=None, fast: bool 
               epochs=epochs or (2 if fast else 4), seed=seed,
               cache_dir=None if cache_dir is None else Path(cache_dir),
               results_dir=Path(results_dir))
+    threads = torch.get_num_threads()
     print(f"{dataset}: training on {len(train):,} of {len(full_train):,} images ({len(spare):,} held back), "
           f"testing on {len(test):,}; {lab.epochs} epochs; device {device} "
-          f"({torch.get_num_threads()} CPU threads); FAST={fast}")
+          f"({threads} CPU thread{'' if threads == 1 else 's'}); FAST={fast}")
     return lab
 
 
