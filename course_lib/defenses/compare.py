@@ -73,6 +73,18 @@ PAPERS = {
     "dp_sgd": "Abadi et al. 2016 (Opacus)",
     "lecture_batch_noise": "lecture (batch-level noise, no guarantee)",
 }
+NAMES = {  # how a table or a printed line names each defense (the keys are the runners' identifiers)
+    "activation_clustering": "Activation Clustering",
+    "spectral_signatures": "Spectral Signatures",
+    "isolation_forest_features": "IsolationForest (features)",
+    "isolation_forest_pixel_stats": "IsolationForest (pixel stats)",
+    "neural_cleanse": "Neural Cleanse",
+    "fine_pruning": "Fine-Pruning",
+    "strip": "STRIP",
+    "lecture_transform_sanitization": "sanitization (lecture)",
+    "dp_sgd": "DP-SGD",
+    "lecture_batch_noise": "batch noise (lecture)",
+}
 # Neural Cleanse search budgets: the full one (Wang et al.'s scale) and a quick one for live runs.
 # ``n_heldout``: trusted images that judge each kept reversed trigger (fewer when the defender
 # has few). The full budget judges on 1,500: the smallest of many candidate masks that passes a
@@ -490,20 +502,25 @@ def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | No
 
 
 def to_markdown(results: list[dict]) -> str:
-    """The comparison as a markdown table (rates as fractions, seconds of wall time)."""
-    header = ("| Defense | Paper | TPR | FPR | F1 | Flagged (backdoored) | Flagged (clean model) | "
+    """The comparison as a markdown table: rates in percent, flagged classes as their labels,
+    the mitigation score to three places (as notebook 7's appendix A.2 shows it), seconds of
+    wall time."""
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    header = ("| Defense | Paper | TPR | FPR | F1 | Labels flagged (backdoored) | Labels flagged (clean model) | "
               "CA before -> after | ASR before -> after | Mitigation score | Seconds |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in results:
         if row["defense"] == "setup":
             continue
         lines.append(
-            f"| {row['defense']} | {row['paper']} | {format_cell(row['tpr'])} | {format_cell(row['fpr'], 3)} | "
+            f"| {NAMES[row['defense']]} | {row['paper']} | {percent(row['tpr'])} | {percent(row['fpr'])} | "
             f"{format_cell(row['f1'])} | {format_cell(row['flagged'])} | "
             f"{format_cell(row['flagged_on_clean_model'])} | "
-            f"{format_cell(row['ca_before'], 3)} -> {format_cell(row['ca_after'], 3)} | "
-            f"{format_cell(row['asr_before'], 3)} -> {format_cell(row['asr_after'], 3)} | "
-            f"{format_cell(row['mitigation_score'], 1)} | {row['seconds']:.0f} |")
+            f"{percent(row['ca_before'])} -> {percent(row['ca_after'])} | "
+            f"{percent(row['asr_before'])} -> {percent(row['asr_after'])} | "
+            f"{format_cell(row['mitigation_score'], 3)} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -275,19 +275,21 @@ def verdicts(rows: list[dict], family: str, rate: float) -> dict[str, list[str]]
 
 
 def plot(rows: list[dict]):
-    """Two heat maps: detection (F1 / 1 - FAR / target flagged) and ASR after each mitigation.
-    Rows run by trigger family, then poisoning rate; clean models have no cell to show."""
+    """Two heat maps: detection (F1 / 1 - FAR / target flagged) and the ASR before any defense,
+    then after each mitigation (three places: the verdicts' threshold is ASR <= 0.10). Rows run
+    by trigger family, then poisoning rate; clean models have no cell to show."""
     from .plots import plot_matrix
 
     backdoored = sorted((r for r in rows if r["trigger"] != "clean"), key=family_order)
     detection = {(model_name(r), r["defense"]): detection_value(r) for r in backdoored
                  if r["defense"] != "fine_pruning"}
-    asr_after = {(model_name(r), r["defense"]): r["asr_after"] for r in backdoored}
+    before = {(model_name(r), "ASR before (no defense)"): r["asr_before"] for r in backdoored if r["defense"] == "strip"}
+    asr_after = {**before, **{(model_name(r), r["defense"]): r["asr_after"] for r in backdoored}}
     return (plot_matrix(detection, title="Detection: F1 (sample detectors), 1 - FAR at FRR 1% (STRIP), "
                                          "true target flagged (Neural Cleanse)", value_label="detection (1 = perfect)"),
             plot_matrix(asr_after, title="Attack success rate after each mitigation (retraining, unlearning, "
                                          "Fine-Pruning; STRIP: behind the filter)",
-                        value_label="ASR after (0 = backdoor gone)"))
+                        value_label="ASR after (0 = backdoor gone)", digits=3))
 
 
 def main(argv=None) -> int:

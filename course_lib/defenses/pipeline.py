@@ -46,8 +46,10 @@ def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_d
     retrained one behind the filter (``ca_filtered``, ``asr_filtered``: a rejected input
     counts as not classified); the filter's ``frr`` and ``far``; the seconds of each stage
     (``seconds_retrain``: detection, removal and retraining; ``seconds_strip``) and their
-    sum ``seconds``; ``cached``: whether every stage came from ``cache_dir``
-    (:mod:`.cache`; the seconds are then those measured when it was computed).
+    sum ``seconds``; ``cached``: whether every stage came from ``cache_dir``, and
+    ``cached_retrain`` / ``cached_strip``: whether the first stages (the detector's runner, on
+    the backdoored model only) / the filter did (:mod:`.cache`; a loaded stage's seconds are
+    those measured when it was computed).
     """
     if not isinstance(case, Case):
         raise TypeError(f"case must be a compare.Case, got {type(case).__name__}")
@@ -72,6 +74,8 @@ def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_d
            "ca_filtered": ca_filtered, "asr_filtered": asr_filtered, "frr": measured["frr"], "far": measured["far"],
            "seconds_retrain": first["seconds"], "seconds_strip": strip_seconds,
            "seconds": round(first["seconds"] + strip_seconds, 1),
+           "cached_retrain": bool(cache_dir is not None and first.get("cached")),
+           "cached_strip": bool(cache_dir is not None and hit),
            "cached": bool(cache_dir is not None and first.get("cached") and hit)}
     return row, {"detection": results["backdoored"], "repaired": repaired, "strip": strip}
 

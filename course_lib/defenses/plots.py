@@ -14,6 +14,7 @@ import torch
 
 from ..checks import check_indices
 from .activation_clustering import ActivationClusteringResult
+from .compare import NAMES
 from .fine_pruning import PruningCurve
 from .neural_cleanse import NeuralCleanseResult
 
@@ -52,7 +53,7 @@ def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, 
                       f"size {split.relative_size:.2f}, sil. {split.silhouette:.2f}, trusted {trusted}",
                       fontsize=8)
         if i % columns == 0:
-            top.set_ylabel("2-means\n(red: suspect)", fontsize=8)
+            top.set_ylabel("2-means clusters\n(red: the one tested;\nsuspect if FLAGGED)", fontsize=8)
             bottom.set_ylabel("ground truth\n(red: poisoned)", fontsize=8)
     fig.suptitle(f"Activation Clustering ({result.analysis} analysis decides): each class's activations, "
                  "PCA to 2-D", fontsize=10)
@@ -168,11 +169,12 @@ def plot_comparison(rows: list[dict]):
 
 
 def plot_matrix(cells: dict[tuple[str, str], float | None], *, title: str, value_label: str,
-                model_label: str = "model (trigger, poisoning rate)"):
+                model_label: str = "model (trigger, poisoning rate)", digits: int = 2):
     """A heat map of one value per (model, defense) cell (blank where it does not apply).
 
-    ``cells`` maps (model name, defense name) to a number in [0, 1], or None; rows keep the
-    order of first appearance.
+    ``cells`` maps (model name, column name) to a number in [0, 1], or None; rows and columns
+    keep the order of first appearance; each cell is written with ``digits`` places (three
+    where a threshold such as ASR <= 0.10 must be told from 0.103).
     """
     models = list(dict.fromkeys(m for m, _ in cells))
     defenses = list(dict.fromkeys(d for _, d in cells))
@@ -184,9 +186,9 @@ def plot_matrix(cells: dict[tuple[str, str], float | None], *, title: str, value
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=7 if digits < 3 else 6,
                     color="white" if value < 0.5 else "black")
-    ax.set_xticks(range(len(defenses)), [d.replace("_", "\n") for d in defenses], fontsize=8)
+    ax.set_xticks(range(len(defenses)), [NAMES.get(d, d).replace(" ", "\n") for d in defenses], fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=8)
     ax.set_xlabel("defense")
     ax.set_ylabel(model_label)

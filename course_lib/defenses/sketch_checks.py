@@ -39,8 +39,8 @@ def _ac_rule(suspicious):
         if got == want:
             continue
         if not want:
-            return (f"on a class split {200 - n_small}/{n_small} it flags {len(got)} samples: a split that "
-                    "balanced is how a clean class looks")
+            return (f"on a class split {200 - n_small}/{n_small} it flags samples: a split that balanced "
+                    "is how a clean class looks")
         if len(got) == len(want):
             return "it flags as many samples as the smaller cluster holds, but not the smaller cluster's own"
         return f"on a class split {200 - n_small}/{n_small} it should flag the smaller cluster, got {len(got)} samples"
@@ -84,7 +84,8 @@ def _fp_rank(rank_channels):
     if not torch.equal(activations, before):
         return "it changed the activations it was given"
     if len(got) != 16 or got.min() < 0 or got.max() >= 16:
-        return (f"it should return the 16 channel indices (0-15) in order, got {len(got)} values up to "
+        return (f"it should return the channel indices in order (the check's test tensor has 16 channels, "
+                f"0-15, not the 64 of section 4's layer), got {len(got)} values up to "
                 f"{int(got.max()) if len(got) else 'none'}: positions (channel x row x column) are not channels")
     if not torch.equal(got, activations.mean(dim=(0, 2, 3)).argsort()):
         return "the order is not the channels' mean activation over all images and positions, least active first"
