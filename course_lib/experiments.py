@@ -6,21 +6,21 @@ needed by the demo, the benchmarks, the notebooks, the defenses and the model zo
 model on disk so that two notebook cells (or two notebooks) needing the same backdoored
 model train it only once. The cache also keeps what the model measured on a test set (its
 clean accuracy and ASR): on a laptop CPU, measuring them on 10,000 test images costs a few
-seconds per model, most of a lecture re-run's time once every model is trained. That record
-is keyed by the test images and by the code that measures (:func:`code_version`).
+seconds per model, most of a lecture re-run's time once every model is trained. That result
+is cached like any other (:mod:`course_lib.cache`), keyed by the model's weights, the test
+images, the trigger and the code that measures (:data:`MEASURING_CODE`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from torch import nn
 
 from .attacks import PoisonResult, badnets
+from .cache import cached
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import ImageDataset
 from .metrics import attack_success_rate, clean_accuracy
@@ -51,42 +51,33 @@ def _cache_path(cache_dir, key: dict) -> Path:
     return Path(cache_dir) / f"{key['kind']}-{digest}.safetensors"
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """A short hash of the code behind a measured clean accuracy or ASR (metrics, prediction, triggers)."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in [package / "metrics.py", package / "train.py", *sorted((package / "triggers").glob("*.py"))]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+#: The code behind a measured clean accuracy or ASR: metrics, prediction, triggers.
+MEASURING_CODE = ("course_lib.metrics", "course_lib.train", "course_lib.triggers")
 
 
-def _measured(path: Path | None, test_data: ImageDataset, measure, what: str) -> list[float]:
-    """``measure()`` for the cached model at ``path`` on ``test_data``, read from a record beside it when
-    the same test images and code measured it before (``what`` names the measurement)."""
-    if path is None:
-        return measure()
-    record = path.with_name(f"{path.stem}.{what}-{test_data.fingerprint()}-{code_version()}.json")
-    if record.exists():
-        return json.loads(record.read_text())
-    values = measure()
-    tmp = record.with_suffix(f".{os.getpid()}.part")
-    tmp.write_text(json.dumps(values))
-    os.replace(tmp, record)
+def _measured(model: nn.Module, test_data: ImageDataset, trigger, target, cache_dir) -> tuple[float, float | None]:
+    """(clean accuracy, ASR of ``trigger``; None without one) of ``model`` on ``test_data``, read from
+    ``cache_dir`` when the same weights, test images, trigger and code were measured before."""
+    def measure():
+        asr = None if trigger is None else attack_success_rate(model, test_data, trigger, target)
+        return clean_accuracy(model, test_data), asr
+
+    values, _ = cached(cache_dir, "measured", measure, code=MEASURING_CODE,
+                       inputs={"model": model, "test": test_data, "trigger": trigger, "target": target})
     return values
 
 
 def _train_or_load(data: ImageDataset, key: dict, cache_dir, arch, epochs, seed, progress, device,
-                   train_kwargs) -> tuple[nn.Module, History | None, Path | None]:
+                   train_kwargs) -> tuple[nn.Module, History | None]:
     path = _cache_path(cache_dir, key) if cache_dir is not None else None
     if path is not None and path.exists():
         model, _ = load_checkpoint(path)
-        return model, None, path
+        return model, None
     model = model_for(data, arch=arch, seed=seed)
     history = train(model, data, epochs=epochs, seed=seed, progress=progress, device=device, **train_kwargs)
     if path is not None:
         save_checkpoint(model, path, dataset=data.name, classes=data.classes, extra={"key": key})
-    return model, history, path
+    return model, history
 
 
 def run_backdoor(train_data: ImageDataset, test_data: ImageDataset, *, trigger=None, target: int = 0,
@@ -101,10 +92,8 @@ def run_backdoor(train_data: ImageDataset, test_data: ImageDataset, *, trigger=N
     poison = badnets(train_data, trigger=trigger, target=target, rate=rate, seed=seed)
     key = {"kind": "badnets", "dataset": train_data.name, "data": train_data.fingerprint() if cache_dir else None, "trigger": repr(trigger),
            "target": target, "rate": rate, "epochs": epochs, "seed": seed, "arch": arch, **train_kwargs}
-    model, history, path = _train_or_load(poison.dataset, key, cache_dir, arch, epochs, seed, progress, device,
-                                          train_kwargs)
-    clean_acc, asr = _measured(path, test_data, lambda: [clean_accuracy(model, test_data),
-                                                         attack_success_rate(model, test_data, trigger, target)], "ca-asr")
+    model, history = _train_or_load(poison.dataset, key, cache_dir, arch, epochs, seed, progress, device, train_kwargs)
+    clean_acc, asr = _measured(model, test_data, trigger, target, cache_dir)
     return BackdoorRun(model, poison, history, clean_acc, asr, history.seconds if history else None)
 
 
@@ -120,12 +109,6 @@ def run_clean(train_data: ImageDataset, test_data: ImageDataset, *, epochs: int 
         raise ValueError("trigger and target must be given together (to measure an ASR) or not at all")
     key = {"kind": "clean", "dataset": train_data.name, "data": train_data.fingerprint() if cache_dir else None, "epochs": epochs,
            "seed": seed, "arch": arch, **train_kwargs}
-    model, history, path = _train_or_load(train_data, key, cache_dir, arch, epochs, seed, progress, device,
-                                          train_kwargs)
-    if trigger is None:
-        [clean_acc], asr = _measured(path, test_data, lambda: [clean_accuracy(model, test_data)], "ca"), None
-    else:
-        clean_acc, asr = _measured(path, test_data, lambda: [clean_accuracy(model, test_data),
-                                                             attack_success_rate(model, test_data, trigger, target)],
-                                   f"ca-asr-{hashlib.sha256(f'{trigger!r}{target}'.encode()).hexdigest()[:8]}")
+    model, history = _train_or_load(train_data, key, cache_dir, arch, epochs, seed, progress, device, train_kwargs)
+    clean_acc, asr = _measured(model, test_data, trigger, target, cache_dir)
     return BackdoorRun(model, None, history, clean_acc, asr, history.seconds if history else None)

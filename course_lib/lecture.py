@@ -5,7 +5,8 @@ the ``FAST`` flag, and :func:`start` turns them into a :class:`Lab`: the trainin
 data, the device, where trained models are cached and where the measured numbers go.
 
 - Trained models are cached on disk (:func:`course_lib.experiments.run_backdoor` with
-  ``cache_dir``), so two cells, or two notebooks, that need the same model train it once.
+  ``cache_dir``), so two cells, or two notebooks, that need the same model train it once;
+  other expensive results too (:meth:`Lab.cached`, :mod:`course_lib.cache`).
 - :meth:`Lab.record` writes the numbers a notebook measured to ``<results_dir>/<name>.json``.
   The summary notebook gathers them with :func:`load_results`; the notebook tests read them.
 - :func:`versus` shows a number the lecture states next to the one measured just now: the
@@ -13,8 +14,6 @@ data, the device, where trained models are cached and where the measured numbers
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 from IPython.display import Markdown
 
 from .attacks import PoisonResult
+from .cache import cached
 from .data import DATASETS, ImageDataset, load_splits
 from .experiments import BackdoorRun, run_backdoor, run_clean
 from .train import pick_device
@@ -91,36 +91,22 @@ class Lab:
         return BackdoorRun(run.model, poison, run.history, run.clean_acc, run.asr, run.train_seconds)
 
     def cached(self, name: str, compute, *, depends=(), **params):
-        """``compute(**params)``, computed once and then loaded from the cache.
+        """``compute(**params)``, computed once and then loaded from the cache (:mod:`course_lib.cache`).
 
-        For results that are expensive, deterministic and not a trained model (an optimized
-        patch, a fine-tuned copy's scores): a lecture re-run then costs only a file read. The
-        key holds ``name``, ``params`` (a tensor or a model counts by its values) and the
-        source code of ``compute`` and of each function or class in ``depends``, so editing
-        the code recomputes instead of loading a stale result. The value may hold tensors,
-        numbers, strings, lists and dicts (saved with ``torch.save``, loaded with
-        ``weights_only=True``: a cache file cannot run code). Without a cache folder it computes.
+        For results that are expensive and deterministic (an optimized patch, a fine-tuned
+        copy's scores): a lecture re-run then costs only a file read. The key holds ``name``,
+        ``params`` (a tensor, a model or a data set counts by its values) and the source code
+        of ``compute`` and of each function or class in ``depends``, so editing the code
+        recomputes instead of loading a stale result. The value may hold tensors, numbers,
+        strings, lists, tuples, dicts and kit models; a cache file cannot run code.
+        Without a cache folder it computes.
         """
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"name must be a short identifier (it names the cache file), got {name!r}")
         if not callable(compute):
             raise TypeError(f"compute must be a function, got {type(compute).__name__}")
-        if self.cache_dir is None:
-            return compute(**params)
-        key = hashlib.sha256(name.encode())
-        for part in (compute, *depends):
-            key.update(inspect.getsource(part).encode())
-        for param, value in sorted(params.items()):
-            key.update(param.encode())
-            _hash_value(key, value)
-        path = self.cache_dir / "results" / f"{name}-{key.hexdigest()[:16]}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
-        value = compute(**params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        if not isinstance(depends, tuple):
+            raise TypeError(f"depends must be a tuple of the functions and classes compute calls, "
+                            f"got {type(depends).__name__}")
+        value, _ = cached(self.cache_dir, name, lambda: compute(**params), inputs=params, code=(compute, *depends))
         return value
 
     def record(self, **values) -> None:
@@ -271,23 +257,6 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _hash_value(key, value) -> None:
-    """Feed ``value`` into the hash ``key``: tensors and models by their values, the rest by repr."""
-    if isinstance(value, torch.nn.Module):
-        value = value.state_dict()
-    if isinstance(value, dict):
-        for k, v in sorted(value.items(), key=lambda item: str(item[0])):
-            key.update(str(k).encode())
-            _hash_value(key, v)
-    elif isinstance(value, torch.Tensor):
-        key.update(str((value.dtype, tuple(value.shape))).encode())
-        key.update(value.detach().cpu().contiguous().numpy().tobytes())
-    elif isinstance(value, ImageDataset):
-        key.update(value.fingerprint().encode())
-    else:
-        key.update(repr(value).encode())
 
 
 def _jsonable(value):

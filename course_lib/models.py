@@ -160,8 +160,13 @@ ARCHITECTURES = {"small_cnn": SmallCNN, "resnet18": ResNet18, "airbench": Airben
 DEFAULT_ARCH = {"fashion-mnist": "small_cnn", "mnist": "small_cnn", "cifar10": "resnet18"}
 
 
-def build_model(arch: str, *, in_channels: int, num_classes: int, mean, std, **kwargs) -> CourseModel:
-    """Build an architecture by name; ``model.config`` records every argument for reloading."""
+def build_model(arch: str, *, in_channels: int, num_classes: int, mean, std, private: bool = False,
+                **kwargs) -> CourseModel:
+    """Build an architecture by name; ``model.config`` records every argument for reloading.
+
+    ``private=True`` builds the variant DP-SGD trains (:mod:`course_lib.defenses.dp_sgd`):
+    Opacus's per-sample gradients need GroupNorm instead of BatchNorm and no in-place ReLU.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     if in_channels not in (1, 3):
@@ -172,9 +177,23 @@ def build_model(arch: str, *, in_channels: int, num_classes: int, mean, std, **k
         raise ValueError(f"mean and std need one value per channel ({in_channels}), got {mean}, {std}")
     model = ARCHITECTURES[arch](in_channels=in_channels, num_classes=num_classes,
                                 mean=tuple(mean), std=tuple(std), **kwargs)
+    if private:
+        model = _private(model)
     model.config = {"arch": arch, "in_channels": in_channels, "num_classes": num_classes,
-                    "mean": list(map(float, mean)), "std": list(map(float, std)), **kwargs}
+                    "mean": list(map(float, mean)), "std": list(map(float, std)), **kwargs,
+                    **({"private": True} if private else {})}
     return model
+
+
+def _private(model: CourseModel) -> CourseModel:
+    """``model`` as Opacus can train it: BatchNorm replaced by GroupNorm (Opacus's fixer), ReLUs not in place."""
+    from opacus.validators import ModuleValidator  # Opacus is heavy: imported only for a private model
+
+    fixed = ModuleValidator.fix(model)
+    for module in fixed.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return fixed
 
 
 def model_for(dataset: ImageDataset | str, arch: str | None = None, seed: int = 0, **kwargs) -> CourseModel:

@@ -23,13 +23,12 @@ module                         what it does                           paper
                                ``bench defenses`` and notebook 6
 :mod:`.pipeline`               detect -> remove -> retrain -> STRIP,
                                end to end (``bench pipeline``)
-:mod:`.cache`                  defense results cached on disk, keyed
-                               by inputs and code version
 :mod:`.matrix`                 the detection matrix
 :mod:`.plots`                  every defense figure
 =============================  =====================================  ==============================
 
 No defense modifies the model or dataset it is given: mitigations return a repaired copy.
+Their results can be cached on disk (:mod:`course_lib.cache`; ``run_defense(cache_dir=...)``).
 Importing this package stays light: Opacus and matplotlib are loaded only when DP
 training or a plot is first used (the grading code imports the package).
 """

@@ -106,6 +106,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
+from ..cache import storable
 from ..checks import check_choice, check_dataset, check_float, check_int, check_model
 from ..data import ImageDataset
 from ..train import predict
@@ -125,6 +126,7 @@ CALIBRATED = ("exclusionary", "trusted")
 MIN_TRUSTED_PER_CLASS = 50
 
 
+@storable
 @dataclass
 class ClassSplit:
     """The 2-means split of one class and the analyses' statistics.
@@ -174,6 +176,7 @@ class ClassSplit:
         return 1
 
 
+@storable
 @dataclass
 class ActivationClusteringResult(SampleDetection):
     """A :class:`~.base.SampleDetection` plus every class's split (``per_class``), the

@@ -29,7 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cache import storable
 
+
+@storable
 @dataclass
 class SampleDetection:
     """What a sample detector found in a (possibly poisoned) training set of N samples.
@@ -46,6 +49,7 @@ class SampleDetection:
     seconds: float
 
 
+@storable
 @dataclass
 class LabelDetection:
     """What a model detector found: one ``statistic`` per label (K,), its ``anomaly_index``
@@ -76,6 +80,7 @@ class InputDetector:
         return self.scores(images) < self.threshold
 
 
+@storable
 @dataclass
 class Mitigation:
     """A repaired copy of a model (the model given is never modified)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import cached, fingerprint
 from ..checks import check_choice, check_dataset, check_model
 from ..data import ImageDataset, load_splits
 from ..experiments import run_backdoor, run_clean
@@ -43,7 +44,6 @@ from ..metrics import attack_success_rate, clean_accuracy
 from ..train import pick_device
 from .activation_clustering import MEASURED_ANALYSES, activation_clustering
 from .activations import extract_features
-from .cache import cached, model_fingerprint, tensor_fingerprint
 from .fine_pruning import fine_prune, pruning_curve
 from .neural_cleanse import anomaly_index, neural_cleanse, unlearn
 from .retraining import retrain_without
@@ -92,6 +92,10 @@ NAMES = {  # how a table or a printed line names each defense (the keys are the 
 # fell to 0.983-0.994 for the weakest label of a model (see neural_cleanse's docstring).
 NC_SETTINGS = {"full": {"n_images": 700, "steps": 400, "n_heldout": 1500},
                "quick": {"n_images": 500, "steps": 200, "n_heldout": 600}}
+#: The code a defense's result depends on (its cache key, :func:`course_lib.cache.code_version`):
+#: every defense module, and the training, model, metric, data and attack code they call.
+CODE = ("course_lib.defenses", "course_lib.train", "course_lib.models", "course_lib.metrics", "course_lib.data",
+        "course_lib.attacks")
 
 
 @dataclass
@@ -129,7 +133,7 @@ class Case:
     progress: bool = False
     _features: torch.Tensor | None = field(default=None, repr=False)
     _before: tuple | None = field(default=None, repr=False)
-    _key: dict | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_model(self.model, "features")
@@ -151,17 +155,17 @@ class Case:
             self._features = extract_features(self.model, self.train_data.images, progress=self.progress)
         return self._features
 
-    def key(self) -> dict:
-        """Everything a defense's result on this case depends on (for :func:`.cache.cached`),
-        computed once: fingerprints of the model and the data sets, the trigger and settings."""
-        if self._key is None:
-            self._key = {"model": model_fingerprint(self.model), "train": self.train_data.fingerprint(),
-                         "poisoned": tensor_fingerprint(torch.as_tensor(self.poisoned)), "trigger": repr(self.trigger),
-                         "target": self.target, "defender": self.defender.fingerprint(),
-                         "eval": self.eval.fingerprint(), "epochs": self.epochs, "arch": self.arch,
-                         "seed": self.seed, "device": str(pick_device(self.device)), "quick": self.quick,
-                         "nc_budget": self.nc_budget, "compare_analyses": self.compare_analyses}
-        return self._key
+    def fingerprint(self) -> str:
+        """A short hash of everything a defense's result on this case depends on (its cache key,
+        :func:`course_lib.cache.cached`), computed once: the model, the data sets, the poisoned
+        indices, the trigger and the settings."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint({
+                "model": self.model, "train": self.train_data, "poisoned": torch.as_tensor(self.poisoned),
+                "trigger": self.trigger, "target": self.target, "defender": self.defender, "eval": self.eval,
+                "epochs": self.epochs, "arch": self.arch, "seed": self.seed, "device": str(pick_device(self.device)),
+                "quick": self.quick, "nc_budget": self.nc_budget, "compare_analyses": self.compare_analyses})
+        return self._fingerprint
 
     def measure(self, model) -> tuple[float, float | None]:
         """(CA, ASR) of ``model`` on ``eval`` (ASR None for a clean case)."""
@@ -404,7 +408,7 @@ def run_defense(name: str, case: Case, clean_case: Case | None = None, *, cache_
     flagged nothing; None for STRIP, which repairs nothing, and for a clean case).
 
     With ``cache_dir``, a result computed before for the same models, data, settings and code
-    is loaded instead (:mod:`.cache`); the row then says ``"cached": True`` and keeps the
+    is loaded instead (:mod:`course_lib.cache`); the row then says ``"cached": True`` and keeps the
     seconds measured when it was computed.
     """
     check_choice("name", name, DEFENSES)
@@ -423,8 +427,7 @@ def run_defense(name: str, case: Case, clean_case: Case | None = None, *, cache_
 
 def _run_cached(name: str, case: Case, cache_dir) -> tuple[tuple, bool]:
     """``RUNNERS[name](case)``, or its result from an earlier run with the same inputs and code."""
-    return cached(cache_dir, name, {"defense": name, "case": case.key() if cache_dir is not None else None},
-                  lambda: RUNNERS[name](case))
+    return cached(cache_dir, name, lambda: RUNNERS[name](case), inputs={"case": case}, code=CODE)
 
 
 def teaching_curve(case: Case, *, points: int = 9, eval_images: int | None = None, cache_dir=None):
@@ -437,9 +440,9 @@ def teaching_curve(case: Case, *, points: int = 9, eval_images: int | None = Non
     if not case.backdoored:
         raise ValueError("case must be a backdoored model: the curve measures its ASR")
     data = case.eval if eval_images is None else case.eval.subset(range(min(eval_images, len(case.eval))))
-    key = {"case": case.key(), "points": points, "eval_images": eval_images} if cache_dir is not None else {}
-    curve, _ = cached(cache_dir, "pruning_curve", key, lambda: pruning_curve(
-        case.model, case.defender, data, case.trigger, case.target, points=points))
+    curve, _ = cached(cache_dir, "pruning_curve", lambda: pruning_curve(
+        case.model, case.defender, data, case.trigger, case.target, points=points),
+        inputs={"case": case, "points": points, "eval_images": eval_images}, code=CODE)
     return curve
 
 

@@ -29,12 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..cache import storable
 from ..checks import check_dataset, check_float, check_int
 from ..data import ImageDataset
 from ..models import model_for
 from .base import Mitigation
 
 
+@storable
 @dataclass
 class DPResult(Mitigation):
     """A privately trained model (a :class:`~.base.Mitigation`) and its privacy guarantee."""
@@ -44,20 +46,6 @@ class DPResult(Mitigation):
     noise_multiplier: float = 0.0
     max_grad_norm: float = 0.0
     loss: list[float] = field(default_factory=list)
-
-
-def _private_model(data: ImageDataset, arch, seed: int) -> nn.Module:
-    """A fresh kit model as Opacus needs it: GroupNorm instead of BatchNorm, no in-place ReLU
-    (Opacus's per-sample gradient hooks must see each layer's output unmodified)."""
-    from opacus.validators import ModuleValidator  # Opacus is heavy: imported only to train with it
-
-    model = model_for(data, arch=arch, seed=seed)
-    fixed = ModuleValidator.fix(model)
-    for module in fixed.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    fixed.config = model.config
-    return fixed
 
 
 def _check_dp_args(data, epochs, batch_size, lr, noise_multiplier, max_grad_norm):
@@ -82,7 +70,7 @@ def train_dp_sgd(data: ImageDataset, *, epochs: int = 2, batch_size: int = 256, 
 
     _check_dp_args(data, epochs, batch_size, lr, noise_multiplier, max_grad_norm)
     check_float("delta", delta, 0.0, 1.0, low_open=True, high_open=True)
-    model = _private_model(data, arch, seed)
+    model = model_for(data, arch=arch, seed=seed, private=True)  # Opacus-ready (see build_model)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size, shuffle=True,
                         generator=gen)

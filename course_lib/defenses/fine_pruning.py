@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..cache import storable
 from ..checks import check_dataset, check_float, check_indices, check_int, check_model
 from ..data import ImageDataset
 from ..metrics import attack_success_rate, clean_accuracy
@@ -80,6 +81,7 @@ def prune(model, channels) -> torch.nn.Module:
     return pruned
 
 
+@storable
 @dataclass
 class PruningCurve:
     """Clean accuracy and ASR after pruning each fraction of the channels (for the plot)."""
@@ -109,6 +111,7 @@ def pruning_curve(model, clean_data: ImageDataset, eval_data: ImageDataset, trig
     return curve
 
 
+@storable
 @dataclass
 class FinePruningResult(Mitigation):
     """The mitigated copy (a :class:`~.base.Mitigation`) and what was done: ``pruned``

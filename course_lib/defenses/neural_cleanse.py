@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..cache import storable
 from ..checks import check_bool, check_budget, check_dataset, check_float, check_int, check_model
 from ..data import ImageDataset
 from ..train import model_device, train
@@ -141,6 +142,7 @@ def chance_false_alarm_rate(n_labels: int = 10, threshold: float = 2.0, *, trial
     return (anomaly_index(draws) > threshold).any(-1).double().mean().item()
 
 
+@storable
 @dataclass
 class NeuralCleanseResult(LabelDetection):
     """Reversed triggers and the verdict: a :class:`~.base.LabelDetection` whose

@@ -31,9 +31,9 @@ import json
 import sys
 import time
 
+from ..cache import cached
 from ..checks import check_choice
-from .cache import cached, model_fingerprint
-from .compare import SAMPLE_DETECTORS, Case, run_defense, setup_cases, strip_filter
+from .compare import CODE, SAMPLE_DETECTORS, Case, run_defense, setup_cases, strip_filter
 
 
 def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_dir=None) -> tuple[dict, dict]:
@@ -48,7 +48,7 @@ def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_d
     (``seconds_retrain``: detection, removal and retraining; ``seconds_strip``) and their
     sum ``seconds``; ``cached``: whether every stage came from ``cache_dir``, and
     ``cached_retrain`` / ``cached_strip``: whether the first stages (the detector's runner, on
-    the backdoored model only) / the filter did (:mod:`.cache`; a loaded stage's seconds are
+    the backdoored model only) / the filter did (:mod:`course_lib.cache`; a loaded stage's seconds are
     those measured when it was computed).
     """
     if not isinstance(case, Case):
@@ -65,8 +65,8 @@ def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_d
         strip, measured = strip_filter(case, repaired)
         return strip, measured, round(time.perf_counter() - start, 1)
 
-    key = {"case": case.key() if cache_dir is not None else None, "repaired": model_fingerprint(repaired)}
-    (strip, measured, strip_seconds), hit = cached(cache_dir, "pipeline_strip", key, verify)
+    (strip, measured, strip_seconds), hit = cached(cache_dir, "pipeline_strip", verify,
+                                                   inputs={"case": case, "repaired": repaired}, code=CODE)
     ca_filtered, asr_filtered = measured["after"]
     row = {"pipeline": f"{detector} -> remove -> retrain -> strip", "detector": detector,
            **{k: first[k] for k in ("tpr", "fpr", "f1", "flagged", "flagged_samples", "ca_before", "asr_before")},

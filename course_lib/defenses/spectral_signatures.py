@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import storable
 from ..checks import check_choice, check_dataset, check_float
 from ..data import ImageDataset
 from .activations import dataset_features, extract_features
@@ -64,6 +65,7 @@ SCORES = ("one_sided", "squared")
 TAIL_THRESHOLD = 0.05
 
 
+@storable
 @dataclass
 class SpectralSignaturesResult(SampleDetection):
     """A :class:`~.base.SampleDetection` plus each class's ``tail`` (K,): the share of its

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import storable
 from ..checks import check_dataset, check_float, check_images, check_int, check_model
 from ..data import ImageDataset
 from ..train import predict_logits
@@ -53,6 +54,7 @@ def strip_entropy(model, images: torch.Tensor, overlays: torch.Tensor, *, n_over
     return torch.cat(entropies)
 
 
+@storable
 @dataclass
 class StripDetector(InputDetector):
     """A fitted STRIP detector (an :class:`~.base.InputDetector`): its score is the STRIP
