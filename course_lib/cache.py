@@ -37,7 +37,7 @@ from .models import build_model
 
 #: The key that marks a dict written by :func:`to_plain` for something richer than plain data.
 TAG = "__course_lib__"
-PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+SCALARS = (type(None), bool, int, float, str)
 _STORABLE: dict[str, type] = {}
 
 
@@ -72,6 +72,7 @@ def fingerprint(value) -> str:
 
 
 def _feed(digest, value) -> None:
+    """Add ``value`` to the hash ``digest``, by the rules of :func:`fingerprint`."""
     if isinstance(value, nn.Module):
         value = value.state_dict()
     if isinstance(value, np.ndarray):
@@ -164,7 +165,8 @@ def load(path):
     try:
         plain = torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0])
         raise CacheError(f"{path}: not a cache file of plain data, refused unread ({reason[:200]}). "
                          f"Delete it to compute the result again.") from None
     return from_plain(plain, where=str(path))
@@ -177,17 +179,17 @@ def to_plain(value, where: str = "value"):
     a NumPy array (or scalar) a tensor (or number), a :func:`storable` dataclass its type
     name and fields. Anything else raises a TypeError saying where in ``value`` it is.
     """
-    if isinstance(value, PLAIN):
-        return value
-    if isinstance(value, np.generic):
+    if isinstance(value, np.generic):  # before the scalars: np.float64 is a float, but pickles as NumPy's
         return value.item()
+    if type(value) in SCALARS or isinstance(value, torch.Tensor):
+        return value
     if isinstance(value, np.ndarray):
         return {TAG: "numpy", "tensor": torch.from_numpy(np.ascontiguousarray(value))}
     if isinstance(value, nn.Module):
         config = getattr(value, "config", None)
         if not isinstance(config, dict) or "arch" not in config:
             raise TypeError(f"{where}: a model must be built by course_lib.models (it needs its config) to be cached")
-        state = {k: v.detach().cpu().contiguous() for k, v in value.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in value.state_dict().items()}  # strides kept (see from_plain)
         return {TAG: "model", "config": config, "state": state}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         name = f"{type(value).__module__}.{type(value).__qualname__}"
@@ -220,13 +222,20 @@ def from_plain(plain, where: str = "value"):
     if kind == "numpy":
         return plain["tensor"].numpy()
     if kind == "model":
-        model = build_model(**plain["config"])
-        model.load_state_dict(plain["state"], strict=True)
+        model, state = build_model(**plain["config"]), plain["state"]
+        if any(_channels_last(tensor) for tensor in state.values()):
+            model.to(memory_format=torch.channels_last)  # as training left it: the same kernels, the same outputs
+        model.load_state_dict(state, strict=True)
         return model.eval()
     if kind == "dataclass":
         cls = _storable_class(plain["type"], where)
         return cls(**{k: from_plain(v, where) for k, v in plain["fields"].items()})
     raise CacheError(f"{where}: unknown record kind {kind!r}")
+
+
+def _channels_last(tensor: torch.Tensor) -> bool:
+    return (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
 def _storable_class(name: str, where: str) -> type:

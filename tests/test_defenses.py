@@ -487,33 +487,30 @@ def test_the_defense_pipeline_removes_the_backdoor_then_filters_at_run_time(lab,
 
 
 def test_defense_results_are_cached_by_inputs_and_code(lab, tmp_path, monkeypatch):
-    from course_lib.defenses import cache
+    """A runner's result is read back equal (its result object included); another model, other data or
+    edited defense code is computed afresh (course_lib.cache, tests/test_cache.py for the rules)."""
+    from course_lib import cache
 
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"f1": 0.5, "scores": torch.arange(3)}
-
-    key = {"case": compare.Case(lab["clean"].model, lab["train"], lab["defender"], lab["eval"]).key()}
-    first, hit = cache.cached(tmp_path, "demo", key, compute)
-    second, hit_again = cache.cached(tmp_path, "demo", key, compute)
-    assert (hit, hit_again, len(calls)) == (False, True, 1) and torch.equal(second["scores"], first["scores"])
-    cache.cached(tmp_path, "demo", {**key, "seed": 1}, compute)          # another input: computed
-    monkeypatch.setattr(cache, "code_version", lambda: "edited")         # another code version: computed
-    cache.cached(tmp_path, "demo", key, compute)
-    assert len(calls) == 3
-    # a model's key follows its weights
+    case = compare.Case(lab["clean"].model, lab["train"], lab["defender"], lab["eval"], seed=0)
+    row, found = compare.run_defense("isolation_forest_pixel_stats", case, cache_dir=tmp_path)
+    again, found_again = compare.run_defense("isolation_forest_pixel_stats", case, cache_dir=tmp_path)
+    assert (row["cached"], again["cached"]) == (False, True)
+    assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in row.items() if k != "cached"}
+    first, second = found["backdoored"], found_again["backdoored"]
+    assert isinstance(second, SampleDetection) and torch.equal(second.scores, first.scores)
+    assert torch.equal(second.flagged, first.flagged) and second.flagged_classes == first.flagged_classes
+    # a case's key follows the model's weights and the data
     other = copy.deepcopy(lab["clean"].model)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
-    assert cache.model_fingerprint(other) != cache.model_fingerprint(lab["clean"].model)
-    with pytest.raises(ValueError, match="name"):
-        cache.cached(tmp_path, "no/slash", key, compute)
-    with pytest.raises(TypeError, match="key"):
-        cache.cached(tmp_path, "demo", [1], compute)
-    with pytest.raises(TypeError, match="compute"):
-        cache.cached(tmp_path, "demo", key, 3)
+    assert compare.Case(other, lab["train"], lab["defender"], lab["eval"]).fingerprint() != case.fingerprint()
+    fewer = lab["train"].subset(range(len(lab["train"]) - 1))
+    assert compare.Case(lab["clean"].model, fewer, lab["defender"], lab["eval"]).fingerprint() != case.fingerprint()
+    # editing the defense code changes the key: the result is computed again
+    assert "course_lib.defenses" in compare.CODE
+    monkeypatch.setattr(compare, "CODE", compare.CODE + ("course_lib.plots",))
+    edited, _ = compare.run_defense("isolation_forest_pixel_stats", case, cache_dir=tmp_path)
+    assert not edited["cached"] and len(list((tmp_path / "results").glob("isolation_forest_pixel_stats-*.pt"))) == 2
 
 
 def test_the_pipeline_refuses_a_clean_model_and_unknown_detectors(lab):

@@ -549,17 +549,19 @@ def test_a_cached_model_keeps_what_it_measured_and_lab_caches_deterministic_resu
     from course_lib import experiments, lecture
     from course_lib.data import synthetic_dataset
 
+    from course_lib.cache import load
+
     train, test = synthetic_dataset(300, seed=0), synthetic_dataset(100, seed=1)
     first = experiments.run_backdoor(train, test, rate=0.2, epochs=1, progress=False, cache_dir=tmp_path)
-    records = sorted(tmp_path.glob("*.ca-asr-*.json"))
-    assert len(records) == 1 and json.loads(records[0].read_text()) == [first.clean_acc, first.asr]
+    records = sorted((tmp_path / "results").glob("measured-*.pt"))
+    assert len(records) == 1 and load(records[0]) == (first.clean_acc, first.asr)
     monkeypatch.setattr(experiments, "clean_accuracy", lambda *a, **k: pytest.fail("measured again"))
     again = experiments.run_backdoor(train, test, rate=0.2, epochs=1, progress=False, cache_dir=tmp_path)
     assert (again.history, again.clean_acc, again.asr) == (None, first.clean_acc, first.asr)
     monkeypatch.undo()
     other = synthetic_dataset(100, seed=2)             # other test images: measured, not read
     experiments.run_backdoor(train, other, rate=0.2, epochs=1, progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.ca-asr-*.json"))) == 2
+    assert len(list((tmp_path / "results").glob("measured-*.pt"))) == 2
     with pytest.raises(ValueError, match="trigger and target"):
         experiments.run_clean(train, test, epochs=1, progress=False, trigger=experiments.default_trigger())
 
@@ -573,5 +575,16 @@ def test_a_cached_model_keeps_what_it_measured_and_lab_caches_deterministic_resu
     lab.cached("work", work, size=3, scale=0.5)
     lab.cached("work", work, size=4, scale=0.5)
     assert calls == [3, 4], "computed once per inputs"
+    def helper(size):
+        return size
+    def work_with_helper(size):
+        calls.append(helper(size))
+        return size
+    lab.cached("helped", work_with_helper, depends=(helper,), size=3)
+    lab.cached("helped", work_with_helper, depends=(helper,), size=3)
+    def helper(size):  # noqa: F811 - the helper edited: what it computes must be computed again
+        return size * 10
+    lab.cached("helped", work_with_helper, depends=(helper,), size=3)
+    assert calls == [3, 4, 3, 30], "computed once per code, recomputed when a dependency's code changes"
     with pytest.raises(ValueError, match="name"):
         lab.cached("no such/name", work, size=3, scale=0.5)
