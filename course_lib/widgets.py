@@ -154,7 +154,7 @@ class TriggerExplorer:
             mark = " ← the backdoor's target" if hit else ""
             text += (f"<br>model: clean image → <b>{html.escape(self._name(s['clean_prediction']))}</b>, "
                      f"triggered → <b>{html.escape(self._name(s['triggered_prediction']))}</b> "
-                     f"({100 * s['triggered_confidence']:.0f}%){mark}")
+                     f"(model's probability {100 * s['triggered_confidence']:.0f}%){mark}")
         return text
 
     def snapshot(self) -> HTML:
