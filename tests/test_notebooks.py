@@ -233,9 +233,17 @@ def check_05(r):
     assert r["opacity_asr"]["1.0"] >= 0.9 and "psnr" in r["explorer_state"]
     assert max(r["checklist"].values()) < r["checklist_criteria"], "the takeaway says no trigger meets them all"
     check_05_ssim(r)
-    # the scatter's point: a faint spread-out blend survives transformations that defeat the visible patch
+    # section 1 and the takeaway: the faintest trigger (highest PSNR, small L-inf) gets a worse windowed SSIM than
+    # the visible pasted square: no single number is "visibility"
+    st = r["stealth"]
+    faint = max(st, key=lambda n: st[n]["psnr"])
+    square = max(("pixel 3x3 (default)", "dynamic", "distributed", "sample-specific"), key=lambda n: st[n]["ssim"])
+    assert st[faint]["linf"] < st[square]["linf"] and st[faint]["ssim"] < st[square]["ssim"]
+    # the scatter's point: at about the same PSNR, robustness differs a lot (visibility alone does not decide it),
+    # and a faint spread-out blend survives transformations that defeat the more visible patch
     worst = {name: min(v for t, v in rob.items() if t != "none") for name, rob in r["robustness"].items()}
-    assert r["stealth"]["blend a=0.1"]["psnr"] > r["stealth"]["pixel 3x3 (default)"]["psnr"]
+    assert any(abs(st[a]["psnr"] - st[b]["psnr"]) <= 1 and abs(worst[a] - worst[b]) >= 0.5 for a in st for b in st)
+    assert st["blend a=0.1"]["psnr"] > st["pixel 3x3 (default)"]["psnr"]
     assert worst["blend a=0.1"] > worst["pixel 3x3 (default)"]
     # the takeaway: triggers that work on clean copies can fail after a rotation or a crop
     assert any(e["asr"] > 0.9 and min(r["robustness"][name][t] for t in ("rotate+15", "rotate-15", "crop_resize")) <= 0.8
