@@ -11,6 +11,8 @@ with the reference answers of its exercises filled in (``solutions/lecture/``, s
 :mod:`course_lib.exercises`): every check must pass, and every wrong answer listed there must
 fail with its message.
 
+Set COURSE_NOTEBOOK_SAVE to a folder to keep the executed notebooks (outputs included) there.
+
 The time limit per notebook is generous (COURSE_NOTEBOOK_LIMIT_S, default 600 s) because a
 shared CI machine can be much slower than the 2-core laptop the notebooks are sized for
 (3 minutes each there; README.md, "Lecture notebooks", lists measured times).
@@ -376,6 +378,9 @@ def test_notebook_runs_and_measures(path, shared_dirs):
     results_dir, cache_dir = shared_dirs
     nb, seconds = execute(path, results_dir, cache_dir)
     print(f"{path.name}: {seconds:.1f} s")
+    if os.environ.get("COURSE_NOTEBOOK_SAVE"):   # a folder to keep the executed notebooks in, to read them
+        Path(os.environ["COURSE_NOTEBOOK_SAVE"]).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(os.environ["COURSE_NOTEBOOK_SAVE"]) / path.name)
     check_live_use(nb)
     if path.name[:2] != "07":
         assert len(outputs(nb, "image/png")) >= 2, "the notebook should show pictures"
