@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 import pytest
@@ -783,7 +784,9 @@ def test_round_trip(tmp_path):
 
     # ... and so does a Dask cluster (the path for a course larger than one machine).
     from distributed import LocalCluster
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # (its nannies set OMP_NUM_THREADS=1 in this process's environment, which every later test's
+    # subprocesses, the lecture notebooks' kernels among them, would inherit: put it back after)
+    with mock.patch.dict(os.environ), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         hw.autograde_class(course, workers=2, cell_timeout=20, dask_scheduler=cluster.scheduler_address,
                            students=["painter", "vandal"], force=True)
     assert_scores(course, ["painter", "vandal"])
