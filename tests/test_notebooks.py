@@ -308,6 +308,9 @@ def check_06_matrix_claims():
     # NC: the log index flags more patch targets than Wang et al.'s index on the norms
     nc = [x for x in rows if x["defense"] == "neural_cleanse" and x["trigger"] in ("checkerboard", "square", "corners")]
     assert sum(x["target"] in x["flagged"] for x in nc) > sum(x["target"] in x["flagged_linear"] for x in nc)
+    # ... "and its price": on the clean models it raises a false alarm on more models than Wang et al.'s index
+    nc_clean = [x for x in rows if x["defense"] == "neural_cleanse" and x["trigger"] == "clean"]
+    assert sum(bool(x["flagged"]) for x in nc_clean) > sum(bool(x["flagged_linear"]) for x in nc_clean)
     # SS: squaring ranks the clean tail high too; the paper's removal from every class costs clean accuracy
     ss = [x for x in rows if x["defense"] == "spectral_signatures" and x["rate"] == 0.05 and x["trigger"] != "clean"]
     assert all(x["f1_by_score"]["one_sided"] >= x["f1_by_score"]["squared"] for x in ss)

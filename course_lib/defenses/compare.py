@@ -506,8 +506,8 @@ def run_all(train_data: ImageDataset | None = None, test_data: ImageDataset | No
 
 def to_markdown(results: list[dict]) -> str:
     """The comparison as a markdown table: rates in percent, flagged classes as their labels,
-    the mitigation score to three places (as notebook 7's appendix A.2 shows it), seconds of
-    wall time."""
+    the mitigation score to one decimal (notebook 7's appendix A.2 shows it to three places, to
+    reproduce it), seconds of wall time."""
     def percent(value):
         return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -523,7 +523,7 @@ def to_markdown(results: list[dict]) -> str:
             f"{format_cell(row['flagged_on_clean_model'])} | "
             f"{percent(row['ca_before'])} -> {percent(row['ca_after'])} | "
             f"{percent(row['asr_before'])} -> {percent(row['asr_after'])} | "
-            f"{format_cell(row['mitigation_score'], 3)} | {row['seconds']:.0f} |")
+            f"{format_cell(row['mitigation_score'], 1)} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 

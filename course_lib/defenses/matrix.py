@@ -242,15 +242,19 @@ def family_order(row: dict) -> tuple:
     return family, row["rate"], row["seed"]
 
 
-def cells(rows: list[dict], models: list[str], columns: dict) -> list[dict]:
+def cells(rows: list[dict], models: list[str], columns: dict, percent=()) -> list[dict]:
     """A short table of chosen cells: one dict per model in ``models`` (names as :func:`model_name`
     gives them), one column per ``columns`` entry, ``{title: (defense, key)}``, formatted with
-    :func:`.scoring.format_cell`. For the few cells a text discusses, instead of the whole matrix."""
+    :func:`.scoring.format_cell`, or as a percentage with one decimal for the titles in
+    ``percent`` (rates). For the few cells a text discusses, instead of the whole matrix."""
     by_cell = {(model_name(r), r["defense"]): r for r in rows}
     missing = [m for m in models if not any(name == m for name, _ in by_cell)]
     if missing:
         raise ValueError(f"models must be models of the matrix, not found: {missing}")
-    return [{"model": m, **{title: format_cell(by_cell.get((m, defense), {}).get(key))
+
+    def shown(title, value):
+        return f"{100 * value:.1f}%" if title in percent and isinstance(value, float) else format_cell(value)
+    return [{"model": m, **{title: shown(title, by_cell.get((m, defense), {}).get(key))
                             for title, (defense, key) in columns.items()}} for m in models]
 
 
