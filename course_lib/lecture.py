@@ -178,7 +178,8 @@ def start(name: str, *, dataset: str = "fashion-mnist", device=None, fast: bool 
               cache_dir=None if cache_dir is None else Path(cache_dir),
               results_dir=Path(results_dir))
     threads = torch.get_num_threads()
-    print(f"{dataset}: training on {len(train):,} of {len(full_train):,} images ({len(spare):,} held back), "
+    print(f"{dataset}: training on {len(train):,} of {len(full_train):,} images ({len(spare):,} held back: clean images "
+          f"the victim never trains on, for an attacker's or a defender's use), "
           f"testing on {len(test):,}; {lab.epochs} epochs; device {device} "
           f"({threads} CPU thread{'' if threads == 1 else 's'}); FAST={fast}")
     return lab

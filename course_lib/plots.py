@@ -62,12 +62,12 @@ def trigger_gallery(image: torch.Tensor, triggers: dict, *, scale: float = 1.6):
 
 
 def poisoned_samples(poisoned_dataset, indices: torch.Tensor, clean_labels: torch.Tensor, *, count: int = 8):
-    """The first ``count`` poisoned training images titled "true -> given" label."""
+    """The first ``count`` poisoned training images titled "true → given" label."""
     if len(indices) == 0:
         raise ValueError("indices must name at least one poisoned image")
     chosen = indices[:count]
     names = poisoned_dataset.classes
-    titles = [f"{names[int(clean_labels[i])]}\n-> {names[int(poisoned_dataset.labels[i])]}"
+    titles = [f"{names[int(clean_labels[i])]}\n→ {names[int(poisoned_dataset.labels[i])]}"
               for i in chosen]
     return image_grid(poisoned_dataset.images[chosen], titles, ncols=count)
 
