@@ -329,6 +329,21 @@ def test_the_strip_runner_measures_through_the_filter(lab):
     assert isinstance(results["backdoored"], InputDetector) and results["clean"] is None
 
 
+def test_matrix_cells_format_rates_as_percent_and_name_bad_arguments():
+    rows = [{**dict.fromkeys(matrix.FIELDS), "trigger": "blend", "rate": 0.05, "target": 4, "seed": 0,
+             "defense": "strip", "far": 0.125, "asr_after": 0.04},
+            {**dict.fromkeys(matrix.FIELDS), "trigger": "blend", "rate": 0.05, "target": 4, "seed": 0,
+             "defense": "neural_cleanse", "flagged": [4]}]
+    columns = {"STRIP FAR": ("strip", "far"), "NC flagged": ("neural_cleanse", "flagged")}
+    row, = matrix.cells(rows, ["blend 5%"], columns, percent=("STRIP FAR",))
+    assert row["model"] == "blend 5%" and row["STRIP FAR"] == "12.5%" and row["NC flagged"] != "12.5%"
+    assert matrix.cells(rows, ["blend 5%"], columns)[0]["STRIP FAR"] != "12.5%"   # a fraction without percent=
+    with pytest.raises(ValueError, match="models must"):
+        matrix.cells(rows, ["sig 5%"], columns)
+    with pytest.raises(ValueError, match="percent must .*ASR"):
+        matrix.cells(rows, ["blend 5%"], columns, percent=("ASR",))
+
+
 def test_matrix_rows_have_the_issue_fields_and_render(lab):
     rows = [{**dict.fromkeys(matrix.FIELDS), "trigger": "clean", "rate": 0.0, "seed": s, "defense": d,
              "flagged": [1] if s == 0 else [], "ca_before": 0.9, "ca_after": None}

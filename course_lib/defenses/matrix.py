@@ -251,6 +251,9 @@ def cells(rows: list[dict], models: list[str], columns: dict, percent=()) -> lis
     missing = [m for m in models if not any(name == m for name, _ in by_cell)]
     if missing:
         raise ValueError(f"models must be models of the matrix, not found: {missing}")
+    unknown = [title for title in percent if title not in columns]
+    if unknown:
+        raise ValueError(f"percent must name titles of columns, not found: {unknown}")
 
     def shown(title, value):
         return f"{100 * value:.1f}%" if title in percent and isinstance(value, float) else format_cell(value)
