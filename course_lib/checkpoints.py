@@ -88,7 +88,10 @@ def load_checkpoint(path, *, expected_arch: str | None = None, expected_dataset:
                     max_bytes: int = 200_000_000) -> tuple[nn.Module, dict]:
     """Rebuild a model from ``path`` without executing any code from the file.
 
-    Returns ``(model, metadata)`` with the model in eval mode on the CPU. Raises
+    Returns ``(model, metadata)`` with the model in eval mode on the CPU, in the
+    ``channels_last`` layout that :func:`course_lib.train.train` leaves a model in (the same
+    kernels as the trained model, and 2-3x faster predictions on a CPU than the default layout
+    with channels-last batches). Raises
     :class:`CheckpointError` for a missing, oversized, corrupt, mismatching or NaN checkpoint.
     """
     path = Path(path)
@@ -129,4 +132,4 @@ def load_checkpoint(path, *, expected_arch: str | None = None, expected_dataset:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"path: {path.name} holds NaN or infinite values in {bad[:3]}")
-    return model.eval(), meta
+    return model.to(memory_format=torch.channels_last).eval(), meta

@@ -36,7 +36,7 @@ ROBUSTNESS_TRANSFORMS = ("none", "rotate+15", "rotate-15", "brightness+20%", "br
 CROP_FRACTION = 0.875  # crop_resize keeps 87.5% of the height and width (24 of 28 pixels)
 
 
-def clean_accuracy(model: nn.Module, data: ImageDataset, *, accept=None, batch_size: int = 1024,
+def clean_accuracy(model: nn.Module, data: ImageDataset, *, accept=None, batch_size: int | None = None,
                    device=None) -> float:
     """CA: the fraction of clean images classified correctly, in [0, 1].
 
@@ -50,7 +50,7 @@ def clean_accuracy(model: nn.Module, data: ImageDataset, *, accept=None, batch_s
 
 
 def attack_success_rate(model: nn.Module, data: ImageDataset, trigger, target: int, *,
-                        exclude_target: bool = True, accept=None, batch_size: int = 1024, device=None) -> float:
+                        exclude_target: bool = True, accept=None, batch_size: int | None = None, device=None) -> float:
     """ASR: the fraction of triggered test images that ``model`` classifies as ``target``.
 
     Only images whose true label is not ``target`` count: for the others "classified as
@@ -66,7 +66,7 @@ def attack_success_rate(model: nn.Module, data: ImageDataset, trigger, target: i
 
 
 def robust_accuracy(model: nn.Module, data: ImageDataset, trigger, target: int, *,
-                    batch_size: int = 1024, device=None) -> float:
+                    batch_size: int | None = None, device=None) -> float:
     """The fraction of triggered non-target images still classified as their *true* label.
 
     A backdoor defense aims for a low ASR *and* a high robust accuracy: refusing to
@@ -116,7 +116,7 @@ def stealth_summary(clean: torch.Tensor, triggered: torch.Tensor) -> dict[str, f
 
 
 def robustness(model: nn.Module, data: ImageDataset, trigger, target: int, *, seed: int = 0,
-               batch_size: int = 1024, device=None) -> dict[str, float]:
+               batch_size: int | None = None, device=None) -> dict[str, float]:
     """ASR (over non-target images) after each transformation of the *triggered* images.
 
     The keys are :data:`ROBUSTNESS_TRANSFORMS`: no change, rotation by +-15 degrees,

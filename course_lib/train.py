@@ -7,7 +7,10 @@ that alone is several times faster than the lecture's per-sample ``Dataset`` loo
 Speed choices, each measured in ``python -m course_lib bench attack``:
 
 - the device is picked automatically (CUDA, then Apple's MPS, then the CPU);
-- the model and batches use ``channels_last`` memory layout;
+- the model and batches use ``channels_last`` memory layout (a model loaded from a
+  checkpoint is put in it too: on a CPU the small CNN predicts 2-3x faster in it);
+- predictions run in batches of :func:`inference_batch` images: small on a CPU, where
+  they fit its caches, large on a GPU;
 - mixed precision (bf16 autocast) is used on CUDA only: on CPUs without AVX-512 bf16
   is much *slower* than float32;
 - a one-cycle learning-rate schedule (Smith & Topin 2019) reaches good accuracy in
@@ -63,6 +66,18 @@ def model_device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(model.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def inference_batch(device: torch.device, batch_size: int | None = None) -> int:
+    """``batch_size`` if given (a positive int), else the default for predicting on ``device``:
+    128 images on a CPU, 1024 on a GPU. On one or two CPU threads a batch of 128 runs the small
+    CNN about twice as fast as 1,024 (0.4 s against 1.0 s for Fashion-MNIST's 10,000 test images
+    on 2 threads), because its activations stay in the cache."""
+    if batch_size is None:
+        return 128 if device.type == "cpu" else 1024
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
 
 
 def autocast(device: torch.device):
@@ -186,18 +201,18 @@ def _check_train_args(model, data, epochs, batch_size, lr):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024,
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int | None = None,
                    device=None) -> torch.Tensor:
     """Logits of ``model`` on ``images`` (N, C, H, W), as float32 on the CPU.
 
-    Runs in eval mode and restores the model's previous train/eval mode afterwards.
+    Runs in eval mode, in batches of :func:`inference_batch` images (``batch_size`` to choose),
+    and restores the model's previous train/eval mode afterwards.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = model_device(model) if device is None else pick_device(device)
+    batch_size = inference_batch(device, batch_size)
     was_training = model.training
     model.eval()
     out = []

@@ -22,6 +22,8 @@ def test_round_trip(saved, toy):
     assert meta["extra"] == {"target": 3} and meta["classes"] == list(toy.classes)
     x = toy.images[:4]
     assert torch.allclose(loaded(x), model.eval()(x))
+    conv = [m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)][-1]   # in_channels > 1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)   # the layout training leaves
 
 
 def test_wrong_architecture(saved):

@@ -3,7 +3,7 @@ import torch
 
 from course_lib.data import synthetic_dataset
 from course_lib.models import build_model, model_for
-from course_lib.train import History, evaluate, pick_device, predict, predict_logits, train
+from course_lib.train import History, evaluate, inference_batch, pick_device, predict, predict_logits, train
 
 
 @pytest.mark.parametrize("arch,channels,size", [("small_cnn", 1, 28), ("resnet18", 3, 32), ("airbench", 3, 32)])
@@ -77,3 +77,14 @@ def test_predict_restores_mode(toy):
     assert torch.equal(predict(model, toy.images[:10]), logits.argmax(1))
     with pytest.raises(ValueError, match="images"):
         predict(model, toy.images[0])
+
+
+def test_prediction_batches_depend_on_the_device_and_not_the_result(toy):
+    model = model_for(toy, width=8)
+    assert inference_batch(torch.device("cpu")) == 128 and inference_batch(torch.device("cuda")) == 1024
+    assert inference_batch(torch.device("cpu"), 7) == 7
+    assert torch.allclose(predict_logits(model, toy.images, batch_size=7), predict_logits(model, toy.images),
+                          atol=1e-5)
+    for bad in (0, -3, 2.5, True, "128"):
+        with pytest.raises(ValueError, match="batch_size"):
+            predict(model, toy.images[:4], batch_size=bad)

@@ -11,22 +11,22 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..train import model_device
-from ..checks import check_images, check_int, check_model
+from ..train import inference_batch, model_device
+from ..checks import check_images, check_model
 
 
 @torch.no_grad()
-def extract_features(model, images: torch.Tensor, *, batch_size: int = 1024, progress: bool = True
+def extract_features(model, images: torch.Tensor, *, batch_size: int | None = None, progress: bool = True
                      ) -> torch.Tensor:
     """``model.features`` of every image, in batches, as a float32 (N, D) CPU tensor.
 
     Runs in eval mode (BatchNorm uses its running statistics, so the result does not
-    depend on the batch) and restores the model's previous mode afterwards.
+    depend on the batch), in batches of :func:`course_lib.train.inference_batch` images, and restores the model's previous mode afterwards.
     """
     check_model(model, "features")
     check_images("images", images, min_count=0)
-    check_int("batch_size", batch_size)
     device, was_training = model_device(model), model.training
+    batch_size = inference_batch(device, batch_size)
     model.eval()
     chunks = []
     try:

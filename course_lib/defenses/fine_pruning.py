@@ -36,14 +36,14 @@ from ..cache import storable
 from ..checks import check_dataset, check_float, check_indices, check_int, check_model
 from ..data import ImageDataset
 from ..metrics import attack_success_rate, clean_accuracy
-from ..train import model_device, train
+from ..train import inference_batch, model_device, train
 from .base import Mitigation
 
 PAPER = "Liu, Dolan-Gavitt & Garg 2018"
 
 
 @torch.no_grad()
-def channel_activations(model, images: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+def channel_activations(model, images: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
     """Mean activation of each channel of the last conv layer over ``images``, shape (C,).
 
     Read from the input of ``model.channel_mask``, which sits right after that layer.
@@ -56,6 +56,7 @@ def channel_activations(model, images: torch.Tensor, *, batch_size: int = 1024) 
 
     handle = model.channel_mask.register_forward_pre_hook(record)
     device, was_training = model_device(model), model.training
+    batch_size = inference_batch(device, batch_size)
     model.eval()
     try:
         for start in range(0, len(images), batch_size):
