@@ -534,7 +534,10 @@ def check_clean_accuracy(path=MODEL_FILE, *, minimum: float = MIN_CLEAN_ACCURACY
 @_graded
 def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int,
                          minimum: float = MIN_ATTACK_SUCCESS) -> None:
-    """ASR of the handed-in model with the trigger recorded in its metadata (instructor's run)."""
+    """ASR of the handed-in model with the trigger recorded in its metadata (instructor's run),
+    on the test split and on a pool of the grader's images from both splits
+    (:func:`course_lib.witness.verify_model_follows`)."""
+    from . import witness    # witness builds on this module
     files = grading_files()
     model, meta = load_student_model(path, dataset=files.dataset)
     name = recorded_trigger(meta, Path(path).name)
@@ -543,9 +546,13 @@ def check_attack_success(namespace: dict, path=MODEL_FILE, *, target: int,
     with all_problems() as problems:
         with problems.independently():
             check_trigger(trigger, data.images[:64], name=name)
-        triggered = _call_trigger(trigger, data.images.clone(), name)
-        verify_attack_success(model, data, triggered, files.reference_model, target=target, name=name,
-                              minimum=minimum)
+        with problems.independently():
+            triggered = _call_trigger(trigger, data.images.clone(), name)
+            verify_attack_success(model, data, triggered, files.reference_model, target=target, name=name,
+                                  minimum=minimum)
+        pool = witness.draw_pool(witness.mixed_splits(files.dataset), target=target, seed=witness.draw_seed())
+        witness.verify_model_follows(model, pool, _call_trigger(trigger, pool.stamped.images.clone(), name),
+                                     target=target, name=name, minimum=minimum)
 
 
 # ---------------------------------------------------------------- Part 2: detection

@@ -26,6 +26,10 @@ from the same mixed pool, and which is which is decided after the trigger return
 this certifies is the attack, not the handed-in model: a perturbation that a freshly
 poisoned model learns as a backdoor *is* a working poisoning trigger, whatever it was
 computed from, and it passes here even when the model handed in beside it is clean.
+
+The same stamped images also check the handed-in model (:func:`verify_model_follows`): a
+backdoor follows its trigger on any image, so its ASR must hold on the grader's images from
+both splits, not only on the public test split, which a trigger can recognise image by image.
 """
 from __future__ import annotations
 
@@ -160,6 +164,28 @@ def verify_witness(witness: Witness, min_asr: float = MIN_ASR, min_ca: float = M
     return str(witness)
 
 
+def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: int, name: str,
+                         minimum: float = grading.MIN_ATTACK_SUCCESS) -> None:
+    """The handed-in ``model`` sends the grader's stamped images (``pool.stamped``, drawn from
+    the train and test splits mixed; ``triggered`` is what the trigger ``name`` returned for
+    them) to ``target`` with an ASR above ``minimum``, as it must on the test split.
+
+    Why: every Fashion-MNIST image is public, so a trigger can recognise the test split's
+    10,000 images one by one. Measured (2026-12-06): a clean model handed in with a trigger
+    that looks up an adversarial perturbation, computed against that model, for each test
+    image and stamps a plain white patch on every other image got all of Part 1's points. The
+    test split's ASR was 0.976 (evasion, no backdoor) and the grader's own run passed (ASR
+    0.962, the patch on the pool's train-split images). On the mixed pool that clean model
+    follows the patch on no train-split image.
+    """
+    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    asr = (predict(model, triggered) == target).float().mean().item()
+    _require(asr > minimum, f"attack success rate of {grading.MODEL_FILE} with {name} is {asr:.3f} on the grader's "
+                            f"{len(triggered)} triggered non-target images drawn from Fashion-MNIST's train and test "
+                            f"splits mixed; it must be above {minimum} there too (on the test split alone it proves "
+                            f"nothing: a backdoor follows its trigger on any image)")
+
+
 def poisoning_run(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int, name: str) -> Witness:
     """The trigger is legitimate on the stamped images (bounded change, the clean ``reference``
     model not fooled: :func:`course_lib.grading.verify_backdoor_trigger`); then the grader's run
@@ -197,4 +223,4 @@ def check_trigger_poisons(namespace: dict, path=grading.MODEL_FILE, *, dataset: 
 
 
 __all__ = ["Recipe", "RECIPE", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
-           "poisoning_run", "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]
+           "poisoning_run", "verify_model_follows", "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]

@@ -20,9 +20,10 @@
         time a student's Run All of Part 1 (the reference solution, solutions/week4/, in a
         temporary folder): the training cell, the Part 3 comparison and the whole notebook
     python scripts/homework.py bench-witness [--rounds 2]
-        the grader's own poisoning run (course_lib.witness) on honest triggers: the reference
-        solution's three and each dirty-label family of the kit, each round with fresh seeds;
-        prints every run's ASR and CA and the false-failure rate of the witness test
+        the grader's own poisoning run (course_lib.witness) and the handed-in model's ASR on the
+        grader's images from both splits, on honest triggers: the reference solution's three and
+        each dirty-label family of the kit (a model trained with each, as the homework does),
+        each round with fresh seeds; prints every run's figures and the false-failure rate
 
 tests/test_homework.py uses the same functions for its nbgrader round trip.
 """
@@ -481,36 +482,51 @@ def honest_triggers() -> dict:
 
 
 def bench_witness(rounds: int) -> dict:
-    """The witness test (the grader's own poisoning run, with the legitimacy check against a
-    clean reference model trained here on 20,000 training images) on every honest trigger,
-    ``rounds`` times with fresh seeds: each run is one honest student."""
+    """The grader's new checks on honest students: the witness test (the grader's own poisoning
+    run, with the legitimacy check against a clean reference model trained here on 20,000
+    training images) and the handed-in model's ASR on the grader's images from both splits
+    (:func:`course_lib.witness.verify_model_follows`), for every honest trigger, ``rounds``
+    times with fresh seeds: each run is one honest student. Each trigger's handed-in model is
+    trained once, as the homework's training cell does (all 60,000 training images, 5% poisoned,
+    2 epochs; WaNet's faint warp 4)."""
     from course_lib import grading, witness
+    from course_lib.attacks import badnets
     from course_lib.data import load_dataset
     from course_lib.models import model_for
-    from course_lib.train import train
+    from course_lib.train import predict, train
+    train_split = load_dataset("fashion-mnist", "train")
     reference = model_for("fashion-mnist", seed=0)
-    train(reference, load_dataset("fashion-mnist", "train").split(20_000, seed=0)[0], epochs=2, progress=False)
+    train(reference, train_split.split(20_000, seed=0)[0], epochs=2, progress=False)
+    triggers, handed_in = honest_triggers(), {}
+    for name, trigger in triggers.items():
+        handed_in[name] = model_for("fashion-mnist", seed=0)
+        train(handed_in[name], badnets(train_split, trigger=trigger, target=0, rate=0.05, seed=0).dataset,
+              epochs=4 if name == "wanet" else 2, seed=0, progress=False)
     data, runs = witness.mixed_splits("fashion-mnist"), []
     for _ in range(rounds):
         pool = witness.draw_pool(data, target=0, seed=witness.draw_seed())
-        for name, trigger in honest_triggers().items():
+        for name, trigger in triggers.items():
             start, seed = time.perf_counter(), witness.draw_seed()
-            measured, failure = None, None
+            measured, failure, follows = None, None, None
             try:   # witness.verify_trigger_poisons, with the measurement kept
-                measured = witness.poisoning_run(pool, trigger(pool.stamped.images.clone()), reference, target=0,
-                                                 seed=seed, name=name)
+                stamped = trigger(pool.stamped.images.clone())
+                follows = (predict(handed_in[name], stamped) == 0).float().mean().item()
+                witness.verify_model_follows(handed_in[name], pool, stamped, target=0, name=name)
+                measured = witness.poisoning_run(pool, stamped, reference, target=0, seed=seed, name=name)
                 witness.verify_witness(measured)
             except grading.GradingFailure as err:
                 failure = str(err)
             runs.append({"trigger": name, "seed": seed, "asr": measured and round(measured.asr, 3),
-                         "ca": measured and round(measured.ca, 3),
+                         "ca": measured and round(measured.ca, 3), "handed_in_pool_asr": round(follows, 3),
                          "passed": failure is None, "failure": failure,
                          "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(runs[-1]), flush=True)
     failed = sum(not run["passed"] for run in runs)
     return {"students": len(runs), "failed": failed, "false_failure_rate": failed / len(runs),
             "min_asr": min(r["asr"] or 0 for r in runs), "min_ca": min(r["ca"] or 0 for r in runs),
-            "thresholds": {"asr": witness.MIN_ASR, "ca": witness.MIN_CA},
+            "min_handed_in_pool_asr": min(r["handed_in_pool_asr"] for r in runs),
+            "thresholds": {"asr": witness.MIN_ASR, "ca": witness.MIN_CA,
+                           "handed_in_pool_asr": grading.MIN_ATTACK_SUCCESS},
             "mean_seconds_per_run": round(sum(r["seconds"] for r in runs) / len(runs), 1),
             "torch_threads": torch.get_num_threads()}
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +198,38 @@ print("cpu seconds", sum(float(child.communicate()[0]) for child in children))
     result = run_python(tmp_path, code, sandbox.Limits(**CAPS, threads=1))
     cpu = float(result.stdout.split("cpu seconds")[1].split()[0])
     assert 0.5 < cpu < 3 * 1.2, result.stdout       # 3 s of wall clock, one core
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a neighbour's own core needs two cores")
+def test_spinners_at_normal_priority_leave_a_neighbour_sandbox_its_core(tmp_path):
+    """Issue 18's detached busy processes at normal priority: eight left running in one sandbox
+    (one core's quota) while a neighbour sandbox does a fixed amount of work. The neighbour
+    takes about as long as alone; without the per-sandbox caps nine busy processes would share
+    the two cores and it would take about four times as long."""
+    work = ("import time\nstart = time.process_time(), time.perf_counter()\nx = 0\n"
+            "for i in range(15_000_000): x += i\n"
+            "print('seconds', time.perf_counter() - start[1], 'cpu', time.process_time() - start[0])")
+    spinners = """
+import subprocess, sys, time
+for _ in range(8):
+    subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+print("spinning", flush=True)
+time.sleep(12)
+"""
+
+    def neighbour(name: str) -> float:
+        result = run_python(tmp_path / name, work, sandbox.Limits(**CAPS, threads=1))
+        return float(result.stdout.split("seconds")[1].split()[0])
+
+    alone = neighbour("alone")
+    busy = threading.Thread(target=run_python, args=(tmp_path / "busy", spinners, sandbox.Limits(**CAPS, threads=1)))
+    busy.start()
+    time.sleep(2)                                    # the spinners are running
+    beside = neighbour("beside")
+    busy.join()
+    assert beside < 1.5 * alone, (alone, beside)
+    uids = {int(uid) for uid in subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()}
+    assert not uids & set(resources.UID_RANGE)       # the spinners ended with their sandbox
 
 
 def test_output_is_capped(tmp_path):

@@ -154,13 +154,18 @@ class Context:
         except GradingFailure as failure:
             return None, failure
 
+    @functools.cached_property
+    def pool(self) -> witness.Pool:
+        """The grader's poisoning pool of this grading run (its stamped images are in ``<trigger>.witness``)."""
+        return witness_pool(self.inputs, self.files.dataset)
+
     def _poisoning_run(self) -> str:
         _, meta = self.model
         name = grading.recorded_trigger(meta)
         self.triggered(name)             # the trigger contract holds
-        pool = witness_pool(self.inputs, self.files.dataset)
-        return witness.verify_trigger_poisons(pool, self.outputs.result(f"{name}.witness"), self.files.reference_model,
-                                              target=TARGET, seed=witness.draw_seed(), name=name)
+        return witness.verify_trigger_poisons(self.pool, self.outputs.result(f"{name}.witness"),
+                                              self.files.reference_model, target=TARGET, seed=witness.draw_seed(),
+                                              name=name)
 
     def witness(self) -> str:
         """The grader's own poisoning run with the recorded trigger, on a split of its pool drawn
@@ -200,13 +205,18 @@ def clean_accuracy(ctx: Context) -> None:
 
 def attack_success(ctx: Context, target: int = TARGET) -> None:
     """The handed-in model sends the triggered test images to the target (with a legitimate
-    trigger), and the grader's own poisoned model learned that trigger too: the ASR a model
-    shows for a trigger that plants no backdoor (an evasion attack) earns nothing."""
+    trigger) and the grader's triggered images from both splits too
+    (:func:`course_lib.witness.verify_model_follows`), and the grader's own poisoned model
+    learned that trigger: the ASR a model shows for a trigger that plants no backdoor (an
+    evasion attack) earns nothing."""
     model, meta = ctx.model
     name = grading.recorded_trigger(meta)
     with grading.all_problems() as problems:
-        grading.verify_attack_success(model, ctx.test, ctx.triggered(name, problems), ctx.files.reference_model,
-                                      target=target, name=name)
+        with problems.independently():
+            grading.verify_attack_success(model, ctx.test, ctx.triggered(name, problems), ctx.files.reference_model,
+                                          target=target, name=name)
+        witness.verify_model_follows(model, ctx.pool, ctx.outputs.result(f"{name}.witness"), target=target,
+                                     name=name)
     try:
         ctx.witness()
     except GradingFailure as failure:
