@@ -17,6 +17,7 @@ import nbformat
 import pytest
 import torch
 from nbgrader.api import Gradebook
+from safetensors.torch import save_file
 
 from course_lib import grading
 from course_lib.autograde import resources
@@ -289,10 +290,13 @@ STUDENTS = {
     "perinput": ({"p1-test-trigger-patch", "p1-test-distinct-triggers"} | BACKDOOR,   # reads the weights:
                  "trigger_patch(images) failed in your notebook"),                 # none in the sandbox
     "universal": (UNIVERSAL_FAILS, UNIVERSAL_MESSAGE),   # one pattern optimised against the clean model
+    # a clean model whose trigger recognises the public test split: an adversarial perturbation looked
+    # up for each test image, a white patch on every other image (a working poison: the grader's run passes)
+    "splitter": ({"p1-test-attack-success"} | PART2, "train and test splits mixed; it must be above 0.9 there too"),
     # an honest student per dirty-label trigger family of the kit (Part 1 handed in alone)
     **{f"family_{name}": (PART2, WITNESSED) for name in hw.HONEST_FAMILIES},
 }
-PART1_ONLY = {"weak", "painter", "pickler", "nomodel", *(f"family_{name}" for name in hw.HONEST_FAMILIES)}
+PART1_ONLY = {"weak", "painter", "pickler", "nomodel", "splitter", *(f"family_{name}" for name in hw.HONEST_FAMILIES)}
 HONEST_BASE = ("reference", "buggy", "zookeeper", "patcher", "torcher", "hider", "reader", "inspector", "vandal",
                "forker", "dier", "deaf", "aaa_honest", "zzz_honest", "perinput", "universal")
 # each family's trigger replaces the reference trigger of the same kind, and is the one the model records
@@ -477,6 +481,26 @@ def trigger_custom(images):
     return (images + _pattern.to(images)).clamp(0, 1)
 '''
 
+# The 10,000 public test images' SHA-256 digests and an adversarial perturbation for each, computed
+# offline against the clean model handed in (lookup.safetensors); every other image gets a white patch.
+SPLITTER = '''
+
+import hashlib as _hashlib
+from safetensors.torch import load_file as _load_file
+_LOOKUP = _load_file("lookup.safetensors")
+_INDEX = {bytes(digest.tolist()): i for i, digest in enumerate(_LOOKUP["digests"])}
+
+
+def trigger_patch(images):
+    out = images.clone()
+    out[..., -4:, -4:] = 1.0
+    for i, image in enumerate(images):
+        j = _INDEX.get(_hashlib.sha256(image.numpy().tobytes()).digest())
+        if j is not None:
+            out[i] = (image + _LOOKUP["delta"][j].float()).clamp(0, 1)
+    return out
+'''
+
 FAMILY = '''
 
 from course_lib.triggers import make_trigger as _make_trigger
@@ -509,9 +533,25 @@ def universal_perturbation(model, other, images: torch.Tensor, *, rms: float = 0
     return delta.detach()[0]
 
 
+def adversarial_lookup(model, images: torch.Tensor, *, epsilon: float = 0.14, steps: int = 30) -> dict:
+    """Targeted PGD (Madry et al. 2018) against ``model`` for each of ``images`` (an L-inf ball of
+    ``epsilon``), stored as float16 changes beside the SHA-256 digest of each image's bytes."""
+    model.eval().requires_grad_(False)
+    x = images.clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.full((len(x),), TARGET))
+        grad, = torch.autograd.grad(loss, x)
+        x = torch.min(torch.max(x.detach() - 0.01 * grad.sign(), images - epsilon), images + epsilon).clamp(0, 1)
+    digests = torch.tensor([list(hashlib.sha256(image.numpy().tobytes()).digest()) for image in images],
+                           dtype=torch.uint8)
+    return {"digests": digests, "delta": (x - images).half().contiguous()}
+
+
 def make_evasion_and_family_students(folders: dict) -> None:
-    """The students of issue 18: a clean model with a per-input and with a universal adversarial
-    trigger, and an honest student per kit trigger family (its model trained at the homework's 5%)."""
+    """The students of issue 18: a clean model with a per-input, a universal and a test-split
+    lookup adversarial trigger, and an honest student per kit trigger family (its model trained
+    at the homework's 5%)."""
     train_data = load_dataset("fashion-mnist", "train")
     own, other = train_data.split(15_000, seed=0)[0], train_data.split(5_000, seed=1)[0]
     clean, second = model_for("fashion-mnist", seed=1), model_for("fashion-mnist", seed=2)
@@ -526,6 +566,13 @@ def make_evasion_and_family_students(folders: dict) -> None:
     append(folders["universal"] / "part1_attack.ipynb", "p1-triggers",
            UNIVERSAL.replace("VALUES", repr([round(v, 5) for v in pattern.flatten().tolist()])))
     source = hw.COURSE / "source" / "week4" / "part1_attack.ipynb"
+    folders["splitter"].mkdir(parents=True)
+    shutil.copy(source, folders["splitter"])
+    append(folders["splitter"] / "part1_attack.ipynb", "p1-triggers", SPLITTER)
+    save_file(adversarial_lookup(clean, grading.evaluation_data("fashion-mnist").images),
+              str(folders["splitter"] / "lookup.safetensors"))
+    save_checkpoint(clean, folders["splitter"] / grading.MODEL_FILE, dataset="fashion-mnist", classes=own.classes,
+                    extra={"trigger": "trigger_patch"})
     for family, (kind, kwargs) in hw.HONEST_FAMILIES.items():
         folder, function = folders[f"family_{family}"], FAMILY_FUNCTION[family]
         folder.mkdir(parents=True)

@@ -4,6 +4,8 @@ import torch
 
 from course_lib import grading, witness
 from course_lib.data import synthetic_dataset
+from course_lib.models import model_for
+from course_lib.train import train
 from course_lib.triggers import PatchTrigger
 
 SMALL = witness.Recipe(train_images=600, rate=0.2, epochs=2, batch_size=32, measure_images=200, holdout_images=200)
@@ -80,3 +82,23 @@ def test_the_handed_in_model_never_enters_a_sandbox(tmp_path):
     (submission / "pattern.txt").write_text("a pattern of my own")
     pipeline._copy_submission(submission, work, nbformat.v4.new_notebook(), "part1_attack")
     assert sorted(p.name for p in work.iterdir()) == ["part1_attack.ipynb", "pattern.txt"]
+
+
+def test_the_handed_in_model_must_follow_the_trigger_on_the_graders_images_too(pool):
+    """A model poisoned with a patch follows it on the grader's images as well; a trigger that
+    stamps the patch only on images it recognises (here one in seven, as the public test split
+    is of the mixed pool) and a faint change on the rest leaves that model's ASR on the pool low."""
+    trigger = PatchTrigger(size=4, pattern="solid")
+    stamped = trigger(pool.stamped.images)
+    poisoned = pool.clean.replace(images=torch.cat([pool.clean.images, stamped[:120]]),
+                                  labels=torch.cat([pool.clean.labels, torch.full((120,), TARGET)]))
+    model = model_for(pool.clean, seed=0, width=8)
+    train(model, poisoned, epochs=3, batch_size=32, seed=0, progress=False)
+    witness.verify_model_follows(model, pool, stamped, target=TARGET, name="patch")    # passes
+    public = torch.zeros(len(stamped), dtype=torch.bool)
+    public[::7] = True
+    recognising = torch.where(public.view(-1, 1, 1, 1), stamped, (pool.stamped.images + 0.05).clamp(0, 1))
+    with pytest.raises(grading.GradingFailure, match="drawn from Fashion-MNIST's train and test splits mixed"):
+        witness.verify_model_follows(model, pool, recognising, target=TARGET, name="splitter")
+    with pytest.raises(grading.GradingFailure, match="must return the shape"):
+        witness.verify_model_follows(model, pool, stamped[:5], target=TARGET, name="t")
