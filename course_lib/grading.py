@@ -44,7 +44,6 @@ from threadpoolctl import threadpool_limits
 
 from .checkpoints import CheckpointError, load_checkpoint
 from .data import ImageDataset, dataset_info, load_dataset
-from .defenses.activations import extract_features
 from .models import model_for
 from .train import predict
 
@@ -571,6 +570,9 @@ def verify_activations(result) -> None:
     _require(isinstance(result, (torch.Tensor, np.ndarray)), f"extract_activations must return an array or a "
                                                              f"tensor, got {type(result).__name__}")
     result = torch.as_tensor(np.asarray(result.detach() if isinstance(result, torch.Tensor) else result))
+    # imported here, not at the top: the defenses package loads scikit-learn (about a second),
+    # which Part 1's notebook, and its sandbox for every student, never needs
+    from .defenses.activations import extract_features
     expected = extract_features(model, images, progress=False)
     _require(result.shape == expected.shape, f"extract_activations must return shape {tuple(expected.shape)} "
                                              f"(images x features), got {tuple(result.shape)}")
