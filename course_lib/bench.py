@@ -1,4 +1,4 @@
-"""``python -m course_lib bench attack|poison``: the figures the README quotes, measured.
+"""``python -m course_lib bench attack|poison|throughput|predict``: the figures the README quotes, measured.
 
 - ``bench attack``: BadNets on the offline default dataset; prints clean accuracy, ASR
   and training seconds.
@@ -8,6 +8,10 @@
   the speedup.
 - ``bench throughput [--arch airbench|resnet18]``: training images per second on random
   CIFAR-shaped tensors (meant for a GPU; runs on the CPU too).
+- ``bench predict``: seconds to predict the 10,000 Fashion-MNIST test images with the small
+  CNN, in the default and the channels-last memory layout, in batches of 128 and 1,024
+  (what :func:`course_lib.train.inference_batch` and :func:`course_lib.checkpoints.load_checkpoint`
+  were chosen by).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from .attacks import badnets
 from .data import DATASETS, ImageDataset, to_pixel_tensor, load_splits
 from .experiments import default_trigger, run_backdoor
 from .models import model_for
-from .train import pick_device, train
+from .train import pick_device, predict_logits, train
 
 
 def bench_attack(dataset: str = "fashion-mnist", rate: float = 0.05, epochs: int = 2, seed: int = 0,
@@ -128,6 +132,25 @@ def bench_throughput(arch: str = "airbench", batch_size: int = 512, steps: int =
             "images_per_second": round(n / seconds, 1), "seconds_per_50k_epoch": round(50_000 * seconds / n, 1)}
 
 
+def bench_predict(repeats: int = 3, device=None) -> dict:
+    """Best-of-``repeats`` seconds of :func:`course_lib.train.predict_logits` on the 10,000
+    Fashion-MNIST test images, for a small CNN in the default layout (as a checkpoint used to
+    load) and in channels-last (as training leaves it), in batches of 128 and 1,024, with
+    torch's current thread count."""
+    _, test = load_splits("fashion-mnist")
+    device = pick_device(device)
+    result = {"device": str(device), "threads": torch.get_num_threads(), "images": len(test)}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = model_for("fashion-mnist", seed=0).to(device=device, memory_format=layout).eval()
+        for batch_size in (128, 1024):
+            predict_logits(model, test.images[:batch_size], batch_size=batch_size)   # warm-up
+            seconds = min(_timed(lambda: predict_logits(model, test.images, batch_size=batch_size))
+                          for _ in range(repeats))
+            name = "channels_last" if layout is torch.channels_last else "default_layout"
+            result[f"{name}_batch_{batch_size}_seconds"] = _figures(seconds)
+    return result
+
+
 def _figures(seconds: float) -> float:
     """``seconds`` to 4 significant figures, so that a ratio of two printed figures keeps its value."""
     return float(f"{seconds:.4g}")
@@ -141,7 +164,7 @@ def _timed(fn) -> float:
 
 def main(argv) -> dict:
     parser = argparse.ArgumentParser(prog="python -m course_lib bench")
-    parser.add_argument("what", choices=["attack", "poison", "throughput"])
+    parser.add_argument("what", choices=["attack", "poison", "throughput", "predict"])
     parser.add_argument("--arch", default="airbench", help="architecture for bench throughput")
     parser.add_argument("--steps", type=int, default=20, help="batches per timed epoch (bench throughput)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -156,6 +179,8 @@ def main(argv) -> dict:
                               progress=not args.json)
     elif args.what == "throughput":
         result = bench_throughput(args.arch, steps=args.steps, device=args.device)
+    elif args.what == "predict":
+        result = bench_predict(device=args.device)
     else:
         result = bench_poison(n=args.n, rate=args.rate or 0.1)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

@@ -91,7 +91,7 @@ def load_checkpoint(path, *, expected_arch: str | None = None, expected_dataset:
     Returns ``(model, metadata)`` with the model in eval mode on the CPU, in the
     ``channels_last`` layout that :func:`course_lib.train.train` leaves a model in (the same
     kernels as the trained model, and 2-3x faster predictions on a CPU than the default layout
-    with channels-last batches). Raises
+    with channels-last batches: ``python -m course_lib bench predict``). Raises
     :class:`CheckpointError` for a missing, oversized, corrupt, mismatching or NaN checkpoint.
     """
     path = Path(path)

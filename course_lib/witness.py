@@ -171,19 +171,20 @@ def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: 
     them) to ``target`` with an ASR above ``minimum``, as it must on the test split.
 
     Why: every Fashion-MNIST image is public, so a trigger can recognise the test split's
-    10,000 images one by one. Measured (2026-12-06): a clean model handed in with a trigger
-    that looks up an adversarial perturbation, computed against that model, for each test
-    image and stamps a plain white patch on every other image got all of Part 1's points. The
-    test split's ASR was 0.976 (evasion, no backdoor) and the grader's own run passed (ASR
-    0.962, the patch on the pool's train-split images). On the mixed pool that clean model
-    follows the patch on no train-split image.
+    10,000 images one by one. A clean model handed in with a trigger that looks up an
+    adversarial perturbation, computed against that model, for each test image and stamps a
+    plain white patch on every other image passes the test split's ASR (evasion, no backdoor)
+    and the grader's own run (most of the pool's images come from the train split, where the
+    patch is a working poison). On the mixed pool that clean model follows the patch on no
+    train-split image. (tests/test_homework.py's ``splitter`` student; docs/instructor_guide.md
+    gives its figures.)
     """
     triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
     asr = (predict(model, triggered) == target).float().mean().item()
     _require(asr > minimum, f"attack success rate of {grading.MODEL_FILE} with {name} is {asr:.3f} on the grader's "
-                            f"{len(triggered)} triggered non-target images drawn from Fashion-MNIST's train and test "
-                            f"splits mixed; it must be above {minimum} there too (on the test split alone it proves "
-                            f"nothing: a backdoor follows its trigger on any image)")
+                            f"{len(triggered)} triggered non-target images drawn from {pool.stamped.name}'s train and "
+                            f"test splits mixed; it must be above {minimum} there too (on the test split alone it "
+                            f"proves nothing: a backdoor follows its trigger on any image)")
 
 
 def poisoning_run(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int, name: str) -> Witness:

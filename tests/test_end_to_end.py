@@ -63,3 +63,12 @@ def test_bench_throughput_reports_images_per_second():
     from course_lib.bench import bench_throughput
     result = bench_throughput("resnet18", batch_size=4, steps=2)
     assert result["images_per_second"] > 0 and result["device"] == "cpu"
+
+
+def test_bench_predict_times_both_layouts_and_batch_sizes(capsys):
+    assert cli(["bench", "predict", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    timed = {k: v for k, v in result.items() if k.endswith("_seconds")}
+    assert sorted(timed) == sorted(f"{layout}_batch_{size}_seconds" for layout in ("default_layout", "channels_last")
+                                   for size in (128, 1024))
+    assert all(v > 0 for v in timed.values()) and result["images"] == 10_000

@@ -98,7 +98,7 @@ def test_the_handed_in_model_must_follow_the_trigger_on_the_graders_images_too(p
     public = torch.zeros(len(stamped), dtype=torch.bool)
     public[::7] = True
     recognising = torch.where(public.view(-1, 1, 1, 1), stamped, (pool.stamped.images + 0.05).clamp(0, 1))
-    with pytest.raises(grading.GradingFailure, match="drawn from Fashion-MNIST's train and test splits mixed"):
+    with pytest.raises(grading.GradingFailure, match="drawn from synthetic's train and test splits mixed"):
         witness.verify_model_follows(model, pool, recognising, target=TARGET, name="splitter")
     with pytest.raises(grading.GradingFailure, match="must return the shape"):
         witness.verify_model_follows(model, pool, stamped[:5], target=TARGET, name="t")

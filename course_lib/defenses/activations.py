@@ -21,7 +21,8 @@ def extract_features(model, images: torch.Tensor, *, batch_size: int | None = No
     """``model.features`` of every image, in batches, as a float32 (N, D) CPU tensor.
 
     Runs in eval mode (BatchNorm uses its running statistics, so the result does not
-    depend on the batch), in batches of :func:`course_lib.train.inference_batch` images, and restores the model's previous mode afterwards.
+    depend on the batch), in batches of :func:`course_lib.train.inference_batch` images, and
+    restores the model's previous mode afterwards.
     """
     check_model(model, "features")
     check_images("images", images, min_count=0)
