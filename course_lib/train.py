@@ -68,12 +68,14 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def inference_batch(device: torch.device, batch_size: int | None = None) -> int:
-    """``batch_size`` if given (a positive int), else the default for predicting on ``device``:
+def inference_batch(device, batch_size: int | None = None) -> int:
+    """``batch_size`` if given (a positive int), else the default for predicting on ``device``
+    (a torch device or its name; None: :func:`pick_device`'s):
     128 images on a CPU, 1024 on a GPU. On one or two CPU threads a batch of 128 runs the small
     CNN about twice as fast as 1,024, because its activations stay in the cache
     (``python -m course_lib bench predict``: 0.68 s against 1.14 s for Fashion-MNIST's 10,000
     test images on 2 threads, 0.87 s against 1.90 s on one; channels-last model)."""
+    device = pick_device(device)
     if batch_size is None:
         return 128 if device.type == "cpu" else 1024
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

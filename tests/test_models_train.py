@@ -82,7 +82,9 @@ def test_predict_restores_mode(toy):
 def test_prediction_batches_depend_on_the_device_and_not_the_result(toy):
     model = model_for(toy, width=8)
     assert inference_batch(torch.device("cpu")) == 128 and inference_batch(torch.device("cuda")) == 1024
-    assert inference_batch(torch.device("cpu"), 7) == 7
+    assert inference_batch(torch.device("cpu"), 7) == 7 and inference_batch("cpu") == 128
+    with pytest.raises(ValueError, match="device"):
+        inference_batch("tpu:0")
     assert torch.allclose(predict_logits(model, toy.images, batch_size=7), predict_logits(model, toy.images),
                           atol=1e-5)
     for bad in (0, -3, 2.5, True, "128"):
