@@ -13,13 +13,24 @@ Files are read by ``torchvision.datasets``. They are looked up, in order, in:
 3. the system copy installed by Debian's ``dataset-fashion-mnist`` package
    (``/usr/share/datasets/fashion-mnist``), for Fashion-MNIST;
 4. a torchvision download into ``~/.cache/course_lib`` (needs a network once).
+
+CIFAR-10 copied in by hand (an offline classroom) may sit in any of these folders as the
+official tarball ``cifar-10-python.tar.gz`` (extracted once into ``~/.cache/course_lib``)
+or as the extracted folder ``cifar-10-batches-py/``. Every file is compared with the MD5 sum
+torchvision publishes for it; a copy that differs is refused with the file's name and both
+sums (:class:`DataChecksumError`), unless the environment variable ``COURSE_DATA_TRUST=1``
+says the instructor trusts it. Trust means trust: the batches are Python pickles, and
+unpickling a file runs whatever its author put in it.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +40,7 @@ import torchvision
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "course_lib"
+TRUST_ENV = "COURSE_DATA_TRUST"   # "1": read a local CIFAR-10 copy whose checksums differ from the published ones
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,10 @@ DATASETS: dict[str, DatasetInfo] = {
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset files are nowhere on disk and could not be downloaded."""
+
+
+class DataChecksumError(ValueError):
+    """Dataset files are on disk but differ from the published ones (or some are missing)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,9 @@ def _candidate_roots(name: str, root) -> list[Path]:
 def to_pixel_tensor(array) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
     images = torch.as_tensor(np.asarray(array))
+    if images.ndim not in (3, 4) or images.dtype != torch.uint8:
+        raise ValueError(f"array must be uint8 of shape (N, H, W) or (N, H, W, C), got {images.dtype} "
+                         f"{tuple(images.shape)}")
     if images.ndim == 3:
         images = images.unsqueeze(1)
     else:
@@ -200,23 +219,111 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Tr
     """Load ``name`` ("fashion-mnist", "mnist" or "cifar10") as an in-memory ImageDataset.
 
     ``split`` is "train" or "test". Raises :class:`DataNotFoundError` listing every
-    place it looked when the files are missing and cannot be downloaded.
+    place it looked when the files are missing and cannot be downloaded, and
+    :class:`DataChecksumError` when a local CIFAR-10 copy is there but differs from the
+    published files (see the module docstring).
     """
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"root must be a folder path or None, got {type(root).__name__}")
+    if not isinstance(download, bool):
+        raise ValueError(f"download must be True or False, got {download!r}")
     roots = _candidate_roots(name, root)
-    for candidate in roots:
-        try:
-            raw = _read(name, split == "train", candidate, download=False)
-            break
-        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-            continue
-    else:
+    raw = _local_cifar10(split, roots) if name == "cifar10" else None
+    if raw is None:
+        raw = _local_torchvision(name, split, roots)
+    if raw is None:
         raw = _download(name, split, roots, download)
     images = to_pixel_tensor(raw.data)
     labels = torch.as_tensor(np.asarray(raw.targets), dtype=torch.int64)
     return ImageDataset(images, labels, info.classes, name)
+
+
+def _local_torchvision(name: str, split: str, roots: list[Path]):
+    for candidate in roots:
+        try:
+            return _read(name, split == "train", candidate, download=False)
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    data: np.ndarray      # uint8 (N, H, W, C), as torchvision holds it
+    targets: list
+
+
+def _md5(path: Path) -> str:
+    return torchvision.datasets.utils.calculate_md5(str(path))
+
+
+def _trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") == "1"
+
+
+def _checksum_failure(path: Path, expected: str, found: str) -> DataChecksumError:
+    return DataChecksumError(
+        f"{path} is not the published CIFAR-10 file: its MD5 sum is {found}, torchvision publishes {expected}. "
+        f"A copy damaged in transfer: copy it again. A copy you trust (a re-packed or reduced archive): "
+        f"set the environment variable {TRUST_ENV}=1 to read it anyway.")
+
+
+def _local_cifar10(split: str, roots: list[Path]) -> _Arrays | None:
+    """CIFAR-10 from the first root holding ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz``;
+    None when no root holds either (then the caller says "not found" or downloads)."""
+    spec = torchvision.datasets.CIFAR10
+    for candidate in roots:
+        folder, tarball = candidate / spec.base_folder, candidate / spec.filename
+        if folder.is_dir():
+            return _read_cifar10(folder, split)
+        if tarball.is_file():
+            return _read_cifar10(_extract_once(tarball), split)
+    return None
+
+
+def _extract_once(tarball: Path) -> Path:
+    """Extract the official tarball into the cache, once per distinct tarball (keyed by its MD5)."""
+    spec = torchvision.datasets.CIFAR10
+    found = _md5(tarball)
+    if found != spec.tgz_md5 and not _trusted():
+        raise _checksum_failure(tarball, spec.tgz_md5, found)
+    target = CACHE_DIR / "local" / found[:16]
+    if not (target / spec.base_folder).is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent))   # extracted whole, then renamed: no half copy
+        torchvision.datasets.utils.extract_archive(str(tarball), str(scratch))
+        if not (scratch / spec.base_folder).is_dir():
+            shutil.rmtree(scratch)
+            raise DataChecksumError(f"{tarball} holds no {spec.base_folder}/ folder: it is not CIFAR-10's archive")
+        try:
+            scratch.rename(target)
+        except OSError:   # another process extracted it first
+            shutil.rmtree(scratch)
+    return target / spec.base_folder
+
+
+def _read_cifar10(folder: Path, split: str) -> _Arrays:
+    """Read the batches of one split (pickled dicts with b"data", uint8 rows of 3x32x32, and
+    b"labels"), after comparing each file's MD5 with the sum torchvision publishes."""
+    spec = torchvision.datasets.CIFAR10
+    files = spec.train_list if split == "train" else spec.test_list
+    missing = [name for name, _ in files if not (folder / name).is_file()]
+    if missing:
+        raise DataChecksumError(f"{folder} is an incomplete copy of CIFAR-10: it lacks {', '.join(missing)}")
+    rows, labels = [], []
+    for name, expected in files:
+        found = _md5(folder / name) if not _trusted() else expected
+        if found != expected:
+            raise _checksum_failure(folder / name, expected, found)
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")   # Python 2 pickles: str keys read as latin-1
+        rows.append(np.asarray(batch["data"], dtype=np.uint8))
+        labels += list(batch["labels"])
+    data = np.concatenate(rows).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return _Arrays(data, labels)
 
 
 def _download(name: str, split: str, roots: list[Path], download: bool):
@@ -228,8 +335,8 @@ def _download(name: str, split: str, roots: list[Path], download: bool):
     else:
         reason = "download=False"
     looked = "\n".join(f"  - {r}" for r in roots)
-    hint = ("install Debian's package: sudo apt-get install dataset-fashion-mnist\n"
-            if name == "fashion-mnist" else "")
+    hint = {"fashion-mnist": "install Debian's package: sudo apt-get install dataset-fashion-mnist\n",
+            "cifar10": "copy cifar-10-python.tar.gz (or its folder cifar-10-batches-py/) into a folder, or\n"}.get(name, "")
     raise DataNotFoundError(
         f"{name} ({split}) was not found. Looked in:\n{looked}\nand {reason}.\n"
         f"To get it: {hint}put torchvision's files for {dataset_info(name).torchvision_class} "
@@ -237,7 +344,7 @@ def _download(name: str, split: str, roots: list[Path], download: bool):
 
 
 def load_splits(name: str, root=None, download: bool = True) -> tuple[ImageDataset, ImageDataset]:
-    """The (train, test) pair of a named dataset."""
+    """The (train, test) pair of a named dataset (arguments as :func:`load_dataset`)."""
     return (load_dataset(name, "train", root, download),
             load_dataset(name, "test", root, download))
 
@@ -249,6 +356,11 @@ def synthetic_dataset(n: int, *, channels: int = 1, size: int = 28, num_classes:
     Class k lights up horizontal band k (of ``num_classes`` bands) on a noisy background,
     so a small CNN learns it in one epoch. Nothing here is downloaded.
     """
+    for arg, value in (("n", n), ("num_classes", num_classes), ("size", size), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{arg} must be an integer, got {value!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if n < num_classes:
         raise ValueError(f"n must be at least num_classes ({num_classes}), got {n}")
     if channels not in (1, 3):
@@ -265,3 +377,41 @@ def synthetic_dataset(n: int, *, channels: int = 1, size: int = 28, num_classes:
     images = images + 0.6 * in_band[:, None, :, None].float()
     return ImageDataset(images.clamp(0, 1), labels, tuple(f"class{k}" for k in range(num_classes)),
                         "synthetic")
+
+
+def write_synthetic_cifar10(folder, *, train: int = 500, test: int = 100, seed: int = 0,
+                            tarball: bool = False) -> Path:
+    """Write a learnable stand-in for CIFAR-10 in its own format, to rehearse the CIFAR-10 setting
+    offline: ``folder/cifar-10-batches-py/`` (five train batches, a test batch, ``batches.meta``),
+    or with ``tarball=True`` that folder packed as ``folder/cifar-10-python.tar.gz``.
+
+    The images are :func:`synthetic_dataset`'s stripes in 3x32x32, not photographs, and the files
+    cannot match the published checksums: read them with ``COURSE_DATA_TRUST=1``.
+    Returns the folder or tarball written.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(f"folder must be a folder path, got {type(folder).__name__}")
+    for arg, value in (("train", train), ("test", test)):
+        if not isinstance(value, int) or value < 50:
+            raise ValueError(f"{arg} must be an integer >= 50 (ten images per batch and class), got {value!r}")
+    folder = Path(folder)
+    spec = torchvision.datasets.CIFAR10
+    data = synthetic_dataset(train + test, channels=3, size=32, seed=seed)
+    rows = (data.images * 255).round().to(torch.uint8).flatten(1).numpy()   # 1024 red, 1024 green, 1024 blue
+    labels = data.labels.tolist()
+    out = folder / spec.base_folder
+    out.mkdir(parents=True, exist_ok=True)
+    cuts = np.linspace(0, train, len(spec.train_list) + 1).astype(int)
+    parts = [(name, cuts[i], cuts[i + 1]) for i, (name, _) in enumerate(spec.train_list)]
+    for name, start, stop in parts + [(spec.test_list[0][0], train, train + test)]:
+        with open(out / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": rows[start:stop], "labels": labels[start:stop]}, f)
+    with open(out / spec.meta["filename"], "wb") as f:
+        pickle.dump({"label_names": list(DATASETS["cifar10"].classes), "num_vis": 3072}, f)
+    if not tarball:
+        return out
+    archive = folder / spec.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname=spec.base_folder)
+    shutil.rmtree(out)
+    return archive
