@@ -13,6 +13,8 @@
     python -m course_lib roster ROSTER.csv --course assignments
     python -m course_lib export --course assignments [--to FILE] [--allow-pending]
                                                   nbgrader's steps, run in the course folder from anywhere
+    python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS.md]
+                                                  the lecture as a static website (Jupyter Book)
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
         from .bench import main as run
     elif command == "zoo":
         from .zoo import main as run
+    elif command == "site":
+        from .site import main as run
     elif command == "autograde":
         from .autograde.classroom import main as run
     elif command in STEPS:

@@ -2,7 +2,7 @@
 # One entry point for the course kit: set up (idempotently), then run the demo or the tests.
 #
 #   bash scripts/kit.sh demo [demo args...]   set up, then plant and measure a backdoor (offline)
-#   bash scripts/kit.sh test [pytest args...] set up, then run the whole test suite
+#   bash scripts/kit.sh test [pytest args...] set up (with the website's extra, site), then run the whole test suite
 #   bash scripts/kit.sh setup                 set up only
 #
 # Setup = a virtual environment in .venv with torch + the matching torchvision from PyPI
@@ -30,19 +30,21 @@ apt_install() {  # apt_install PACKAGE [TEST-PATH]: install a Debian package unl
   fi
 }
 
-setup() {
+setup() {  # setup [EXTRAS]: the extras of pyproject.toml to install (default test; the test command adds site)
+  local extras=${1:-test}
   apt_install dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
   apt_install bubblewrap /usr/bin/bwrap
   apt_install cgroup-tools /usr/bin/cgcreate
   if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     "$PY" -m venv --clear "$VENV"   # new, or left half-made by an interrupted setup
   fi
-  local stamp="$VENV/.kit-installed" want
+  local stamp="$VENV/.kit-installed" want have
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  have=$(cat "$stamp" 2>/dev/null || true)
+  if [ "$have" != "$want $extras" ] && [ "$have" != "$want test,site" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
-    echo "$want" > "$stamp"
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    echo "$want $extras" > "$stamp"
   fi
 }
 
@@ -51,7 +53,7 @@ case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/python" -m course_lib demo "$@" ;;
   test)
-    setup
+    setup test,site   # the site extra: tests/test_site.py builds the course website
     apt_install chromium /usr/bin/chromium   # for the JupyterLab browser test
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash scripts/kit.sh {demo|test|setup} [args...]" >&2; exit 2 ;;

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _pyproject_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    return set(project["dependencies"]).union(*project["optional-dependencies"].values())
 
 
 def _environment_requirements():
