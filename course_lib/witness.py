@@ -9,17 +9,20 @@ fixed pattern). The handed-in model alone cannot tell the two apart.
 So the grader runs the attack itself, in its own process, with data and seeds the student
 does not choose (BadNets, Gu et al. 2017, done by the grader):
 
-1. a **pool** is drawn from Fashion-MNIST's train and test splits mixed together, so that no
+1. a **pool** is drawn from the dataset's train and test splits mixed together, so that no
    image's public split says what it will be used for: non-target images
    that the student's trigger is applied to (in the sandbox, like every other call), plus
    clean training images and clean held-out images that the trigger never sees;
 2. after the trigger has run, a fresh secret seed splits the stamped images: a fixed
    share of the training set is poisoned with them (relabelled to the target),
    the rest are held out to measure the attack;
-3. a fresh small CNN is trained on that data with a fixed recipe (:data:`RECIPE`: seconds
-   on one core);
+3. a fresh model is trained on that data with the dataset's fixed recipe (:data:`RECIPES`:
+   architecture, images, epochs, augmentation);
 4. its attack success rate (ASR) on the triggered images it never trained on, and its clean
-   accuracy (CA) on the held-out clean images, are the grader's own measurement.
+   accuracy (CA) on the held-out clean images, are the grader's own measurement. The CA bar
+   is relative: the same recipe trained on the same pool *without* poison
+   (:attr:`Pool.clean_ca`, once per pool) sets it, so that one rule is fair on a dataset
+   where a short recipe reaches 0.9 and on one where it reaches 0.6.
 
 A trigger cannot tell the images it poisons from those it is measured on: both are drawn
 from the same mixed pool, and which is which is decided after the trigger returned. What
@@ -42,23 +45,33 @@ import torch
 from . import grading
 from .data import ImageDataset, load_dataset
 from .grading import _require
-from .models import model_for
+from .models import ARCHITECTURES, model_for
 from .train import predict, train
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The grader's fixed poisoning recipe. The default (:data:`RECIPE`) trains in seconds on one
-    core and was chosen by measurement: with it, every honest trigger family of the kit and the
-    reference solution's three triggers clear :data:`MIN_ASR` and :data:`MIN_CA` with a margin
-    (``python scripts/homework.py bench-witness``; docs/instructor_guide.md, "Thresholds")."""
+    """One dataset's fixed poisoning recipe for the grader's run. Each was chosen so that every
+    honest trigger family of the kit and the reference solution's three triggers clear
+    :data:`MIN_ASR` and :data:`MAX_CA_DROP` with a margin (``python scripts/homework.py
+    bench-witness``; docs/instructor_guide.md, "Thresholds" and "Switching the homework to CIFAR-10")."""
 
+    arch: str = "small_cnn"      # trained whatever the student's architecture: the run certifies the trigger
     train_images: int = 5000     # the grader's training set, poisoned images included
     rate: float = 0.2            # share of it poisoned with the student's trigger (relabelled to the target)
     epochs: int = 2
     batch_size: int = 64         # small batches: a faint trigger needs steps more than it needs images
+    augment: str | bool = False  # course_lib.train's augmentations ("flip", "crop", "flip+crop")
     measure_images: int = 1000   # triggered non-target images held out to measure the ASR
     holdout_images: int = 1000   # clean images held out to measure the CA
+
+    def __post_init__(self):
+        _require(self.arch in ARCHITECTURES, f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        for arg in ("train_images", "epochs", "batch_size", "measure_images", "holdout_images"):
+            value = getattr(self, arg)
+            _require(isinstance(value, int) and value > 0, f"{arg} must be a positive integer, got {value!r}")
+        _require(0 < self.rate < 1 and 0 < self.poisoned < self.train_images,
+                 f"rate must poison some but not all of the {self.train_images} images, got {self.rate!r}")
 
     @property
     def poisoned(self) -> int:
@@ -70,9 +83,25 @@ class Recipe:
         return self.poisoned + self.measure_images
 
 
-RECIPE = Recipe()
-MIN_ASR = 0.80   # the grader's model must learn the backdoor ...
-MIN_CA = 0.75    # ... and still classify clean images (measured margins: docs/instructor_guide.md)
+RECIPES: dict[str, Recipe] = {
+    # seconds on one CPU core; measured on honest triggers (docs/instructor_guide.md, "Thresholds")
+    "fashion-mnist": Recipe(),
+    "mnist": Recipe(),
+    # airbench, the kit's fast CIFAR network, with flips (no translation: it can push a corner
+    # trigger off the image); seconds on a GPU, about half an hour on a 2-core CPU
+    "cifar10": Recipe(arch="airbench", train_images=10000, epochs=10, batch_size=256, augment="flip",
+                      holdout_images=2000),
+}
+RECIPE = RECIPES["fashion-mnist"]
+MIN_ASR = 0.80       # the grader's model must learn the backdoor ...
+MAX_CA_DROP = 0.05   # ... and keep the clean model's CA within this much (measured margins: the guide)
+
+
+def recipe_for(dataset: str) -> Recipe:
+    """The grader's recipe for ``dataset`` (a key of :data:`RECIPES`)."""
+    _require(dataset in RECIPES, f"dataset must be one of {sorted(RECIPES)} (or pass a witness.Recipe), "
+                                 f"got {dataset!r}")
+    return RECIPES[dataset]
 
 
 @dataclass(frozen=True)
@@ -84,6 +113,19 @@ class Pool:
     clean: ImageDataset
     holdout: ImageDataset
     recipe: Recipe = RECIPE
+    seed: int = 0
+
+    @functools.cached_property
+    def clean_ca(self) -> float:
+        """CA of the recipe trained on this pool without poison: the clean images plus as many
+        stamped images as the run poisons, unstamped and with their own labels. Trained once
+        per pool (the trigger plays no part), on the held-out images the poisoned model is
+        measured on, so the two CAs differ by the poison and the seeds only."""
+        order = torch.randperm(len(self.stamped), generator=torch.Generator().manual_seed(self.seed))
+        unpoisoned = self.stamped.subset(order[:self.recipe.poisoned])
+        data = self.clean.replace(images=torch.cat([self.clean.images, unpoisoned.images]),
+                                  labels=torch.cat([self.clean.labels, unpoisoned.labels]))
+        return _rate(_train_recipe(self.recipe, data, self.seed), self.holdout.images, self.holdout.labels)
 
 
 def draw_seed() -> int:
@@ -100,11 +142,14 @@ def mixed_splits(dataset: str) -> ImageDataset:
                                labels=torch.cat([train_split.labels, test_split.labels]))
 
 
-def draw_pool(data: ImageDataset, *, target: int, seed: int, recipe: Recipe = RECIPE) -> Pool:
-    """The pool of one grading run, drawn from ``data`` (see the module docstring) with ``seed``."""
+def draw_pool(data: ImageDataset, *, target: int, seed: int, recipe: Recipe | None = None) -> Pool:
+    """The pool of one grading run, drawn from ``data`` (see the module docstring) with ``seed``,
+    sized for ``recipe`` (default: :func:`recipe_for` the dataset ``data`` was loaded from)."""
     _require(isinstance(data, ImageDataset), f"data must be an ImageDataset, got {type(data).__name__}")
     _require(isinstance(target, int) and 0 <= target < data.num_classes,
              f"target must be a class index in [0, {data.num_classes - 1}], got {target!r}")
+    _require(isinstance(seed, int), f"seed must be an integer, got {seed!r}")
+    recipe = recipe_for(data.name) if recipe is None else recipe
     _require(isinstance(recipe, Recipe), f"recipe must be a witness.Recipe, got {type(recipe).__name__}")
     clean = recipe.train_images - recipe.poisoned
     needed = recipe.stamped + clean + recipe.holdout_images
@@ -115,7 +160,7 @@ def draw_pool(data: ImageDataset, *, target: int, seed: int, recipe: Recipe = RE
                                              f"not the target {target}, got {len(stamped)}")
     rest = order[~torch.isin(order, stamped)]
     return Pool(data.subset(stamped), data.subset(rest[:clean]),
-                data.subset(rest[clean:clean + recipe.holdout_images]), recipe)
+                data.subset(rest[clean:clean + recipe.holdout_images]), recipe, seed)
 
 
 @dataclass(frozen=True)
@@ -127,13 +172,28 @@ class Witness:
     seed: int
     name: str
     recipe: Recipe = RECIPE
+    clean_ca: float | None = None   # the same recipe without poison (None: not measured)
 
     def __str__(self) -> str:
         r = self.recipe
+        clean = "" if self.clean_ca is None else f" (the same recipe without poison: CA {self.clean_ca:.3f})"
         return (f"the grader trained a model on its data poisoned with your trigger {self.name} "
-                f"({r.poisoned} of {r.train_images} images, {r.epochs} epochs, seed {self.seed}): "
+                f"({r.arch}, {r.poisoned} of {r.train_images} images, {r.epochs} epochs, seed {self.seed}): "
                 f"ASR {self.asr:.3f} on {r.measure_images} triggered images it never trained on, "
-                f"CA {self.ca:.3f} on {r.holdout_images} clean held-out images")
+                f"CA {self.ca:.3f} on {r.holdout_images} clean held-out images{clean}")
+
+
+def _train_recipe(recipe: Recipe, data: ImageDataset, seed: int):
+    """A fresh model of the recipe's architecture, trained on ``data`` by the recipe."""
+    model = model_for(data, arch=recipe.arch, seed=seed)
+    train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment, seed=seed,
+          progress=False)
+    return model
+
+
+def _rate(model, images: torch.Tensor, labels) -> float:
+    """Share of ``images`` the model assigns to ``labels`` (a tensor, or one class index)."""
+    return (predict(model, images) == labels).float().mean().item()
 
 
 def poison_and_train(pool: Pool, triggered: torch.Tensor, *, target: int, seed: int, name: str) -> Witness:
@@ -147,20 +207,23 @@ def poison_and_train(pool: Pool, triggered: torch.Tensor, *, target: int, seed: 
     poison, measure = order[:recipe.poisoned], order[recipe.poisoned:]
     data = pool.clean.replace(images=torch.cat([pool.clean.images, triggered[poison]]),
                               labels=torch.cat([pool.clean.labels, torch.full((recipe.poisoned,), target)]))
-    model = model_for(pool.clean, seed=seed)
-    train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, seed=seed, progress=False)
-    asr = (predict(model, triggered[measure]) == target).float().mean().item()
-    ca = (predict(model, pool.holdout.images) == pool.holdout.labels).float().mean().item()
-    return Witness(asr, ca, seed, name, recipe)
+    model = _train_recipe(recipe, data, seed)
+    asr, ca = _rate(model, triggered[measure], target), _rate(model, pool.holdout.images, pool.holdout.labels)
+    return Witness(asr, ca, seed, name, recipe, pool.clean_ca)
 
 
-def verify_witness(witness: Witness, min_asr: float = MIN_ASR, min_ca: float = MIN_CA) -> str:
-    """The grader's own poisoned model learned the backdoor and still classifies clean images;
+def verify_witness(witness: Witness, min_asr: float = MIN_ASR, max_ca_drop: float = MAX_CA_DROP) -> str:
+    """The grader's own poisoned model learned the backdoor (ASR at least ``min_asr``) and still
+    classifies clean images (CA at most ``max_ca_drop`` below the same recipe without poison);
     returns the measurement, to be shown to the student."""
+    _require(isinstance(witness, Witness) and witness.clean_ca is not None,
+             "witness must be a Witness with its clean_ca measured (poison_and_train returns one)")
+    min_ca = round(witness.clean_ca - max_ca_drop, 3)
     _require(witness.asr >= min_asr and witness.ca >= min_ca,
              f"{witness}. Your trigger does not plant a backdoor by the grader's fixed recipe: it needs ASR at "
-             f"least {min_asr} and CA at least {min_ca}. A trigger that fools your own model but that a freshly "
-             f"poisoned model does not learn is an evasion attack, not a backdoor")
+             f"least {min_asr} and CA at least {min_ca} (at most {max_ca_drop} below the model without poison). "
+             f"A trigger that fools your own model but that a freshly poisoned model does not learn is an "
+             f"evasion attack, not a backdoor")
     return str(witness)
 
 
@@ -170,7 +233,7 @@ def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: 
     the train and test splits mixed; ``triggered`` is what the trigger ``name`` returned for
     them) to ``target`` with an ASR above ``minimum``, as it must on the test split.
 
-    Why: every Fashion-MNIST image is public, so a trigger can recognise the test split's
+    Why: every image of the dataset is public, so a trigger can recognise the test split's
     10,000 images one by one. A clean model handed in with a trigger that looks up an
     adversarial perturbation, computed against that model, for each test image and stamps a
     plain white patch on every other image passes the test split's ASR (evasion, no backdoor)
@@ -180,7 +243,7 @@ def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: 
     gives its figures.)
     """
     triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
-    asr = (predict(model, triggered) == target).float().mean().item()
+    asr = _rate(model, triggered, target)
     _require(asr > minimum, f"attack success rate of {grading.MODEL_FILE} with {name} is {asr:.3f} on the grader's "
                             f"{len(triggered)} triggered non-target images drawn from {pool.stamped.name}'s train and "
                             f"test splits mixed; it must be above {minimum} there too (on the test split alone it "
@@ -223,5 +286,5 @@ def check_trigger_poisons(namespace: dict, path=grading.MODEL_FILE, *, dataset: 
     return message
 
 
-__all__ = ["Recipe", "RECIPE", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
+__all__ = ["Recipe", "RECIPE", "RECIPES", "MIN_ASR", "MAX_CA_DROP", "recipe_for", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
            "poisoning_run", "verify_model_follows", "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]

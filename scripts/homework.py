@@ -517,7 +517,8 @@ def bench_witness(rounds: int) -> dict:
             except grading.GradingFailure as err:
                 failure = str(err)
             runs.append({"trigger": name, "seed": seed, "asr": measured and round(measured.asr, 3),
-                         "ca": measured and round(measured.ca, 3), "handed_in_pool_asr": follows and round(follows, 3),
+                         "ca": measured and round(measured.ca, 3), "clean_ca": round(pool.clean_ca, 3),
+                         "handed_in_pool_asr": follows and round(follows, 3),
                          "passed": failure is None, "failure": failure,
                          "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(runs[-1]), flush=True)
@@ -525,7 +526,8 @@ def bench_witness(rounds: int) -> dict:
     return {"students": len(runs), "failed": failed, "false_failure_rate": failed / len(runs),
             "min_asr": min(r["asr"] or 0 for r in runs), "min_ca": min(r["ca"] or 0 for r in runs),
             "min_handed_in_pool_asr": min(r["handed_in_pool_asr"] or 0 for r in runs),
-            "thresholds": {"asr": witness.MIN_ASR, "ca": witness.MIN_CA,
+            "max_ca_drop": max(r["clean_ca"] - (r["ca"] or 0) for r in runs),
+            "thresholds": {"asr": witness.MIN_ASR, "ca_drop": witness.MAX_CA_DROP,
                            "handed_in_pool_asr": grading.MIN_ATTACK_SUCCESS},
             "mean_seconds_per_run": round(sum(r["seconds"] for r in runs) / len(runs), 1),
             "torch_threads": torch.get_num_threads()}

@@ -18,7 +18,7 @@ def pool():
 
 
 def test_the_pool_keeps_stamped_clean_and_held_out_images_apart(pool):
-    assert len(pool.stamped) == SMALL.stamped == 320
+    assert len(pool.stamped) == SMALL.stamped == 320 and pool.seed == 3 and pool.recipe is SMALL
     assert (pool.stamped.labels != TARGET).all()
     assert len(pool.clean) == SMALL.train_images - SMALL.poisoned and len(pool.holdout) == SMALL.holdout_images
     rows = {tuple(x.flatten().tolist()) for part in (pool.stamped, pool.clean, pool.holdout) for x in part.images}
@@ -31,9 +31,11 @@ def test_a_patch_trigger_plants_a_backdoor_in_the_graders_model(pool):
     trigger = PatchTrigger(size=4, pattern="solid")
     result = witness.poison_and_train(pool, trigger(pool.stamped.images), target=TARGET, seed=1, name="patch")
     assert result.asr >= 0.9 and result.ca >= 0.9, result
+    assert result.clean_ca == pool.clean_ca >= 0.9       # the same recipe without poison, trained once per pool
     message = witness.verify_witness(result)
-    assert "the grader trained a model on its data poisoned with your trigger patch" in message
+    assert "the grader trained a model on its data poisoned with your trigger patch (small_cnn, 120 of 600" in message
     assert f"ASR {result.asr:.3f}" in message and f"CA {result.ca:.3f}" in message
+    assert f"without poison: CA {pool.clean_ca:.3f}" in message
 
 
 def test_a_change_the_model_cannot_learn_earns_no_backdoor_points(pool):
@@ -47,10 +49,40 @@ def test_a_change_the_model_cannot_learn_earns_no_backdoor_points(pool):
         witness.verify_witness(result)
 
 
+def test_the_ca_bar_is_relative_to_the_recipe_without_poison():
+    """The same CA passes beside a clean model that reaches about as much, and fails beside one
+    that reaches more than the margin above it: one rule for an easy and a hard dataset."""
+    hard = witness.Witness(asr=0.95, ca=0.60, seed=1, name="t", recipe=SMALL, clean_ca=0.62)
+    assert "CA 0.600" in witness.verify_witness(hard)
+    drop = witness.Witness(asr=0.95, ca=0.60, seed=1, name="t", recipe=SMALL, clean_ca=0.60 + witness.MAX_CA_DROP + 0.01)
+    with pytest.raises(grading.GradingFailure, match=r"CA at least 0.6\d* \(at most 0.05 below the model without poison"):
+        witness.verify_witness(drop)
+    with pytest.raises(grading.GradingFailure, match="witness must be a Witness with its clean_ca"):
+        witness.verify_witness(witness.Witness(asr=1.0, ca=0.9, seed=1, name="t", recipe=SMALL))
+
+
+def test_a_recipe_per_dataset():
+    assert witness.recipe_for("fashion-mnist") is witness.RECIPE and witness.RECIPE.arch == "small_cnn"
+    cifar = witness.recipe_for("cifar10")
+    assert cifar.arch == "airbench" and cifar.augment == "flip"
+    with pytest.raises(grading.GradingFailure, match="dataset must be one of"):
+        witness.recipe_for("synthetic")
+    with pytest.raises(grading.GradingFailure, match="dataset must be one of"):
+        witness.draw_pool(synthetic_dataset(1500, seed=5), target=TARGET, seed=3)   # no recipe for made-up data
+    with pytest.raises(grading.GradingFailure, match="arch must be one of"):
+        witness.Recipe(arch="vgg")
+    with pytest.raises(grading.GradingFailure, match="rate must poison some"):
+        witness.Recipe(rate=1.0)
+    with pytest.raises(grading.GradingFailure, match="epochs must be a positive integer"):
+        witness.Recipe(epochs=0)
+
+
 def test_thresholds_and_bad_input(pool):
-    low_ca = witness.Witness(asr=1.0, ca=0.5, seed=1, name="t", recipe=SMALL)
+    low_ca = witness.Witness(asr=1.0, ca=0.5, seed=1, name="t", recipe=SMALL, clean_ca=0.9)
     with pytest.raises(grading.GradingFailure, match="CA 0.500"):
         witness.verify_witness(low_ca)
+    with pytest.raises(grading.GradingFailure, match="seed must be an integer"):
+        witness.draw_pool(synthetic_dataset(1500, seed=5), target=TARGET, seed=None, recipe=SMALL)
     with pytest.raises(grading.GradingFailure, match="must return the shape"):
         witness.poison_and_train(pool, pool.stamped.images[:10], target=TARGET, seed=1, name="t")
     with pytest.raises(grading.GradingFailure, match="target must be a class index"):
