@@ -13,7 +13,7 @@
     python -m course_lib roster ROSTER.csv --course assignments
     python -m course_lib export --course assignments [--to FILE] [--allow-pending]
                                                   nbgrader's steps, run in the course folder from anywhere
-    python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS.md]
+    python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS_DIR]
                                                   the lecture as a static website (Jupyter Book)
 """
 from __future__ import annotations

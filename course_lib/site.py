@@ -12,11 +12,12 @@ the ecosystem's tool, Jupyter Book 1.x (Sphinx + MyST-NB; the optional extra ``s
    the student starts from, with no outputs on them or on their checks, so that no reference
    answer (tests/test_notebooks.py fills them in) reaches the site;
 3. stage them beside the site's own pages (``docs/site/``: its configuration, the front page,
-   the homework page) and, when given, the tournament's results page (``--tournament FILE``);
+   the homework page) and, when given, the tournament's results page (``--tournament DIR``: the
+   folder ``python -m course_lib tournament`` wrote, with its index.html);
 4. run ``jupyter-book build`` and copy the HTML to ``--out``; the build fails if any page loads
    a script, style sheet, font or image from the network (:func:`network_references`).
 
-    python -m course_lib site --out DIR --notebooks EXECUTED_DIR [--tournament RESULTS.md]
+    python -m course_lib site --out DIR --notebooks EXECUTED_DIR [--tournament RESULTS_DIR]
     python -m course_lib site --out DIR --execute [--timeout 900]
 
 (``--lecture DIR`` publishes another folder of stored notebooks instead of ``notebooks/``.)
@@ -42,6 +43,13 @@ JUPYTER_BOOK = "import sys; from jupyter_book.cli.main import main; sys.argv[0] 
 MARKER = ".course-site"           # left in a built site, so that --out only ever replaces a site
 NETWORK_REF = re.compile(r"""<(script|link|img|source|iframe)\b[^>]*?\b(src|href)\s*=\s*["'](https?:)?//""", re.I)
 CSS_NETWORK_REF = re.compile(r"""url\(\s*["']?(https?:)?//""", re.I)
+
+
+TOURNAMENT_PAGE = """# Tournament results
+
+The class tournament (`python -m course_lib tournament`): every student's backdoor against every
+student's detector, scored by the grader. <a href="tournament/index.html">Open the results page</a>.
+"""
 
 
 def lecture_notebooks(folder: Path) -> list[Path]:
@@ -100,11 +108,13 @@ def stage(executed_dir: Path, into: Path, lecture_dir: Path = LECTURE, tournamen
         nbformat.write(publishable(nb, nbformat.read(path, as_version=4)), into / path.name)
         pages.append(path.stem)
     extra = ["homework"]
+    (into / "_extra").mkdir(exist_ok=True)       # copied as is beside the pages (html_extra_path)
     if tournament is not None:
         tournament = Path(tournament)
-        if tournament.suffix != ".md" or not tournament.is_file():
-            raise ValueError(f"tournament: {tournament} is not a Markdown results file (.md)")
-        shutil.copyfile(tournament, into / "tournament.md")
+        if not (tournament / "index.html").is_file():
+            raise ValueError(f"tournament: {tournament} is not a tournament's results folder (no index.html)")
+        shutil.copytree(tournament, into / "_extra" / "tournament")
+        (into / "tournament.md").write_text(TOURNAMENT_PAGE)
         extra.append("tournament")
     toc = ["format: jb-book", "root: intro", "parts:", "  - caption: The lecture", "    chapters:"]
     toc += [f"      - file: {page}" for page in pages]
@@ -180,7 +190,7 @@ def main(argv) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--notebooks", type=Path, help="folder of the executed lecture notebooks")
     source.add_argument("--execute", action="store_true", help="execute the lecture notebooks first")
-    parser.add_argument("--tournament", type=Path, help="the tournament's results page (Markdown)")
+    parser.add_argument("--tournament", type=Path, help="the tournament's results folder (its index.html and images)")
     parser.add_argument("--lecture", type=Path, default=LECTURE, help="the stored lecture notebooks (default: notebooks/)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per notebook with --execute")
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
 The test writes two tiny lecture notebooks (a heading per section, a figure, a printed number,
 an explorer-style static snapshot, an exercise), executes them with nbclient with a secret
 answer filled in and a wrong answer appended (as tests/test_notebooks.py does with the real
-ones), builds the site from them with the command line, a tournament page included, and then
+ones), builds the site from them with the command line, a tournament's results folder
+included, and then
 opens every page in headless Chromium from the disk with every request that is not a file
 blocked: no page may try the network, log a console error or show a broken image; every
 internal link must lead to a page (and an anchor) of the site; each lecture page must show
@@ -11,7 +12,7 @@ the number its executed notebook printed, and no page may hold an answer.
 """
 from __future__ import annotations
 
-import json
+import base64
 import re
 import shutil
 import subprocess
@@ -85,8 +86,11 @@ def site(tmp_path_factory):
     for n in (1, 2):
         nbformat.write(tiny_lecture(n), stored / f"0{n}_tiny.ipynb")
     execute_with_answers(stored, executed)
-    tournament = base / "results.md"
-    tournament.write_text("# Tournament results\n\n| team | score |\n|---|---|\n| red | 0.93 |\n")
+    tournament = base / "tournament"          # what python -m course_lib tournament --out writes
+    tournament.mkdir()
+    (tournament / "heatmap.png").write_bytes(base64.b64decode(PIXEL))
+    (tournament / "index.html").write_text("<!doctype html><html><body><h1>Tournament</h1>"
+                                           "<img src='heatmap.png' alt='heat map'><p>red 0.93</p></body></html>")
     out = base / "html"
     course_main(["site", "--out", str(out), "--notebooks", str(executed), "--lecture", str(stored),
                  "--tournament", str(tournament)])
@@ -95,7 +99,7 @@ def site(tmp_path_factory):
 
 def test_the_site_has_every_page_and_no_answer(site):
     out = site["out"]
-    for page in ("index", "intro", "01_tiny", "02_tiny", "homework", "tournament"):
+    for page in ("index", "intro", "01_tiny", "02_tiny", "homework", "tournament", "tournament/index"):
         assert (out / f"{page}.html").is_file(), page
     assert list((out / "_images").glob("*.png")), "the notebooks' figures are published"
     leaked = [str(f) for f in out.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
@@ -112,7 +116,7 @@ def test_bad_arguments_are_refused_by_name(site, tmp_path):
     with pytest.raises(ValueError, match="notebooks"):
         build_site(site["stored"], tmp_path / "new", lecture_dir=site["stored"])   # stored: no outputs
     with pytest.raises(ValueError, match="tournament"):
-        build_site(site["executed"], tmp_path / "new", lecture_dir=site["stored"], tournament=tmp_path / "mine.txt")
+        build_site(site["executed"], tmp_path / "new", lecture_dir=site["stored"], tournament=tmp_path)
     executed = nbformat.read(site["executed"] / "01_tiny.ipynb", as_version=4)
     with pytest.raises(ValueError, match="stored"):
         publishable(executed, nbformat.v4.new_notebook())
@@ -193,6 +197,6 @@ def test_every_page_opens_offline_in_chromium(site):
                 page.close()
         finally:
             browser.close()
-    assert len(pages) >= 6
+    assert len(pages) >= 7
     assert not problems, "\n".join(problems[:30])
     assert attempted == [], f"pages tried the network: {attempted[:10]}"
