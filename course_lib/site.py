@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LECTURE = ROOT / "notebooks"
 SITE_PAGES = ROOT / "docs" / "site"
 JUPYTER_BOOK = "import sys; from jupyter_book.cli.main import main; sys.argv[0] = 'jupyter-book'; main()"
+# Sphinx's build records, the theme's template macros and its source maps (for debugging the theme's
+# own scripts: half the size of a small site) stay out of the published site.
+NOT_PUBLISHED = (".buildinfo", ".doctrees", "*webpack-macros.html", "*.map")
 MARKER = ".course-site"           # left in a built site, so that --out only ever replaces a site
 NETWORK_REF = re.compile(r"""<(script|link|img|source|iframe)\b[^>]*?\b(src|href)\s*=\s*["'](https?:)?//""", re.I)
 CSS_NETWORK_REF = re.compile(r"""url\(\s*["']?(https?:)?//""", re.I)
@@ -160,7 +163,7 @@ def build_site(executed_dir: Path, out: Path, lecture_dir: Path = LECTURE, tourn
             raise RuntimeError("the site would load from the network:\n" + "\n".join(leaks[:20]))
         if out.exists():
             shutil.rmtree(out)
-        shutil.copytree(html, out, ignore=shutil.ignore_patterns(".buildinfo", ".doctrees", "*webpack-macros.html"))
+        shutil.copytree(html, out, ignore=shutil.ignore_patterns(*NOT_PUBLISHED))
     (out / MARKER).write_text("built by python -m course_lib site\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"out": str(out), "pages": pages + (["homework", "tournament"] if tournament else ["homework"]),
