@@ -142,16 +142,17 @@ def _internal_target(page: Path, href: str, root: Path) -> tuple[Path, str] | No
     return (target / "index.html" if target.is_dir() else target), anchor
 
 
-def test_every_page_opens_offline_in_chromium(site):
-    chromium = _chromium()
+def read_site(out: Path, chromium: Path, expected: dict[str, list[str]]) -> tuple[list[Path], list[str], list[str]]:
+    """Open every page of the site ``out`` from the disk in Chromium, every non-file request blocked.
+
+    Returns the pages, the problems found (console errors, images not loaded, internal links to no
+    page or no anchor, a number of ``expected`` (page name -> numbers) not shown) and the requests
+    that tried the network."""
     from bs4 import BeautifulSoup
     from playwright.sync_api import sync_playwright
 
-    out = site["out"].resolve()
+    out = out.resolve()
     pages = sorted(p for p in out.rglob("*.html") if p.relative_to(out).parts[0] not in ("_static", "_sources"))
-    expected = {f"{p.stem}.html": printed_numbers(nbformat.read(p, as_version=4))
-                for p in site["executed"].glob("*.ipynb")}
-    assert all(expected.values()), "each tiny notebook printed its number"
     attempted, problems = [], []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
@@ -193,10 +194,19 @@ def test_every_page_opens_offline_in_chromium(site):
                 if name.name in expected:
                     text = page.inner_text("main")
                     problems += [f"{name}: printed number {v} missing" for v in expected[name.name] if v not in text]
-                    assert "explorer-snapshot" in page.content()
                 page.close()
         finally:
             browser.close()
+    return pages, problems, attempted
+
+
+def test_every_page_opens_offline_in_chromium(site):
+    expected = {f"{p.stem}.html": printed_numbers(nbformat.read(p, as_version=4))
+                for p in site["executed"].glob("*.ipynb")}
+    assert all(expected.values()), "each tiny notebook printed its number"
+    pages, problems, attempted = read_site(site["out"], _chromium(), expected)
     assert len(pages) >= 7
     assert not problems, "\n".join(problems[:30])
     assert attempted == [], f"pages tried the network: {attempted[:10]}"
+    lecture = (site["out"] / "02_tiny.html").read_text()
+    assert "explorer-snapshot" in lecture and "PSNR 31.4 dB" in lecture
