@@ -23,6 +23,10 @@ c.CourseDirectory.course_id = "adversarial-ml-week4"
 # On JupyterHub with many users, delete this line and use the Hub's shared exchange instead.
 c.Exchange.root = str(Path(__file__).resolve().parent / "exchange")
 
+# Collect copies only each student's own files: never through a link, never a FIFO or a device,
+# and one bad entry in the exchange never stops the others (course_lib/autograde/collect.py).
+c.ExchangeFactory.collect = "course_lib.autograde.collect.SafeCollect"
+
 # What a student's unfinished function raises (nbgrader's default has an empty message).
 c.ClearSolutions.code_stub = {"python": '# YOUR CODE HERE\nraise NotImplementedError("not implemented yet: '
                                         'replace this line with your code")'}

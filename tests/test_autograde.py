@@ -1,6 +1,7 @@
 """The trusted autograder's parts on their own: the sandbox's walls, the harvest's recovery from
 dying and hanging kernels, the verdicts' refusal of unreadable results, the unsafe switch.
 (The whole pipeline, with real cheating students, is tests/test_homework.py's round trip.)"""
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from course_lib.autograde import classroom, resources, sandbox
+from course_lib.autograde import classroom, harvest, resources, sandbox
 from course_lib.autograde.pipeline import NotebookResult
 from course_lib.autograde.preprocessor import UnsafeRefusal, require_sandbox
 from course_lib.autograde.resources import LimitsRefusal
@@ -330,9 +331,10 @@ def test_a_dead_or_deaf_kernel_loses_only_its_own_cell_and_call(tmp_path):
     (inputs / "plans.json").write_text(json.dumps({"demo": calls}))
     argv = [sys.executable, "-m", "course_lib.autograde.harvest", str(sandbox.SANDBOX_ROOT), "demo", "15"]
     binds = ((inputs, sandbox.SANDBOX_ROOT / "in"),)
-    result = sandbox.run(scratch, argv, sandbox.Limits(wall_seconds=300), binds=binds)
+    key = b"k" * 32
+    result = sandbox.run(scratch, argv, sandbox.Limits(wall_seconds=300), binds=binds, stdin=key.hex().encode() + b"\n")
     assert result.returncode == 0, result.stdout
-    out = Outputs(scratch / "out")
+    out = Outputs(scratch / "out", key)
     assert torch.equal(out.result("double"), 2 * torch.arange(4.0))
     assert torch.equal(out.result("triple"), 3 * torch.arange(4.0))
     for name, message in (("die", "died"), ("hang", "did not finish"), ("missing", "defines no function")):
@@ -344,9 +346,12 @@ def test_a_dead_or_deaf_kernel_loses_only_its_own_cell_and_call(tmp_path):
 
 
 def test_unreadable_results_fail_the_test_not_the_grader(tmp_path):
+    key = b"k" * 32
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "link.safetensors").symlink_to("/etc/passwd")
-    out = Outputs(tmp_path)
+    record = {"corrupt": harvest.signature(key, "corrupt", hashlib.sha256(b"\x00" * 100).digest())}
+    (tmp_path / harvest.RECORD).write_text(json.dumps(record))
+    out = Outputs(tmp_path, key)
     with pytest.raises(GradingFailure, match="could not be read back as tensors"):
         out.result("corrupt")
     with pytest.raises(GradingFailure, match="produced no result"):

@@ -3,13 +3,14 @@
 :func:`perform` is the only code the autograder runs in the student's kernel, one call at a
 time (see :mod:`.harvest`). It builds the arguments the grader chose (tensors from files,
 datasets, a fresh model, the grader's own trigger), calls the function, and writes the
-return value as tensors to ``<out>/<call id>.safetensors``. A call with ``"repeat": 2`` calls
+return value as tensors to the file ``out`` that the harvest named for this call. A call with ``"repeat": 2`` calls
 the function twice on the very same argument objects: if the first call modified its input,
 the second sees the damage, which is how the grader tells, from data alone, that a function
 works on a copy.
 
 This code runs next to the student's, so the student can change what it does; that is
-fine, because nothing it writes is believed: the grader checks the data itself.
+fine, because nothing it writes is believed: the harvest signs only what a call left in its
+file by the time the call returned, and the grader checks the data itself.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def as_tensors(result, prefix: str) -> dict:
 
 
 def perform(namespace: dict, call: str, inputs: str, out: str) -> None:
-    """Perform one call of the plan (a JSON string) with the notebook's ``namespace``."""
+    """Perform one call of the plan (a JSON string) with the notebook's ``namespace``; save what
+    it returns to the file ``out``."""
     call = json.loads(call)
     function = namespace.get(call["function"])
     if not callable(function):
@@ -72,4 +74,4 @@ def perform(namespace: dict, call: str, inputs: str, out: str) -> None:
     tensors = {}
     for k in range(call.get("repeat", 1)):
         tensors.update(as_tensors(function(*args, **kwargs), f"call{k}"))
-    save_file(tensors, str(Path(out) / f"{call['id']}.safetensors"))
+    save_file(tensors, str(out))

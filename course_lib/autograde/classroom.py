@@ -36,11 +36,20 @@ import nbformat
 
 from ..checks import check_float, check_int
 from . import sandbox
-from .pipeline import NotebookResult, Settings, cache_key, grade_notebook
-from .preprocessor import UnsafeRefusal, autograde_preprocessors, require_sandbox
+from .course import Course, HandIn, cached_key, one_line
+from .files import valid_student_id
+from .pipeline import NotebookResult, Settings, cache_key, check_sandbox, grade_notebook
+from .preprocessor import UnsafeRefusal, require_sandbox
 from .steps import course_folder
 from .resources import LimitsRefusal, require_controls
 from .workspace import Workspace
+
+
+NEEDS_ATTENTION = 3   # the exit status when a hand-in needs the instructor's attention
+
+
+class SelfCheckFailure(RuntimeError):
+    """The grader's own sandbox failed its known answer: grading would be wrong for everyone."""
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Summary:
     scores: dict = field(default_factory=dict)      # notebook -> (score, max score)
     pending: list = field(default_factory=list)     # notebooks with answers that need manual grading
     timed_out: bool = False                         # a cell, a call or a notebook hit its time limit
+    attention: list = field(default_factory=list)   # what the instructor must look at, one line each
 
 
 def _limit_threads(threads: int) -> None:
@@ -109,113 +119,6 @@ def hit_time_limit(result) -> bool:
     cells = (o.get("ename") for outputs in result.cells.values() for o in outputs)
     return "time limit" in result.note or "CellTimeoutError" in cells or any(
         "CellTimeoutError" in v.message for v in result.verdicts.values() if not v.passed)
-
-
-class Course:
-    """An nbgrader course folder, read through nbgrader's own configuration and gradebook."""
-
-    def __init__(self, root: Path, assignment: str):
-        from nbgrader.apps import NbGraderAPI
-        from nbgrader.coursedir import CourseDirectory
-        from traitlets.config.loader import PyFileConfigLoader
-        self.root, self.assignment = Path(root).resolve(), assignment
-        config = PyFileConfigLoader("nbgrader_config.py", path=str(self.root)).load_config()
-        config.CourseDirectory.root = str(self.root)
-        # Whatever the config file says, this command records results only through TrustedExecute.
-        config.Autograde.autograde_preprocessors = autograde_preprocessors()
-        self.config = config
-        self.coursedir = CourseDirectory(config=config)
-        self.api = NbGraderAPI(coursedir=self.coursedir, config=config)
-
-    def limits(self, threads: int, memory_gb: float | None, disk_gb: float | None,
-               processes: int | None) -> sandbox.Limits:
-        """A sandbox's limits: the arguments given, else the course config's, else the defaults."""
-        config, default = self.config.TrustedExecute, sandbox.Limits()
-        memory_gb = memory_gb if memory_gb is not None else config.get("sandbox_memory_gb")
-        disk_gb = disk_gb if disk_gb is not None else config.get("disk_gb")
-        processes = processes if processes is not None else config.get("processes", default.processes)
-        for name, value in (("memory_gb", memory_gb), ("disk_gb", disk_gb)):
-            if value is not None:
-                check_float(name, value, 0, math.inf, low_open=True)
-        return sandbox.Limits(threads=threads, processes=processes,
-                              sandbox_memory_bytes=int(memory_gb * 2**30) if memory_gb else default.sandbox_memory_bytes,
-                              disk_bytes=int(disk_gb * 2**30) if disk_gb else default.disk_bytes)
-
-    def students(self) -> list[str]:
-        submitted = self.root / self.coursedir.submitted_directory
-        return sorted(p.parent.name for p in submitted.glob(f"*/{self.assignment}") if p.is_dir())
-
-    def notebook_names(self) -> list[str]:
-        from nbgrader.api import Gradebook
-        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
-            return [nb.name for nb in gb.find_assignment(self.assignment).notebooks]
-
-    def stage(self, student: str, staging: Path) -> Path:
-        """The files autograding will see: the submission, with the instructor's non-notebook
-        files copied over it (except ``Autograde.exclude_overwriting``), as nbgrader does."""
-        source = self.root / self.coursedir.source_directory / self.assignment
-        submitted = self.root / self.coursedir.submitted_directory / student / self.assignment
-        keep = set(self.config.Autograde.get("exclude_overwriting", {}).get(self.assignment, []))
-        if staging.exists():
-            shutil.rmtree(staging)
-        shutil.copytree(submitted, staging, symlinks=True, ignore=shutil.ignore_patterns(*self.coursedir.ignore))
-        for path in source.rglob("*"):
-            relative = path.relative_to(source)
-            if path.is_file() and path.suffix != ".ipynb" and str(relative) not in keep and relative.parts[0] != "zoo":
-                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, staging / relative)
-        return staging
-
-    def sanitized(self, student: str, name: str):
-        """The student's notebook after nbgrader's sanitizing steps (instructor's test cells
-        and locked cells restored from the gradebook), or None if it was not handed in."""
-        from nbgrader.preprocessors import (CheckCellMetadata, ClearOutput, DeduplicateIds, OverwriteCells,
-                                            OverwriteKernelspec)
-        path = self.root / self.coursedir.submitted_directory / student / self.assignment / f"{name}.ipynb"
-        if not path.is_file():
-            return None
-        nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
-        resources = {"nbgrader": {"student": student, "assignment": self.assignment, "notebook": name,
-                                  "db_url": self.coursedir.db_url}, "metadata": {"path": str(path.parent)}}
-        for step in (ClearOutput, DeduplicateIds, OverwriteKernelspec, OverwriteCells, CheckCellMetadata):
-            nb, resources = step(config=self.config).preprocess(nb, resources)
-        return nbformat.reads(nbformat.writes(nb), as_version=4)
-
-    def record(self, student: str) -> None:
-        """nbgrader's autograde of one student (results come from the cache), in this process."""
-        self._add_submission(student)
-        result = self.api.autograde(self.assignment, student, force=True, create=True)
-        if not result["success"]:
-            raise RuntimeError(f"nbgrader autograde failed for {student}:\n{result.get('log', '')}\n"
-                               f"{result.get('error', '')}")
-
-    def _add_submission(self, student: str) -> None:
-        """Create a first submission's gradebook entry before nbgrader's autograde does.
-
-        nbgrader's ``Gradebook.add_submission`` builds the submission, its notebooks and grades
-        while the session autoflushes: every lazy load in between flushes a submission that
-        is not in the session yet, and SQLAlchemy 2 warns each time ("SAWarning: Object of type
-        <SubmittedAssignment> not in session"). The same call with autoflush off builds it
-        without a flush; nbgrader then finds the submission and updates it.
-        """
-        from nbgrader.api import Gradebook, MissingEntry
-        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
-            try:
-                gb.find_submission(self.assignment, student)
-                return
-            except MissingEntry:
-                pass
-            gb.update_or_create_student(student)
-            with gb.db.no_autoflush:
-                gb.add_submission(self.assignment, student)
-
-    def scores(self, student: str) -> tuple[dict, list]:
-        """({notebook: (score, max score)}, [notebooks with answers that need manual grading])."""
-        from nbgrader.api import Gradebook
-        with Gradebook(self.coursedir.db_url, self.coursedir.course_id) as gb:
-            submission = gb.find_submission(self.assignment, student)
-            return ({nb.name: (nb.score, nb.max_score) for nb in submission.notebooks},
-                    [nb.name for nb in submission.notebooks if nb.needs_manual_grade])
 
 
 def make_executor(workers: int, dask_scheduler: str | None):
@@ -258,46 +161,108 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     limits = course.limits(threads, memory_gb, disk_gb, processes)
     settings = Settings(cell_timeout, limits, unsafe_no_sandbox)
+    if not unsafe_no_sandbox:
+        self_check(workspace, settings)
     names = course.notebook_names()
-    jobs, summaries = [], {}
+    jobs, summaries, hand_ins = [], {}, {}
     for student in students or course.students():
-        staged = course.stage(student, workspace.root / "staging" / student)
-        notebooks = {n: nb for n in names if (nb := course.sanitized(student, n)) is not None}
-        if not force and _unchanged(course, workspace, student, staged, notebooks, inputs):
-            summaries[student] = Summary(student, skipped=True, failed=_cached_failures(workspace, student, notebooks))
+        hand_in = hand_ins[student] = _prepare(course, workspace, student, names, inputs)
+        if not force and _unchanged(course, workspace, hand_in, inputs):
+            summaries[student] = Summary(student, skipped=True, failed=_cached_failures(workspace, hand_in),
+                                         attention=list(hand_in.problems))
             continue
-        jobs.append(Job(student, str(staged), {n: nbformat.writes(nb) for n, nb in notebooks.items()},
-                        str(course.root), assignment, str(workspace.files.folder), settings, time_limit, threads,
-                        reuse=not force))
+        summaries[student] = Summary(student, attention=list(hand_in.problems))
+        if hand_in.notebooks:
+            jobs.append(Job(student, str(hand_in.staged),
+                            {n: nbformat.writes(nb) for n, nb in hand_in.notebooks.items()}, str(course.root),
+                            assignment, str(workspace.files.folder), settings, time_limit, threads,
+                            reuse=not force))
     timings["prepare"] = time.perf_counter() - start
     _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
     if workers > 1 and len(jobs) > 1:
         _regrade_alone(jobs, summaries)
     timings["grade"] = time.perf_counter() - start - timings["prepare"]
     for student, summary in summaries.items():
+        summary.attention = [*hand_ins[student].problems, *(a for a in summary.attention
+                                                            if a not in hand_ins[student].problems)]
         if not summary.skipped:
-            course.record(student)
-        summary.scores, summary.pending = course.scores(student)
+            _record(course, workspace, hand_ins[student], inputs, summary)
+        try:
+            summary.scores, summary.pending = course.scores(student)
+        except Exception as err:
+            summary.attention.append(f"no grades in the gradebook: {one_line(err)}")
     timings["record"] = time.perf_counter() - start - timings["prepare"] - timings["grade"]
     return [summaries[s] for s in sorted(summaries)]
 
 
-def _unchanged(course, workspace, student, staged, notebooks, inputs) -> bool:
+def _prepare(course: Course, workspace: Workspace, student: str, names: list, inputs: Path) -> HandIn:
+    """One student's hand-in, staged and sanitized, each unreadable notebook given its stand-in
+    (a problem with one hand-in never reaches another's)."""
+    if not valid_student_id(student):
+        hand_in = HandIn(student, problems=["the student id is not a plain name (letters, digits, _ . @ -); "
+                                            "not graded"])
+        hand_in.unreadable = {name: "the student id is not a plain name" for name in names}
+        return hand_in
+    hand_in = course.prepare(student, workspace.root / "staging" / student, names)
+    for name, reason in hand_in.unreadable.items():
+        try:
+            path = course.substitute(hand_in, name, reason, inputs, workspace.cache(student))
+        except Exception as err:
+            path = None
+            hand_in.problems.append(f"{name}.ipynb: no stand-in notebook ({one_line(err)}); left out, scored 0")
+        if path is not None:
+            hand_in.substitutes[name] = path
+    return hand_in
+
+
+def _record(course: Course, workspace: Workspace, hand_in: HandIn, inputs: Path, summary: Summary) -> None:
+    """nbgrader records one student; if it refuses, every notebook is recorded again as its
+    stand-in (all tests 0, the feedback says why), so that the student still has a grade."""
+    if not valid_student_id(hand_in.student):
+        return
+    copies = workspace.root / "recording"
+    try:
+        course.record(hand_in, copies, hand_in.substitutes)
+        return
+    except Exception as err:
+        reason = one_line(err)
+        summary.attention.append(f"{reason}; recorded with every notebook at 0")
+    hand_in.unreadable = {name: f"nbgrader could not record it ({reason[:200]})" for name in course.notebook_names()}
+    try:
+        hand_in.substitutes = {}
+        for name, why in hand_in.unreadable.items():
+            path = course.substitute(hand_in, name, why, inputs, workspace.cache(hand_in.student))
+            if path is not None:
+                hand_in.substitutes[name] = path
+        course.record(hand_in, copies, hand_in.substitutes)
+    except Exception as err:
+        summary.attention.append(f"not recorded at all: {one_line(err)}")
+
+
+def self_check(workspace: Workspace, settings: Settings) -> None:
+    """Before grading anyone: a sandbox must import the kit and run a known answer. A grader
+    that cannot would score every call as "the kernel died" and cache it; this refuses instead
+    (:class:`SelfCheckFailure`, with the sandbox's own words), grading and caching nothing."""
+    problem = check_sandbox(settings)
+    if problem:
+        raise SelfCheckFailure(f"the grading sandbox does not work here, so nobody was graded and nothing was "
+                               f"cached: {problem}")
+
+
+def _unchanged(course: Course, workspace: Workspace, hand_in: HandIn, inputs: Path) -> bool:
     """Graded before, and every notebook's cached result still matches its inputs."""
-    if not (course.root / course.coursedir.autograded_directory / student / course.assignment).is_dir():
+    if hand_in.unreadable or hand_in.staged is None:
         return False
-    cache = workspace.cache(student)
-    for name, nb in notebooks.items():
-        cached = cache / f"{name}.json"
-        if not cached.is_file() or json.loads(cached.read_text())["key"] != cache_key(nb, staged, inputs):
-            return False
-    return True
+    if not (course.root / course.coursedir.autograded_directory / hand_in.student / course.assignment).is_dir():
+        return False
+    cache = workspace.cache(hand_in.student)
+    return all(cached_key(cache, name) == cache_key(nb, hand_in.staged, inputs) for name, nb in hand_in.notebooks.items())
 
 
-def _cached_failures(workspace, student, notebooks) -> list:
+def _cached_failures(workspace: Workspace, hand_in: HandIn) -> list:
     """The grade ids that failed in a student's cached results (a skipped student's row lists them too)."""
-    cache = workspace.cache(student)
-    return [grade_id for name in notebooks
+    cache = workspace.cache(hand_in.student)
+    return [grade_id for name in hand_in.notebooks
             for grade_id, verdict in NotebookResult.from_json((cache / f"{name}.json").read_text()).verdicts.items()
             if not verdict.passed]
 
@@ -389,13 +354,26 @@ def main(argv=None) -> None:
                                     unsafe_no_sandbox=args.unsafe_no_sandbox, progress=not args.json,
                                     students=args.student, memory_gb=args.memory_gb, disk_gb=args.disk_gb,
                                     processes=args.processes, unsafe_no_limits=args.unsafe_no_limits)
-    except (ValueError, TypeError, UnsafeRefusal, LimitsRefusal) as err:
+    except (ValueError, TypeError, UnsafeRefusal, LimitsRefusal, SelfCheckFailure) as err:
         parser.error(str(err))
     if args.json:
         for s in summaries:
             print(json.dumps({"student": s.student, "scores": s.scores, "seconds": round(s.seconds, 2),
                               "failed": s.failed, "notes": s.notes, "skipped": s.skipped,
-                              "needs_manual_grading": s.pending}))
+                              "needs_manual_grading": s.pending, "needs_attention": s.attention}))
     else:
         print(table(summaries))
         print(f"{len(summaries)} students in {time.perf_counter() - start:.1f} s")
+    print(attention_report(summaries), file=sys.stderr if args.json else sys.stdout)
+    if any(s.attention for s in summaries):
+        sys.exit(NEEDS_ATTENTION)
+
+
+def attention_report(summaries: list[Summary]) -> str:
+    """One line per hand-in problem, and the count: the end of every class run."""
+    flagged = [s for s in summaries if s.attention]
+    if not flagged:
+        return "every hand-in was graded and recorded; none needs attention"
+    lines = [f"{s.student}: {line}" for s in flagged for line in s.attention]
+    return "\n".join([f"NEEDS ATTENTION: {len(flagged)} of {len(summaries)} hand-ins "
+                      f"({', '.join(s.student for s in flagged)})", *lines])

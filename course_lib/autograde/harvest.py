@@ -9,8 +9,15 @@ with ``NOTEBOOK.ipynb``), ``in/`` (the grader's inputs and ``plans.json``, read-
    autograder's test cells (those are decided outside, by :mod:`.verdicts`), with a time
    limit per cell; it records each cell's outputs for the student's feedback;
 2. performs every call of the plan in that kernel (:func:`.calls.perform`): each writes the
-   function's return value as tensors to ``out/<call id>.safetensors``, or its error to
-   ``out/<call id>.error.txt``.
+   function's return value as tensors to a file whose name is drawn at random just before the
+   call; when the call has returned in time, this program copies that file to
+   ``out/<call id>.safetensors`` and *signs* the copy (an HMAC with a key the grader passed
+   on stdin, which student code never sees: it is read before any kernel starts, and this
+   process is made non-dumpable so that processes of the same uid cannot read its memory).
+   A call that raised, hung or killed its kernel gets ``out/<call id>.error.txt`` and no
+   signature. The grader believes a result only with its signature (:mod:`.verdicts`): a file
+   that student code wrote before the call, after it, or for a call that failed counts for
+   nothing.
 
 A cell or a call that kills its kernel, or hangs and ignores the interrupt, loses only
 itself: the kernel is restarted, the cells that completed before are replayed, and the next
@@ -19,7 +26,13 @@ as plain data and decides every score itself.
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import hmac
 import json
+import os
+import secrets
+import stat
 import sys
 import time
 from pathlib import Path
@@ -161,30 +174,88 @@ def execute_cells(session: Session, notebook) -> dict:
     return outputs
 
 
-def perform_calls(session: Session, calls: list, inputs: Path, out: Path) -> None:
-    """Each call of the plan; a call's error (or hang, or death) goes to ``<id>.error.txt``."""
+RECORD = "record.json"     # {call id: signature} of the calls that returned in time
+
+
+def signature(key: bytes, call_id: str, digest: bytes) -> str:
+    """The HMAC-SHA256 that vouches for one call's result file (``digest``: its SHA-256)."""
+    return hmac.new(key, call_id.encode() + b"\0" + digest, hashlib.sha256).hexdigest()
+
+
+def _take_result(pending: Path, final: Path) -> bytes | None:
+    """Copy the call's result file to ``final`` (new, never through a link); its SHA-256, or
+    None if the call left no regular file."""
+    try:
+        source = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    try:
+        if not stat.S_ISREG(os.fstat(source).st_mode):
+            return None
+        final.unlink(missing_ok=True)
+        target = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            while chunk := os.read(source, 1 << 20):
+                digest.update(chunk)
+                os.write(target, chunk)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
+    return digest.digest()
+
+
+def perform_calls(session: Session, calls: list, inputs: Path, out: Path, key: bytes) -> dict:
+    """Each call of the plan; returns {call id: signature} of those that returned in time. A
+    call's error (or hang, or death) goes to ``<id>.error.txt``."""
+    record, pending = {}, out.parent / "tmp"
     for call in calls:
+        target = pending / f"result-{secrets.token_hex(16)}.safetensors"
         code = (f"__import__('course_lib.autograde.calls', fromlist=['perform']).perform("
-                f"globals(), {json.dumps(call)!r}, {str(inputs)!r}, {str(out)!r})")
+                f"globals(), {json.dumps(call)!r}, {str(inputs)!r}, {str(target)!r})")
         status, outputs = session.run(code, call.get("timeout", session.cell_timeout), keep=False)
-        if status != "ok":
+        digest = _take_result(target, out / f"{call['id']}.safetensors") if status == "ok" else None
+        if digest is not None:
+            record[call["id"]] = signature(key, call["id"], digest)
+        else:
             errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+            (out / f"{call['id']}.safetensors").unlink(missing_ok=True)
             (out / f"{call['id']}.error.txt").write_text((errors[-1] if errors else status)[:2000])
+    return record
+
+
+def _private() -> bytes:
+    """The grader's key from stdin (then stdin is closed, so no kernel inherits it), and this
+    process made non-dumpable: same-uid processes cannot ptrace it or read its memory."""
+    key = bytes.fromhex(sys.stdin.readline().strip() or "00")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)     # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
+    return key
 
 
 def main(argv=None) -> None:
+    key = _private()
     root, name, cell_timeout = (argv or sys.argv[1:])[:3]
     root = Path(root)
     inputs, out = root / "in", root / "out"
     calls = json.loads((inputs / "plans.json").read_text()).get(name, [])
     notebook = nbformat.read(root / "work" / f"{name}.ipynb", as_version=4)
     session = Session(float(cell_timeout))
+    record = {}
     try:
         outputs = execute_cells(session, notebook)
         (out / "cells.json").write_text(json.dumps({str(k): v for k, v in outputs.items()}))
-        perform_calls(session, calls, inputs, out)
+        record = perform_calls(session, calls, inputs, out, key)
     finally:
         session.kernel.shutdown()
+        (out / RECORD).unlink(missing_ok=True)
+        (out / RECORD).write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 import sys
 import tempfile
@@ -122,22 +123,56 @@ def _harvest_argv(root: Path, name: str, settings: Settings) -> list[str]:
     return [sys.executable, "-m", "course_lib.autograde.harvest", str(root), name, str(settings.cell_timeout)]
 
 
-def run_in_sandbox(scratch: Path, inputs: Path, zoo: Path | None, name: str, settings: Settings) -> sandbox.Result:
+def run_in_sandbox(scratch: Path, inputs: Path, zoo: Path | None, name: str, settings: Settings,
+                   key: bytes) -> sandbox.Result:
     """Run the harvest for notebook ``name`` over ``scratch``: sandboxed, or (unsafe) as a plain
-    child process with the same limits, a fresh HOME and a cleaned environment."""
+    child process with the same limits, a fresh HOME and a cleaned environment. ``key`` signs
+    the results (the harvest reads it on stdin)."""
+    stdin = key.hex().encode() + b"\n"
     if not settings.unsafe_no_sandbox:
         extra = [(inputs, sandbox.SANDBOX_ROOT / "in")]
         if zoo is not None and zoo.is_dir():
             extra.append((zoo, sandbox.SANDBOX_ROOT / "work" / "zoo"))
         return sandbox.run(scratch, _harvest_argv(sandbox.SANDBOX_ROOT, name, settings), settings.limits,
-                           binds=tuple(extra))
+                           binds=tuple(extra), stdin=stdin)
     (scratch / "in").rmdir()
     (scratch / "in").symlink_to(inputs)
     if zoo is not None and zoo.is_dir():
         (scratch / "work" / "zoo").symlink_to(zoo)
     env = sandbox.environment(settings.limits, {"HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"),
                                                 "MPLCONFIGDIR": str(scratch / "tmp")})
-    return sandbox.run_unsandboxed(scratch, _harvest_argv(scratch, name, settings), settings.limits, env)
+    return sandbox.run_unsandboxed(scratch, _harvest_argv(scratch, name, settings), settings.limits, env, stdin)
+
+
+SELF_CHECK = ("import course_lib.grading, course_lib.autograde.calls\nimport torch\n\n"
+              "def add_one(x):\n    return torch.tensor([x + 1])\n")
+
+
+def check_sandbox(settings: Settings) -> str:
+    """Run a known answer through the whole harvest, sandboxed as a student's notebook is: a
+    kernel that imports the kit, one call whose result must come back as 42. Returns "" if it
+    did, else what went wrong, in the sandbox's own words."""
+    from .verdicts import Outputs
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SELF_CHECK)])
+    with tempfile.TemporaryDirectory(prefix="course-selfcheck-") as tmp:
+        scratch, inputs = Path(tmp) / "scratch", Path(tmp) / "inputs"
+        inputs.mkdir()
+        (inputs / "plans.json").write_text(json.dumps({"selfcheck": [
+            {"id": "selfcheck.0", "function": "add_one", "args": [{"value": 41}]}]}))
+        sandbox.prepare(scratch)
+        nbformat.write(nb, scratch / "work" / "selfcheck.ipynb")
+        key = secrets.token_bytes(32)
+        ran = run_in_sandbox(scratch, inputs, None, "selfcheck", settings, key)
+        try:
+            value = Outputs(scratch / "out", key).result("selfcheck.0")
+            if value.tolist() == [42]:
+                return ""
+            problem = f"the known answer came back as {value.tolist()!r}"
+        except Exception as err:
+            problem = str(err)
+        cells = (read_regular_file(scratch / "out" / "cells.json", 2**20) or b"").decode(errors="replace")
+        console = " ".join(ran.stdout.split())[-1500:]
+        return f"{problem} (exit status {ran.returncode}; cell outputs: {cells[-1500:] or 'none'}; console: {console or 'empty'})"
 
 
 def safe_outputs(outputs: list) -> list:
@@ -192,7 +227,8 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
         scratch = Path(tmp)
         sandbox.prepare(scratch)
         _copy_submission(folder, scratch / "work", nb, name)
-        ran = run_in_sandbox(scratch, inputs, zoo, name, settings)
+        key = secrets.token_bytes(32)
+        ran = run_in_sandbox(scratch, inputs, zoo, name, settings, key)
         result.sandbox_seconds, result.usage = ran.seconds, ran.usage
         if ran.timed_out:
             result.note = f"the notebook was stopped at the time limit ({settings.limits.wall_seconds:g} s)"
@@ -202,7 +238,7 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
         except (ValueError, RecursionError):     # the student's outputs, unreadable: shown as none
             raw = {}
         result.cells = {str(k): safe_outputs(v) for k, v in raw.items() if str(k).isdigit()}
-        result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out"), folder, files, inputs))
+        result.verdicts = decide(test_cells(nb), Context(Outputs(scratch / "out", key), folder, files, inputs))
         exhausted = ran.exhausted(settings.limits)
         if exhausted:
             result.note = exhausted

@@ -188,6 +188,9 @@ def environment(limits: Limits, extra: dict | None = None) -> dict:
     threads = str(limits.threads)
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(SANDBOX_ROOT / "home"),
            "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           # never import from the working folder (the hand-in): a file named like a module
+           # there must not replace that module in the harvest or the kernel
+           "PYTHONSAFEPATH": "1",
            "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp", "NBGRADER_EXECUTION": "autograde",
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "TORCH_NUM_THREADS": threads, "JUPYTER_PLATFORM_DIRS": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
@@ -269,14 +272,15 @@ def lost_controls() -> dict:
 
 
 def run(scratch: Path, argv: list[str], limits: Limits = Limits(), env: dict | None = None,
-        binds: tuple = (), controls: bool = True) -> Result:
+        binds: tuple = (), controls: bool = True, stdin: bytes = b"") -> Result:
     """Run ``argv`` in a sandbox; kill everything it started when it ends; its ``out/`` lands
     in ``scratch/out``.
 
     The scratch folder must have been made by :func:`prepare`, with the submission in
     ``scratch/work``. Never raises for what happens inside: a crash, a hang (killed after
     ``limits.wall_seconds``) or a kill is reported in the :class:`Result`. ``controls=False``
-    leaves out the control group and the uid (only to measure what they cost).
+    leaves out the control group and the uid (only to measure what they cost). ``stdin`` is
+    what the command reads on its standard input (the harvest's signing key).
     """
     scratch = Path(scratch)
     lost = lost_controls() if controls else {name: "not asked for" for name in resources.LOSSES}
@@ -296,16 +300,16 @@ def run(scratch: Path, argv: list[str], limits: Limits = Limits(), env: dict | N
         read_end, write_end = os.pipe()
         cmd = [*prefix, *cmd, str(write_end), f"{limits.wall_seconds:g}", "-" if uid is None else str(uid), *argv]
         result = _run(cmd, limits, processes=None if uid is None else limits.processes, pass_fds=(write_end,),
-                      export=(read_end, write_end, scratch / "out"))
+                      export=(read_end, write_end, scratch / "out"), stdin=stdin)
         if group is not None:
             result.usage.update(group.peak())
         return result
 
 
-def run_unsandboxed(scratch: Path, argv: list[str], limits: Limits, env: dict) -> Result:
+def run_unsandboxed(scratch: Path, argv: list[str], limits: Limits, env: dict, stdin: bytes = b"") -> Result:
     """``argv`` as a plain child process in ``scratch`` with the same per-process limits: the
     instructor's explicit, unsafe fallback where no sandbox can be made (see ``UNSAFE_LOSSES``)."""
-    return _run(argv, limits, cwd=Path(scratch) / "work", env=env)
+    return _run(argv, limits, cwd=Path(scratch) / "work", env=env, stdin=stdin)
 
 
 class _Capped:
@@ -351,11 +355,19 @@ def _console(handle, report: dict) -> None:
 
 
 def _run(cmd: list[str], limits: Limits, cwd: Path | None = None, env: dict | None = None,
-         processes: int | None = None, pass_fds: tuple = (), export: tuple | None = None) -> Result:
+         processes: int | None = None, pass_fds: tuple = (), export: tuple | None = None,
+         stdin: bytes = b"") -> Result:
     start = time.perf_counter()
     grace = EXPORT_GRACE if export else 0.0
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                preexec_fn=_set_limits(limits, processes), cwd=cwd, env=env, pass_fds=pass_fds)
+    if stdin:
+        try:
+            process.stdin.write(stdin)
+            process.stdin.close()
+        except OSError:       # the sandbox ended before reading it: its results are unsigned
+            pass
     report = {}
     threads = [threading.Thread(target=_console, args=(process.stdout, report), daemon=True)]
     if export:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import hmac
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from .. import grading, witness
 from ..data import ImageDataset, load_dataset
 from ..grading import GradingFailure
+from .harvest import RECORD, signature
 from .plan import CONTRACT_IMAGES, POISON_CASES, TARGET, poison_case_data, witness_pool
 
 MAX_OUTPUT_BYTES = 512 * 2**20
@@ -50,13 +54,30 @@ def read_regular_file(path: Path, max_bytes: int = MAX_OUTPUT_BYTES) -> bytes | 
 
 
 class Outputs:
-    """What the sandbox wrote: one result (or error) per call."""
+    """What the sandbox wrote: one result (or error) per call. A result counts only with the
+    harvest's signature for that call (``key``: the run's signing key, see :mod:`.harvest`)."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, key: bytes):
+        self.folder, self.key = Path(folder), key
+        record = read_regular_file(self.folder / RECORD, 2**20)
+        try:
+            self.record = json.loads(record) if record else {}
+        except (ValueError, RecursionError):
+            self.record = {}
+        if not isinstance(self.record, dict):
+            self.record = {}
+
+    def signed(self, call_id: str, data: bytes) -> bool:
+        """Whether ``data`` is what the harvest took from the call ``call_id`` when it returned."""
+        expected = signature(self.key, call_id, hashlib.sha256(data).digest())
+        return hmac.compare_digest(str(self.record.get(call_id, "")), expected)
 
     def tensors(self, call_id: str) -> dict:
         data = read_regular_file(self.folder / f"{call_id}.safetensors")
+        if data is not None and not self.signed(call_id, data):
+            raise GradingFailure(f"{_call_text(call_id)} has no result of its own: the file the grader found was "
+                                 f"not what the call returned when it finished (written before or after the call, "
+                                 f"or for a call that failed), so it was ignored")
         if data is not None:
             try:
                 return load_safetensors(data)
