@@ -13,6 +13,8 @@
     python -m course_lib roster ROSTER.csv --course assignments
     python -m course_lib export --course assignments [--to FILE] [--allow-pending]
                                                   nbgrader's steps, run in the course folder from anywhere
+    python -m course_lib tournament week4 --course assignments [--workers N] [--dask-scheduler ADDRESS] [--out DIR]
+                                                  the class tournament, after autograding (docs/tournament.md)
     python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS_DIR]
                                                   the lecture as a static website (Jupyter Book)
 """
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
         from .site import main as run
     elif command == "autograde":
         from .autograde.classroom import main as run
+    elif command == "tournament":
+        from .tournament.command import main as run
     elif command in STEPS:
         from functools import partial
 

@@ -1,0 +1,165 @@
+"""Arenas: one poisoned training set and its freshly trained model per attack, built by the grader.
+
+Every attack of the tournament meets the detectors on the same footing, the grader's own
+poisoning run (:mod:`course_lib.witness`, BadNets done by the grader, Gu et al. 2017): a pool
+of images drawn with the tournament seed, the attack's trigger applied to its stamped images
+(a student's in the grading sandbox, a house family here), a share of them relabelled to the
+target and mixed into clean training images, a fresh small CNN trained by the fixed
+:data:`course_lib.witness.RECIPE`. What the arena keeps is what the detectors and the scores
+need: the training set (its order shuffled, so that no position gives a poisoned sample
+away), the model, its penultimate activations, its clean accuracy (CA) and attack success
+rate (ASR), the trigger's stealth (PSNR, SSIM) and the **ground truth**: which samples are
+poisoned. The ground truth stays in the grader's process and on its disk; a detector is
+handed the activations and the labels only.
+
+The house clean-label arena follows Turner et al. 2019 (:func:`course_lib.attacks.label_consistent`):
+target-class images made hard on a surrogate model, stamped, labels kept.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import grading, witness
+from ..attacks import label_consistent
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..data import ImageDataset
+from ..defenses.activations import extract_features
+from ..defenses.matrix import family_trigger
+from ..metrics import stealth_summary
+from ..models import model_for
+from ..train import predict, train
+
+HOUSE_FAMILIES = ("checkerboard", "blend", "sig", "wanet", "corners", "clean_label")
+CLEAN_LABEL_SHARE = 0.5        # share of the target-class training images the clean-label attack poisons
+CLEAN_LABEL_EPS = 32 / 255     # its PGD budget on the surrogate (as in the detection matrix)
+STEALTH_IMAGES = 200           # triggered images PSNR and SSIM are averaged over
+KEPT_MEASURE_IMAGES = 300      # triggered held-out images kept for the model-level defenses
+
+
+@dataclass
+class Arena:
+    """One attack's arena. ``truth`` (a boolean mask over ``data``) never leaves the grader."""
+
+    name: str                   # "house:checkerboard" or "student:<id>"
+    data: ImageDataset          # the poisoned training set, shuffled
+    truth: torch.Tensor         # which samples of ``data`` are poisoned
+    model: torch.nn.Module
+    features: torch.Tensor      # model.features of ``data`` (N, D)
+    ca: float
+    asr: float
+    stealth: dict               # {"psnr": ..., "ssim": ...}
+    example: torch.Tensor       # (2, C, H, W): one clean image and the same image triggered
+    measure: torch.Tensor       # triggered held-out images (model-level defenses)
+    info: dict = field(default_factory=dict)   # seed, recipe, target, poisoned count
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(":", 1)[0]
+
+
+def _train_recipe(recipe: witness.Recipe, data: ImageDataset, seed: int):
+    """A fresh model of the recipe's architecture, trained on ``data`` by the recipe (as the grader's run)."""
+    model = model_for(data, arch=recipe.arch, seed=seed)
+    train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment, seed=seed,
+          progress=False)
+    return model.eval()
+
+
+def _check_pool(pool) -> None:
+    if not isinstance(pool, witness.Pool):
+        raise TypeError(f"pool must be a witness.Pool, got {type(pool).__name__}")
+
+
+def _finish(name: str, pool: witness.Pool, images, labels, truth, triggered, measure, *, target: int,
+            seed: int) -> Arena:
+    """Shuffle the training set, train the recipe's model on it, measure CA and ASR, keep the rest."""
+    recipe = pool.recipe
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))
+    data = pool.clean.replace(images=images[order], labels=labels[order])
+    truth = truth[order]
+    model = _train_recipe(recipe, data, seed)
+    asr = (predict(model, triggered[measure]) == target).float().mean().item()
+    ca = (predict(model, pool.holdout.images) == pool.holdout.labels).float().mean().item()
+    clean = pool.stamped.images[:STEALTH_IMAGES]
+    stealth = {k: round(v, 3) for k, v in stealth_summary(clean, triggered[:STEALTH_IMAGES]).items()}
+    info = {"seed": seed, "target": target, "poisoned": int(truth.sum()), "train_images": len(data),
+            "recipe": {k: getattr(recipe, k) for k in ("arch", "train_images", "rate", "epochs", "batch_size")}}
+    return Arena(name, data, truth, model, extract_features(model, data.images, progress=False), ca, asr, stealth,
+                 torch.stack([pool.stamped.images[0], triggered[0]]),
+                 triggered[measure][:KEPT_MEASURE_IMAGES].clone(), info)
+
+
+def dirty_label_arena(name: str, pool: witness.Pool, triggered: torch.Tensor, *, target: int, seed: int) -> Arena:
+    """The grader's poisoning run (as :func:`course_lib.witness.poison_and_train`) with ``triggered``,
+    what a trigger returned for ``pool.stamped.images``, keeping the model and the ground truth."""
+    _check_pool(pool)
+    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    recipe = pool.recipe
+    order = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(seed))
+    poison, measure = order[:recipe.poisoned], order[recipe.poisoned:]
+    images = torch.cat([pool.clean.images, triggered[poison]])
+    labels = torch.cat([pool.clean.labels, torch.full((recipe.poisoned,), target, dtype=pool.clean.labels.dtype)])
+    truth = torch.cat([torch.zeros(len(pool.clean), dtype=torch.bool), torch.ones(recipe.poisoned, dtype=torch.bool)])
+    return _finish(name, pool, images, labels, truth, triggered, measure, target=target, seed=seed)
+
+
+def clean_label_arena(pool: witness.Pool, *, target: int, seed: int) -> Arena:
+    """Turner et al.'s label-consistent attack with a 5x5 checkerboard, on the recipe's training set:
+    the pool's clean images plus as many of its unstamped non-target images, target images made
+    hard by PGD on a surrogate trained by the same recipe, stamped, labels kept."""
+    _check_pool(pool)
+    recipe, trigger = pool.recipe, family_trigger("clean_label")
+    order = torch.randperm(len(pool.stamped), generator=torch.Generator().manual_seed(seed))
+    filler, measure = order[:recipe.poisoned], order[recipe.poisoned:]
+    base = pool.clean.replace(images=torch.cat([pool.clean.images, pool.stamped.images[filler]]),
+                              labels=torch.cat([pool.clean.labels, pool.stamped.labels[filler]]))
+    surrogate = _train_recipe(recipe, base, seed + 2)
+    poison = label_consistent(base, trigger=trigger, target=target, rate=CLEAN_LABEL_SHARE, surrogate=surrogate,
+                              eps=CLEAN_LABEL_EPS, seed=seed, progress=False)
+    truth = torch.zeros(len(base), dtype=torch.bool)
+    truth[poison.indices] = True
+    triggered = trigger(pool.stamped.images)
+    return _finish("house:clean_label", pool, poison.dataset.images, poison.dataset.labels, truth, triggered,
+                   measure, target=target, seed=seed)
+
+
+def house_arena(family: str, pool: witness.Pool, *, target: int, seed: int) -> Arena:
+    """The arena of one of the kit's trigger families (:data:`HOUSE_FAMILIES`)."""
+    if family not in HOUSE_FAMILIES:
+        raise ValueError(f"family must be one of {HOUSE_FAMILIES}, got {family!r}")
+    if family == "clean_label":
+        return clean_label_arena(pool, target=target, seed=seed)
+    return dirty_label_arena(f"house:{family}", pool, family_trigger(family)(pool.stamped.images), target=target,
+                             seed=seed)
+
+
+# ---------------------------------------------------------------- storage (plain data only)
+
+def save(arena: Arena, folder: Path) -> None:
+    """Write ``arena`` to ``folder``: tensors as safetensors, the model as a checkpoint, the rest as JSON."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"images": arena.data.images.contiguous(), "labels": arena.data.labels.contiguous(),
+               "truth": arena.truth.contiguous(), "features": arena.features.contiguous(),
+               "example": arena.example.contiguous(), "measure": arena.measure.contiguous()},
+              str(folder / "arena.safetensors"))
+    save_checkpoint(arena.model, folder / "model.safetensors", dataset=arena.data.name, classes=arena.data.classes)
+    (folder / "arena.json").write_text(json.dumps({"name": arena.name, "ca": arena.ca, "asr": arena.asr,
+                                                   "stealth": arena.stealth, "info": arena.info}))
+
+
+def load(folder: Path) -> Arena:
+    """An arena written by :func:`save` (no code is executed: safetensors and JSON)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "arena.json").read_text())
+    tensors = load_file(str(folder / "arena.safetensors"))
+    model, ckpt = load_checkpoint(folder / "model.safetensors")
+    model.eval()
+    data = ImageDataset(tensors["images"], tensors["labels"], tuple(ckpt["classes"]), ckpt["dataset"])
+    return Arena(meta["name"], data, tensors["truth"], model, tensors["features"], meta["ca"], meta["asr"],
+                 meta["stealth"], tensors["example"], tensors["measure"], meta["info"])
