@@ -105,6 +105,13 @@ def test_the_site_has_every_page_and_no_answer(site):
     leaked = [str(f) for f in out.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
     assert not leaked, f"an exercise's answer reached the site: {leaked}"
     assert network_references(out) == []
+    from bs4 import BeautifulSoup
+    page = BeautifulSoup((out / "01_tiny.html").read_text(), "html.parser")
+    nav = [a.get_text(strip=True) for a in page.select("nav.bd-docs-nav a")]
+    assert nav[:2] == ["Week 4 · 1. Tiny lecture 1", "Week 4 · 2. Tiny lecture 2"], nav   # the lecture's order
+    assert nav[2].startswith("Homework") and nav[3] == "Tournament results", nav
+    sections = [a.get_text(strip=True) for a in page.select(".bd-toc a")]
+    assert sections == ["1. A figure", "2. A measured number", "Exercises"], sections   # the lecture's sections
     homework = (out / "homework.html").read_text()
     assert "backdoor_model.safetensors" in homework and "hidden tests" in homework
 
