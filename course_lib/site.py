@@ -139,7 +139,8 @@ def network_references(html_dir: Path) -> list[str]:
 
 
 def build_site(executed_dir: Path, out: Path, lecture_dir: Path = LECTURE, tournament: Path | None = None) -> dict:
-    """Build the website into ``out`` from the executed notebooks; return what was built.
+    """Build the website into ``out`` from the executed notebooks; return what was built (pages,
+    seconds, megabytes, and the book tool's warnings).
 
     ``out`` must be absent, empty, or a site built before (it holds the marker file), so that a
     mistyped path never deletes anything else.
@@ -157,6 +158,7 @@ def build_site(executed_dir: Path, out: Path, lecture_dir: Path = LECTURE, tourn
                                "--builder", "html", "--keep-going"], capture_output=True, text=True)
         if book.returncode != 0:
             raise RuntimeError(f"jupyter-book build failed:\n{book.stdout[-4000:]}\n{book.stderr[-4000:]}")
+        warnings = [line for line in book.stdout.splitlines() + book.stderr.splitlines() if "WARNING" in line]
         html = Path(tmp) / "_build" / "html"
         leaks = network_references(html)
         if leaks:
@@ -167,7 +169,8 @@ def build_site(executed_dir: Path, out: Path, lecture_dir: Path = LECTURE, tourn
     (out / MARKER).write_text("built by python -m course_lib site\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"out": str(out), "pages": pages + (["homework", "tournament"] if tournament else ["homework"]),
-            "seconds": round(time.perf_counter() - start, 1), "megabytes": round(size / 2**20, 1)}
+            "seconds": round(time.perf_counter() - start, 1), "megabytes": round(size / 2**20, 1),
+            "warnings": warnings}
 
 
 def execute_lecture(into: Path, lecture_dir: Path = LECTURE, timeout: float = 900) -> Path:

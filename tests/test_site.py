@@ -13,6 +13,7 @@ the number its executed notebook printed, and no page may hold an answer.
 from __future__ import annotations
 
 import base64
+import math
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import nbformat
 import pytest
 
 from course_lib.__main__ import main as course_main
-from course_lib.site import build_site, network_references, publishable
+from course_lib.site import build_site, main as site_main, network_references, publishable
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -92,13 +93,28 @@ def site(tmp_path_factory):
     (tournament / "index.html").write_text("<!doctype html><html><body><h1>Tournament</h1>"
                                            "<img src='heatmap.png' alt='heat map'><p>red 0.93</p></body></html>")
     out = base / "html"
-    course_main(["site", "--out", str(out), "--notebooks", str(executed), "--lecture", str(stored),
-                 "--tournament", str(tournament)])
-    return {"out": out, "executed": executed, "stored": stored, "base": base}
+    built = site_main(["--out", str(out), "--notebooks", str(executed), "--lecture", str(stored),
+                       "--tournament", str(tournament)])
+    return {"out": out, "executed": executed, "stored": stored, "base": base, "built": built}
+
+
+def test_the_command_line_names_the_site_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        course_main(["site", "--help"])
+    assert done.value.code == 0 and "--notebooks" in capsys.readouterr().out
+
+
+def test_execute_builds_the_site_from_the_stored_notebooks(site, tmp_path):
+    built = site_main(["--out", str(tmp_path / "html"), "--execute", "--lecture", str(site["stored"]),
+                       "--timeout", "120"])
+    assert built["pages"] == ["01_tiny", "02_tiny", "homework"] and built["warnings"] == []
+    page = (tmp_path / "html" / "02_tiny.html").read_text()
+    assert f"clean accuracy {math.sqrt(2 / 7):.6f}" in page     # printed by the run the command made
 
 
 def test_the_site_has_every_page_and_no_answer(site):
     out = site["out"]
+    assert site["built"]["warnings"] == [], site["built"]["warnings"]
     for page in ("index", "intro", "01_tiny", "02_tiny", "homework", "tournament", "tournament/index"):
         assert (out / f"{page}.html").is_file(), page
     assert list((out / "_images").glob("*.png")), "the notebooks' figures are published"
