@@ -7,7 +7,7 @@ is in docs/instructor_guide.md. Autograde a class with the kit's parallel comman
 ``python -m course_lib autograde week4 --course assignments --workers N``; nbgrader's own
 ``nbgrader autograde week4`` gives the same protection, one student after another.
 """
-from pathlib import Path
+import os
 
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades
@@ -18,10 +18,10 @@ c = get_config()  # noqa: F821 -- provided by nbgrader when it loads this file
 
 c.CourseDirectory.course_id = "adversarial-ml-week4"
 
-# The exchange (release, fetch, submit, collect, feedback) of a course on one machine: a folder
-# next to this file. Students on the same machine pass the same path: docs/instructor_guide.md.
-# On JupyterHub with many users, delete this line and use the Hub's shared exchange instead.
-c.Exchange.root = str(Path(__file__).resolve().parent / "exchange")
+# The exchange (release, fetch, submit, collect, feedback): a folder every student can reach, so
+# never inside this (private) course folder: nbgrader's default /srv/nbgrader/exchange, or the
+# folder NBGRADER_EXCHANGE names. docs/instructor_guide.md, "A course on one shared machine".
+c.Exchange.root = os.environ.get("NBGRADER_EXCHANGE", "/srv/nbgrader/exchange")
 
 # Collect copies only each student's own files: never through a link, never a FIFO or a device,
 # and one bad entry in the exchange never stops the others (course_lib/autograde/collect.py).

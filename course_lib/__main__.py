@@ -13,6 +13,8 @@
     python -m course_lib roster ROSTER.csv --course assignments
     python -m course_lib export --course assignments [--to FILE] [--allow-pending]
                                                   nbgrader's steps, run in the course folder from anywhere
+    python -m course_lib permissions --course assignments [--fix]
+                                                  a shared machine: can students read only what they may?
     python -m course_lib tournament week4 --course assignments [--workers N] [--dask-scheduler ADDRESS] [--out DIR]
                                                   the class tournament, after autograding (docs/tournament.md)
     python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS_DIR]
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
         from .site import main as run
     elif command == "autograde":
         from .autograde.classroom import main as run
+    elif command == "permissions":
+        from .autograde.shared import main as run
     elif command == "tournament":
         from .tournament.command import main as run
     elif command in STEPS:

@@ -247,6 +247,33 @@ def _grade(nb, folder: Path, name: str, files, inputs: Path, settings: Settings,
     return result
 
 
+# What a student's markdown may become on an instructor's page (the Formgrader, the feedback):
+# formatting, never a script, an event handler, a style, a frame or a javascript: link.
+INERT_TAGS = ("a", "abbr", "b", "blockquote", "br", "code", "div", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+              "i", "li", "ol", "p", "pre", "span", "strong", "sub", "sup", "table", "tbody", "td", "th", "thead",
+              "tr", "ul")
+INERT_ATTRIBUTES = {"a": ["href", "title"], "abbr": ["title"], "td": ["align"], "th": ["align"]}
+
+
+def inert_markdown(source: str) -> str:
+    """A student's markdown as the instructor may see it: unchanged if its rendering holds only
+    formatting, else that rendering cleaned by bleach (nbconvert's own sanitizer): tags outside
+    ``INERT_TAGS`` shown as text, attributes outside ``INERT_ATTRIBUTES`` and links other than
+    http(s) and mailto dropped. The answer stays readable; nothing in it runs."""
+    import html as html_module
+
+    import bleach
+    from nbconvert.filters.markdown import markdown2html
+    text = source
+    for _ in range(3):       # until the cleaned text, rendered again, needs no cleaning
+        html = markdown2html(text)
+        clean = bleach.clean(html, tags=INERT_TAGS, attributes=INERT_ATTRIBUTES, protocols=["http", "https", "mailto"])
+        if clean == html:
+            return text
+        text = clean
+    return f"<pre>{html_module.escape(source)}</pre>"
+
+
 def verdict_output(verdict: Verdict):
     """A test cell's output: nbgrader gives full points to a cell without an error output."""
     if verdict.passed:
@@ -257,9 +284,14 @@ def verdict_output(verdict: Verdict):
 
 
 def apply(nb, result: NotebookResult):
-    """Write the student's cell outputs and the trusted verdicts into ``nb`` (in place)."""
+    """Write the student's cell outputs and the trusted verdicts into ``nb`` (in place), and make
+    its markdown inert (:func:`inert_markdown`): the autograded notebook is what the Formgrader
+    and the feedback show the instructor and the student."""
     ids = test_cells(nb)
     for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            cell.source = inert_markdown(cell.source)
+            cell.pop("attachments", None)
         if cell.cell_type != "code":
             continue
         grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
