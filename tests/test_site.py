@@ -35,7 +35,8 @@ PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAYAAABytg0kAAAAFklEQVR4nGNgYGD4z8DAwM
 
 
 def tiny_lecture(n: int) -> nbformat.NotebookNode:
-    """A lecture notebook in the kit's shape: title, sections, a figure, a number, an exercise."""
+    """A lecture notebook in the kit's shape: title, sections, a figure, a number, a widget and its static
+    snapshot (as the explorers show), an exercise."""
     v4 = nbformat.v4
     answer = v4.new_code_cell("answer = None  # your prediction")
     answer.metadata.update(tags=["exercise"], exercise=f"0{n}-predict")
@@ -46,6 +47,7 @@ def tiny_lecture(n: int) -> nbformat.NotebookNode:
                          "fig, ax = plt.subplots(figsize=(2, 2)); ax.plot([1, 3, 2]); plt.show()"),
         v4.new_markdown_cell("## 2. A measured number"),
         v4.new_code_cell(f"import math\nprint(f'clean accuracy {{math.sqrt({n} / 7):.6f}}')"),
+        v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider(value=3, description='rate')"),  # a live explorer
         v4.new_code_cell("from IPython.display import HTML\n"
                          f"HTML('<div class=\"explorer-snapshot\"><img src=\"data:image/png;base64,{PIXEL}\" "
                          "width=\"40\"><p>PSNR 31.4 dB</p></div>')"),
