@@ -304,3 +304,22 @@ def _detection_score(answer, flagged_poisoned: int, poisoned: int, flagged_clean
 @exercise("07-mitigation", "the kit's mitigation score (ASR reduction / clean-accuracy drop floored at one point)")
 def _mitigation_score(answer, asr_before: float, asr_after: float, ca_before: float, ca_after: float):
     return compare(answer, (asr_before - asr_after) / max(ca_before - ca_after, 0.01), 1e-6)
+
+
+# Choices a student must justify from the run's statistics (the idea, not a one-character repair).
+
+@exercise("06-threshold", "choose Neural Cleanse's anomaly-index threshold for a false-alarm budget on clean models")
+def _nc_threshold(answer, n_labels: int, budget: float = 0.05):
+    """Right when ``answer`` is the smallest multiple of 0.25 whose chance false-alarm rate on a clean
+    model with ``n_labels`` labels (Wang et al.'s MAD rule, simulated) is at most ``budget``."""
+    from .defenses.neural_cleanse import chance_false_alarm_rate
+
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, np.number)) or not answer > 0:
+        return f"expected a positive number, got {answer!r}"
+    if abs(answer * 4 - round(answer * 4)) > 1e-9:
+        return "give the threshold as a multiple of 0.25"
+    if chance_false_alarm_rate(n_labels, float(answer)) > budget:
+        return f"too low: with it, more than {budget:.0%} of clean models get a false alarm"
+    if answer > 0.25 and chance_false_alarm_rate(n_labels, float(answer) - 0.25) <= budget:
+        return "a smaller threshold also keeps the false alarms within the budget: you give up detections for nothing"
+    return None

@@ -349,7 +349,7 @@ def _trained_with(name: str, train_fn):
     def run(case: Case):
         start = _clock()
         result = train_fn(case)
-        fields = {"train_images": len(_dp_data(case))} if name in ("dp_sgd", "lecture_batch_noise") else {}
+        fields = {"train_images": len(dp_training_data(case))} if name in ("dp_sgd", "lecture_batch_noise") else {}
         if hasattr(result, "epsilon"):
             fields |= {"epsilon": None if result.epsilon is None else round(result.epsilon, 2),
                       "delta": result.delta, "noise_multiplier": result.noise_multiplier,
@@ -364,7 +364,7 @@ def _transform_sanitization(case: Case):
                            progress=case.progress, paper=PAPERS["lecture_transform_sanitization"])
 
 
-def _dp_data(case: Case) -> ImageDataset:
+def dp_training_data(case: Case) -> ImageDataset:
     """The training set of the DP trainings: with ``quick``, its first ``DP_QUICK_IMAGES`` samples
     (per-example gradients make DP-SGD the slowest defense of a live run; the poisoned share
     stays that of the whole set, since the poison is spread at random)."""
@@ -375,13 +375,13 @@ def _dp_data(case: Case) -> ImageDataset:
 
 def _dp_sgd(case: Case):
     from .dp_sgd import train_dp_sgd  # Opacus loads only when DP-SGD runs
-    return train_dp_sgd(_dp_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
+    return train_dp_sgd(dp_training_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
                         progress=case.progress)
 
 
 def _batch_noise(case: Case):
     from .dp_sgd import lecture_batch_noise_training
-    return lecture_batch_noise_training(_dp_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
+    return lecture_batch_noise_training(dp_training_data(case), epochs=1 if case.quick else case.epochs, seed=case.seed,
                                         progress=case.progress)
 
 

@@ -1,12 +1,15 @@
-"""Defense in depth, run end to end: detect, remove, retrain, then filter at run time.
+"""Defense in depth, run end to end: the lecture's chain, and the kit's detect-retrain-filter.
 
 The lecture closes its defense section with "use multiple defenses in combination" and an
 example pipeline: sanitize the data, train with differential privacy, check the trained
 model with Neural Cleanse, and Fine-Prune it if a backdoor is found. Each of those stages
-is measured on its own by ``python -m course_lib bench defenses`` and notebook 6 (the
-lecture's transformations and DP training on the poisoned set, Neural Cleanse with
-unlearning, Fine-Pruning). This module runs the pipeline the measurements recommend, as one
-piece, on one backdoored model, and measures what each stage adds:
+is measured on its own by ``python -m course_lib bench defenses`` and notebook 6;
+:func:`run_lecture_chain` runs the four *as a chain* on one poisoned training set (each
+stage gets what the one before it produced), so notebook 6 can show what the combination
+does, stage by stage, beside what each stage does alone.
+
+:func:`run_pipeline` runs the pipeline the measurements recommend instead, as one piece, on
+one backdoored model, and measures what each stage adds:
 
 1. **detect** poisoned training samples with a sample detector (Activation Clustering with
    the trusted-share analysis by default: the detector the detection matrix found most
@@ -31,9 +34,15 @@ import json
 import sys
 import time
 
+from dataclasses import replace
+
+import torch
+
 from ..cache import cached
 from ..checks import check_choice
-from .compare import CODE, SAMPLE_DETECTORS, Case, run_defense, setup_cases, strip_filter
+from ..models import model_for
+from .compare import CODE, SAMPLE_DETECTORS, Case, dp_training_data, run_defense, setup_cases, strip_filter
+from .sanitization import lecture_transform_sanitize
 
 
 def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_dir=None) -> tuple[dict, dict]:
@@ -78,6 +87,61 @@ def run_pipeline(case: Case, *, detector: str = "activation_clustering", cache_d
            "cached_strip": bool(cache_dir is not None and hit),
            "cached": bool(cache_dir is not None and first.get("cached") and hit)}
     return row, {"detection": results["backdoored"], "repaired": repaired, "strip": strip}
+
+
+def run_lecture_chain(case: Case, *, cache_dir=None) -> tuple[dict, dict]:
+    """The lecture's recommended pipeline, as a chain, on the poisoned training set of ``case``.
+
+    1. **sanitize**: every training image gets one of the lecture's mild transformations
+       (:func:`.sanitization.lecture_transform_sanitize`);
+    2. **train with DP-SGD** a fresh model on the sanitized set (Abadi et al. 2016, with the
+       budget of the ``dp_sgd`` runner: the same images, epochs, noise and clipping);
+    3. **detect** with Neural Cleanse (Wang et al. 2019) on that model;
+    4. **fine-prune** it (Liu et al. 2018) only if Neural Cleanse flagged a label.
+
+    Returns a row, ``(CA, ASR)`` after each stage (``ca_before``/``asr_before`` of the victim
+    model of ``case``; ``ca_trained``/``asr_trained`` of the model of stages 1-2;
+    ``ca_after``/``asr_after`` at the end of the chain), ``epsilon``, ``flagged`` (Neural
+    Cleanse's labels), ``pruned`` (whether stage 4 ran), the seconds of each stage, and the
+    objects behind it: ``{"model": the model of stages 1-2, "neural_cleanse": its result,
+    "final": the model at the end}``. With ``cache_dir`` every stage is computed once.
+    """
+    if not isinstance(case, Case):
+        raise TypeError(f"case must be a compare.Case, got {type(case).__name__}")
+    if not case.backdoored:
+        raise ValueError("case must be a backdoored model (trigger and target given): the chain measures "
+                         "what it removes")
+    sanitized = lecture_transform_sanitize(dp_training_data(case), seed=case.seed)
+
+    def train_private():
+        from .dp_sgd import train_dp_sgd  # Opacus loads only when DP-SGD runs
+        start = time.perf_counter()
+        result = train_dp_sgd(sanitized, epochs=1 if case.quick else case.epochs, seed=case.seed,
+                              progress=case.progress)
+        plain = model_for(sanitized, seed=case.seed, private=True)  # the weights without Opacus's hooks,
+        plain.load_state_dict(result.model.state_dict())            # which would break the next stages
+        return plain.eval(), result.epsilon, result.delta, round(time.perf_counter() - start, 1)
+
+    (model, epsilon, delta, train_seconds), _ = cached(cache_dir, "lecture_chain_training", train_private,
+                                                       inputs={"case": case}, code=CODE)
+    poisoned = torch.as_tensor(case.poisoned)
+    trained = replace(case, model=model, train_data=sanitized, poisoned=poisoned[poisoned < len(sanitized)],
+                      _features=None, _before=None, _fingerprint=None)
+    nc_row, nc = run_defense("neural_cleanse", trained, cache_dir=cache_dir)
+    ca_trained, asr_trained = trained.before
+    row = {"ca_before": case.before[0], "asr_before": case.before[1], "epsilon": epsilon, "delta": delta,
+           "train_images": len(sanitized), "ca_trained": ca_trained, "asr_trained": asr_trained,
+           "flagged": nc_row["flagged"], "target_flagged": case.target in nc_row["flagged"], "pruned": False,
+           "ca_after": ca_trained, "asr_after": asr_trained, "seconds_train": train_seconds,
+           "seconds_detect": nc_row["search_seconds"], "seconds_prune": 0.0}
+    final = model
+    if nc_row["flagged"]:
+        fp_row, fp = run_defense("fine_pruning", trained, cache_dir=cache_dir)
+        final = fp["repaired"]
+        row.update(pruned=True, ca_after=fp_row["ca_after"], asr_after=fp_row["asr_after"],
+                   seconds_prune=fp_row["seconds"])
+    row["seconds"] = round(row["seconds_train"] + row["seconds_detect"] + row["seconds_prune"], 1)
+    return row, {"model": model, "neural_cleanse": nc["backdoored"], "final": final}
 
 
 def main(argv=None) -> int:
