@@ -200,6 +200,8 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     if public.resolve() == out.resolve() or public.resolve() in out.resolve().parents:
         raise ValueError("public must be a folder that neither is nor contains out: out holds the answer key")
     _check_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)                  # the answer key and the hidden models: the instructor's alone
     train_split, test_split = data if data is not None else load_splits(dataset)
     plan = plan_zoo(small=small, seed=seed, num_classes=train_split.num_classes, homework_target=homework_target)
     settings = SMALL_SETTINGS if small else DEFAULT_SETTINGS
@@ -231,6 +233,7 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
     (public / "index.json").write_text(json.dumps(index, indent=1))
     key["seconds"] = round(time.perf_counter() - start, 1)
     (out / "answer_key.json").write_text(json.dumps(key, indent=1))
+    (out / "answer_key.json").chmod(0o600)
     return key
 
 

@@ -280,7 +280,7 @@ def _run_jobs(jobs, summaries, workers, dask_scheduler, progress) -> None:
                 try:
                     summaries[student] = future.result()
                 except Exception as err:   # a worker lost: the student is graded in the recording pass
-                    summaries[student] = Summary(student, notes=[f"worker failed: {type(err).__name__}: {err}"])
+                    summaries[student].notes.append(f"worker failed: {one_line(err)}")
                 bar.set_postfix_str(student)
                 bar.update()
     finally:
@@ -299,8 +299,13 @@ def _regrade_alone(jobs, summaries) -> None:
     executor, _ = make_executor(1, None)
     try:
         for job in again:
-            summary = executor.submit(grade_student, job).result()
+            try:
+                summary = executor.submit(grade_student, job).result()
+            except Exception as err:     # the first grading stands; the instructor is told
+                summaries[job.student].attention.append(f"the regrade after a time limit failed: {one_line(err)}")
+                continue
             summary.notes.append("graded again alone after a time limit")
+            summary.attention = summaries[job.student].attention
             summaries[job.student] = summary
     finally:
         executor.shutdown(wait=True)

@@ -120,6 +120,7 @@ def export(course, to, *, allow_pending: bool = False) -> Path:
                          f"points for it: {listed}. Grade them in the Formgrader, or pass --allow-pending")
     path = Path(to).resolve()
     nbgrader(course, "export", f"--to={path}")
+    path.chmod(0o600)                 # names, emails and grades: the instructor's alone
     return path
 
 

@@ -38,6 +38,7 @@ class Workspace:
         folder = self.root / f"inputs-{digest}"
         if not (folder / "plans.json").is_file():
             self.root.mkdir(parents=True, exist_ok=True)
+            self.root.parent.chmod(0o700)     # cached verdicts and the grader's inputs: never a student's
             tmp = Path(tempfile.mkdtemp(prefix="inputs-", dir=self.root))
             write_inputs(tmp, self.files)
             try:
