@@ -215,3 +215,44 @@ def test_a_grader_whose_sandbox_cannot_import_the_kit_refuses_to_grade(tmp_path,
     monkeypatch.setattr(sandbox, "_python_binds", lambda: [b for b in binds() if b[0] != package])
     problem = pipeline.check_sandbox(settings)
     assert "course_lib" in problem and "ModuleNotFoundError" in problem, problem
+
+
+def test_the_integrity_report_finds_copies_and_only_copies(tmp_path):
+    from course_lib.autograde import integrity
+    from course_lib.models import model_for
+
+    def save(model, name):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path
+
+    original = model_for("fashion-mnist", seed=1)
+    noisy = model_for("fashion-mnist", seed=1)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.01 * p.abs().mean() * torch.randn_like(p))
+    files = {"ann": save(original, "ann"), "bob": save(original, "bob"), "cy": save(noisy, "cy"),
+             "dee": save(model_for("fashion-mnist", seed=2), "dee")}
+    (tmp_path / "eve.safetensors").write_bytes(b"not a model")
+    files["eve"] = tmp_path / "eve.safetensors"
+
+    def part1(code):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+        nb.cells[0].metadata["nbgrader"] = {"grade_id": "p1-triggers"}
+        return nb
+
+    mine = "def trigger_patch(images):\n    out = images.clone()\n    out[:, :, -3:, -3:] = 1\n    return out\n"
+    copied = '# my own work!\ndef trigger_patch(images):\n    """Patch."""\n    out = images.clone()\n\n' \
+             '    out[:, :, -3:, -3:] = 1   # white\n    return out\n'
+    skeleton = "def trigger_patch(images):\n    raise NotImplementedError()\n"
+    notebooks = {"ann": part1(mine), "bob": part1(copied), "cy": part1(skeleton), "dee": part1(skeleton),
+                 "eve": part1("def broken(:")}
+    lines = integrity.report(files, notebooks, part1(skeleton))
+    assert lines[0] == "identical model files: ann, bob"
+    close = [line for line in lines if line.startswith("models ")]
+    assert len(close) == 2 and all("cy" in line for line in close), lines     # the noisy copy, of ann and of bob
+    assert "the same trigger code: ann, bob" in lines
+    assert not any("dee" in line or "eve" in line for line in lines), lines
+    distances = integrity.relative_distances({s: integrity.model_parameters(p) for s, p in files.items()
+                                              if s != "eve"})
+    assert distances[("ann", "dee")] > 0.5 and distances[("ann", "bob")] < 1e-3

@@ -36,6 +36,7 @@ import nbformat
 
 from ..checks import check_float, check_int
 from . import sandbox
+from . import integrity
 from .course import Course, HandIn, cached_key, one_line
 from .files import valid_student_id
 from .pipeline import NotebookResult, Settings, cache_key, check_sandbox, grade_notebook
@@ -45,6 +46,7 @@ from .resources import LimitsRefusal, require_controls
 from .workspace import Workspace
 
 
+INTEGRITY = "integrity.json"
 NEEDS_ATTENTION = 3   # the exit status when a hand-in needs the instructor's attention
 
 
@@ -192,7 +194,28 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
         except Exception as err:
             summary.attention.append(f"no grades in the gradebook: {one_line(err)}")
     timings["record"] = time.perf_counter() - start - timings["prepare"] - timings["grade"]
+    _integrity(course, workspace, hand_ins)
     return [summaries[s] for s in sorted(summaries)]
+
+
+def _integrity(course: Course, workspace: Workspace, hand_ins: dict) -> None:
+    """The class's integrity report (:mod:`.integrity`), kept beside the results: reported, never
+    penalized (a report that fails is a line of its own, never a stopped class)."""
+    try:
+        released = course.root / "release" / course.assignment / "part1_attack.ipynb"
+        lines = integrity.report(
+            {s: h.staged / integrity.MODEL_FILE for s, h in hand_ins.items() if h.staged is not None},
+            {s: h.notebooks.get("part1_attack") for s, h in hand_ins.items() if "part1_attack" in h.notebooks},
+            nbformat.read(released, as_version=4) if released.is_file() else None)
+    except Exception as err:
+        lines = [f"the integrity report could not be made: {one_line(err)}"]
+    (workspace.root / INTEGRITY).write_text(json.dumps(lines))
+
+
+def integrity_lines(course_dir, assignment: str) -> list:
+    """The last class run's integrity report."""
+    path = Workspace(Path(course_dir).resolve(), assignment).root / INTEGRITY
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _prepare(course: Course, workspace: Workspace, student: str, names: list, inputs: Path) -> HandIn:
@@ -370,6 +393,10 @@ def main(argv=None) -> None:
         print(table(summaries))
         print(f"{len(summaries)} students in {time.perf_counter() - start:.1f} s")
     print(attention_report(summaries), file=sys.stderr if args.json else sys.stdout)
+    report = integrity_lines(args.course, args.assignment)
+    print("integrity report (to look at; nothing was penalized): " + ("nothing alike" if not report else
+          f"{len(report)} finding(s)\n" + "\n".join(f"- {line}" for line in report)),
+          file=sys.stderr if args.json else sys.stdout)
     if any(s.attention for s in summaries):
         sys.exit(NEEDS_ATTENTION)
 
