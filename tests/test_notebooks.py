@@ -35,14 +35,47 @@ from course_lib.defenses import compare, matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+OPTIONAL = sorted((ROOT / "notebooks").glob("[0-9][0-9][a-z]_*.ipynb"))   # not part of a lecture slot
+LECTURE_DEFENSES = ("activation_clustering", "neural_cleanse", "fine_pruning", "lecture_transform_sanitization",
+                    "dp_sgd", "lecture_batch_noise")   # notebook 6: the defenses the lecture names (and its DP sketch)
 LIMIT_S = float(os.environ.get("COURSE_NOTEBOOK_LIMIT_S", 600))
+
+
+def markdown_words(path: Path) -> int:
+    """The words of a notebook's markdown (what a student reads before any code runs), without its optional
+    parts: a cell whose heading starts with "## Optional" and the cells after it, up to the next "## " heading."""
+    words, optional = 0, False
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        if cell.source.startswith("## "):
+            optional = cell.source.startswith("## Optional")
+        words += 0 if optional else len(cell.source.split())
+    return words
+
+
+SLOT_WORDS = {"06": 2000}   # notebook 6 is the lecture's 25 minutes (issue 24)
+WEEK_WORDS = 12_000         # the seven together (issue 24's target is 10,000: not met yet, see the report)
+
+
+def test_lecture_notebooks_fit_their_slots():
+    """Reading time is part of a notebook's slot: count the markdown words of each lecture notebook (printed:
+    ``pytest tests/test_notebooks.py -k slots -s``); the optional notebooks (06b) are not counted."""
+    counts = {p.stem: markdown_words(p) for p in NOTEBOOKS}
+    for name, words in counts.items():
+        print(f"{name}: {words:,} words of markdown")
+    print(f"the seven lecture notebooks: {sum(counts.values()):,} words; optional ({', '.join(p.stem for p in OPTIONAL)}): "
+          f"{sum(markdown_words(p) for p in OPTIONAL):,}")
+    for name, words in counts.items():
+        assert words <= SLOT_WORDS.get(name[:2], 2500), f"{name} has {words} words of markdown"
+    assert sum(counts.values()) <= WEEK_WORDS
 
 
 def test_there_is_one_notebook_per_lecture_section():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS + OPTIONAL, ids=lambda p: p.stem)
 def test_notebook_is_stored_clean_with_one_parameters_cell(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
@@ -55,7 +88,8 @@ def test_notebook_is_stored_clean_with_one_parameters_cell(path):
     assert params["DATASET"] == "fashion-mnist" and params["FAST"] is True and "DEVICE" in params
     assert {"RESULTS_DIR", "CACHE_DIR"} <= set(params)
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert "Learning objectives" in nb.cells[0].source and "## Takeaways" in text
+    if path in NOTEBOOKS:
+        assert "Learning objectives" in nb.cells[0].source and "## Takeaways" in text
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +204,8 @@ def results_of(results_dir: Path, name: str) -> dict:
 
 def check_01(r):
     assert r["clean_acc"] >= 0.85
+    # erratum 12, as the text says: the lecture's clamp sets every pixel darker than mid-grey to mid-grey
+    assert r["erratum_12"]["dark_set_to_grey"] == 1.0 and r["erratum_12"]["dark_share"] > 0.2
     assert r["rates"]["0.01"]["asr"] >= 0.9
     assert all(abs(v["clean_acc"] - r["clean_acc"]) < 0.02 for v in r["rates"].values())
     asr = [r["rates"][k]["asr"] for k in ("0.001", "0.005", "0.01")]
@@ -241,14 +277,16 @@ def check_05(r):
     faint = max(st, key=lambda n: st[n]["psnr"])
     square = max(("pixel 3x3 (default)", "dynamic", "distributed", "sample-specific"), key=lambda n: st[n]["ssim"])
     assert st[faint]["linf"] < st[square]["linf"] and st[faint]["ssim"] < st[square]["ssim"]
-    # the scatter's point: at about the same PSNR, robustness differs a lot (visibility alone does not decide it),
-    # and a faint spread-out blend survives transformations that defeat the more visible patch
-    worst = {name: min(v for t, v in rob.items() if t != "none") for name, rob in r["robustness"].items()}
-    assert any(abs(st[a]["psnr"] - st[b]["psnr"]) <= 1 and abs(worst[a] - worst[b]) >= 0.5 for a in st for b in st)
-    assert st["blend a=0.1"]["psnr"] > st["pixel 3x3 (default)"]["psnr"]
-    assert worst["blend a=0.1"] > worst["pixel 3x3 (default)"]
-    # the takeaway: triggers that work on clean copies can fail after a rotation or a crop
-    assert any(e["asr"] > 0.9 and min(r["robustness"][name][t] for t in ("rotate+15", "rotate-15", "crop_resize")) <= 0.8
+    # erratum 13, the control: the same transformation without the trigger, on the same images and crops
+    alone = r["robustness_alone"]
+    assert set(alone) == set(r["robustness"]) and all(set(alone[n]) == set(r["robustness"][n]) for n in alone)
+    # the takeaway: "a transformation alone can send clean images to the target"
+    assert max(v for rob in alone.values() for t, v in rob.items() if t != "none") > 0.2
+    net = {n: {t: r["robustness"][n][t] - alone[n][t] for t in alone[n]} for n in alone}
+    # the scatter and the checklist judge robustness by the trigger's share, never above the raw ASR
+    assert all(net[n][t] <= r["robustness"][n][t] for n in net for t in net[n])
+    # the takeaway: triggers that work on clean copies can fail after a rotation or a crop (the trigger's share)
+    assert any(e["asr"] > 0.9 and min(net[name][t] for t in ("rotate+15", "rotate-15", "crop_resize")) <= 0.8
                for name, e in r["effectiveness"].items())
 
 
@@ -263,7 +301,7 @@ def check_06(r):
     nc = r["neural_cleanse"]
     # the signed index of the bar chart is the flag rule: a label is flagged exactly when its bar passes 2
     assert nc["flagged"] == [k for k, a in enumerate(nc["anomaly_index"]) if a > 2]
-    # "clean labels need reversed triggers of very different sizes, which differ by factors"
+    # "the clean labels' masks differ by factors"
     assert max(nc["clean_norms"]) / min(nc["clean_norms"]) >= 2
     assert 0.15 < nc["chance_false_alarm_rate"] < 0.5, "the MAD rule's chance rate with 10 labels, as simulated"
     fp = r["fine_pruning"]
@@ -271,19 +309,33 @@ def check_06(r):
     assert pruned >= before - 0.10, "the stated stopping rule: within 10 points of the unpruned model"
     assert fp["tuned_images"] == fp["trusted_images"] - round(0.2 * fp["trusted_images"]), "20% held out"
     assert fp["asr"] < 0.5 and r["dp_sgd"]["epsilon"] > 0
-    # "on this small network a 4-point budget leaves much of the backdoor": the curve before fine-tuning
+    # "the reason is the pruning curve": within a 4-point budget, before fine-tuning, much of the backdoor is left
     curve = fp["curve"]
     within_4 = max(i for i, a in enumerate(curve["clean_acc"]) if a >= curve["clean_acc"][0] - 0.04)
     assert curve["asr"][within_4] > 0.5
     rows = r["comparison"]
-    assert [row["defense"] for row in rows] == list(compare.DEFENSES), \
-        "the measured comparison table must have a row per defense of bench defenses"
+    assert [row["defense"] for row in rows] == list(LECTURE_DEFENSES), "one row per defense the lecture names"
     for row in rows:  # built by the bench's runner: its paper, its fields, and no empty row in the figure
         assert row["paper"] == compare.PAPERS[row["defense"]] and "cpu_seconds" in row
         assert row["ca_after"] is not None and row["asr_after"] is not None, f"{row['defense']} has an empty row"
     by_name = {row["defense"]: row for row in rows}
-    # section 7: DP-SGD's guarantee need not stop a backdoor; the lecture's batch noise ruins the model
+    # section 5: the lecture's batch noise ruins the model
     assert by_name["lecture_batch_noise"]["ca_after"] < 0.5
+    # section 7: the lecture's chain, stage by stage, with its controls (each stage alone) from the same runners
+    chain = r["lecture_chain"]
+    assert chain["ca_before"] == by_name["dp_sgd"]["ca_before"] and chain["epsilon"] > 0
+    assert chain["pruned"] == bool(chain["flagged"]) and chain["target_flagged"] == (0 in chain["flagged"])
+    if not chain["pruned"]:
+        assert (chain["ca_after"], chain["asr_after"]) == (chain["ca_trained"], chain["asr_trained"])
+    assert chain["seconds"] == pytest.approx(chain["seconds_train"] + chain["seconds_detect"] + chain["seconds_prune"], abs=0.11)
+
+
+def check_06b(r):
+    """The optional notebook 6b: every defense of bench defenses, the kit's pipeline, the saved matrix."""
+    rows = r["comparison"]
+    assert [row["defense"] for row in rows] == list(compare.DEFENSES), \
+        "the measured comparison table must have a row per defense of bench defenses"
+    by_name = {row["defense"]: row for row in rows}
     # the pipeline: its first stages are AC's runner (same numbers), then STRIP in front of the retrained model
     p = r["pipeline"]
     ac_row = by_name["activation_clustering"]
@@ -322,20 +374,25 @@ def check_06_matrix_claims():
     assert missed >= {"sig"}
 
 
-def test_notebook_6_rows_come_from_the_bench_runners():
-    """Notebook 6 runs every defense through compare.run_defense, the function behind ``bench defenses``
-    and ``bench matrix``: it never calls a defense or builds a row by hand, so no row can drift."""
-    nb = nbformat.read(ROOT / "notebooks" / "06_detection_mitigation.ipynb", as_version=4)
+@pytest.mark.parametrize("name, defenses", [("06_detection_mitigation", "LECTURE_DEFENSES"),
+                                             ("06b_defenses_in_depth", "compare.DEFENSES")])
+def test_notebook_6_rows_come_from_the_bench_runners(name, defenses):
+    """Notebooks 6 and 6b run every defense through compare.run_defense, the function behind ``bench defenses``
+    and ``bench matrix``: they never call a defense or build a row by hand, so no row can drift."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "compare.run_defense(" in code and "defense_row(" not in code
     by_hand = ["activation_clustering", "spectral_signatures", "isolation_forest_outliers", "neural_cleanse",
                "unlearn", "fine_prune", "fit_strip", "lecture_transform_sanitize", "train_dp_sgd",
                "lecture_batch_noise_training", "retrain_without", "remove"]
     assert not [f for f in by_hand if re.search(rf"\bD\.{f}\(", code)], "a defense is called by hand"
-    # one cell runs every defense of bench defenses through the runner, behind one progress bar
+    # one cell runs the defenses through the runner, behind one progress bar
     runs = [c.source for c in nb.cells if c.cell_type == "code" and "compare.run_defense(" in c.source]
-    assert len(runs) == 1 and "lecture.progress(compare.DEFENSES" in runs[0] and "cache_dir=CACHE_DIR" in runs[0]
-    assert "D.run_pipeline(case" in code, "the defense pipeline runs through the function bench pipeline calls"
+    assert len(runs) == 1 and f"lecture.progress({defenses}" in runs[0] and "cache_dir=CACHE_DIR" in runs[0]
+    if name.startswith("06b"):
+        assert "D.run_pipeline(case" in code, "the kit's pipeline runs through the function bench pipeline calls"
+    else:
+        assert "pipeline.run_lecture_chain(case" in code, "the lecture's chain runs through the kit's function"
     # a table that is not a cell's last expression is never shown: every other one goes through display()
     for cell in (c.source for c in nb.cells if c.cell_type == "code"):
         body = ast.parse("\n".join(line for line in cell.splitlines() if not line.lstrip().startswith("%"))).body
@@ -396,6 +453,20 @@ def test_notebook_runs_and_measures(path, shared_dirs):
 
 
 EXPLORERS = {"04": "attack success rate", "05": "PSNR"}  # notebook -> text its explorer's snapshot shows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", OPTIONAL, ids=lambda p: p.stem)
+def test_optional_notebook_runs_and_measures(path, shared_dirs):
+    """The optional notebooks (6b), after the lecture's: they read the defenses notebook 6 cached."""
+    results_dir, cache_dir = shared_dirs
+    nb, seconds = execute(path, results_dir, cache_dir)
+    print(f"{path.name}: {seconds:.1f} s")
+    if os.environ.get("COURSE_NOTEBOOK_SAVE"):
+        nbformat.write(nb, Path(os.environ["COURSE_NOTEBOOK_SAVE"]) / path.name)
+    check_live_use(nb)
+    assert "**Optional.**" in nb.cells[0].source, "an optional notebook says so at its top"
+    globals()[f"check_{path.stem.split('_')[0]}"](results_of(results_dir, path.stem))
 
 
 def check_live_use(nb) -> None:
@@ -535,6 +606,20 @@ def test_exercise_checks_pass_right_answers_and_explain_wrong_ones(capsys):
         exercises.check("01-example", 3, expected=3, tolerance=-1)
     with pytest.raises(ValueError, match="name"):
         exercises.exercise("flip", "a task")
+    # a choice from the run's statistics: the rule's own threshold raises too many false alarms, a higher one than
+    # needed gives up detections, an off-grid one is refused (notebook 6, exercise 1)
+    for answer in (2.0, 10.0, 3.1, "4"):
+        exercises.check("06-threshold", answer, n_labels=10)
+    shown = capsys.readouterr().out.splitlines()
+    assert "too low" in shown[0] and "smaller threshold" in shown[1] and "multiple of 0.25" in shown[2]
+    assert "expected a positive number" in shown[3]
+
+
+def test_the_lecture_chain_refuses_what_it_cannot_measure():
+    """pipeline.run_lecture_chain (notebook 6, section 7) names its bad argument."""
+    from course_lib.defenses import pipeline
+    with pytest.raises(TypeError, match="case"):
+        pipeline.run_lecture_chain("a model")
 
 
 ABBREVIATIONS = ("AC", "SS", "NC", "STRIP", "FAR", "FRR", "TPR", "FPR", "MAD", "PSNR", "SSIM", "ASR", "CA")

@@ -34,10 +34,13 @@ def sample_pattern(sample_id, size):
 # - stealth: its PSNR is far above the 3x3 patch's (the stealth table), and a person looking at 1%
 #   of the training images sees a noisy or slightly warped image, not a sticker;
 # - effectiveness: its ASR at 10% poisoning (effectiveness table), and its worst class;
-# - robustness: its ASR after jpeg75 and crop_resize (heat map), where the corner patch of
-#   "pixel 3x3" is cropped away or smeared.
+# - robustness: its share after jpeg75 and crop_resize (section 3's difference panel: the ASR after
+#   the transformation minus what the transformation alone sends to the target), where the corner
+#   patch of "pixel 3x3" is cropped away or smeared. A student who quotes the raw ASR after a
+#   transformation without its control (the middle panel) has missed erratum 13: a high ASR after
+#   blur or a crop can be the transformation firing the backdoor by itself.
 # It fails "L2 < 0.1" (every trigger of the notebook does) and possibly "PSNR > 30 dB" or a
 # rotation criterion; the point is to state the trade-off with numbers. A student who picks the
-# patch must explain how it survives the crop (it does not, in this run's heat map) - that answer
+# patch must explain how it survives the crop (it does not, in this run's heat maps) - that answer
 # is wrong for this threat model. Note too that the defender's JPEG/crop is applied at run time,
 # so robustness, not stealth, decides whether the attack works at all.

@@ -1,37 +1,20 @@
 # Reference answers to the exercises of notebooks/06_detection_mitigation.ipynb (instructor copy).
-# Format: course_lib/exercises.py (load_solutions). The checks: course_lib/defenses/sketch_checks.py.
+# Format: course_lib/exercises.py (load_solutions). The checks: course_lib/exercises.py (06-threshold) and
+# course_lib/defenses/sketch_checks.py (the repairs).
 
-# %% answer 06-ac-rule
-def suspicious(clusters):
-    """Chen et al.'s relative-size analysis: the smaller cluster is poisoned only if it is at most 35% of the class."""
-    cluster_sizes = [np.sum(clusters == 0), np.sum(clusters == 1)]
-    suspicious_cluster = 0 if cluster_sizes[0] < cluster_sizes[1] else 1
-    if cluster_sizes[suspicious_cluster] > 0.35 * len(clusters):
-        return np.array([], dtype=int)   # a balanced split is how a clean class looks
-    return np.flatnonzero(clusters == suspicious_cluster)
+# %% answer 06-threshold
+# The chance rate falls as the threshold rises: take the first quarter-step at or below 5%.
+threshold = next(t / 4 for t in range(1, 80)
+                 if D.chance_false_alarm_rate(n_labels=lab.train.num_classes, threshold=t / 4) <= 0.05)
 
-# %% wrong 06-ac-rule: a split that balanced is how a clean class looks
-def suspicious(clusters):
-    """The lecture's sketch, unrepaired: always the smaller cluster."""
-    cluster_sizes = [np.sum(clusters == 0), np.sum(clusters == 1)]
-    suspicious_cluster = 0 if cluster_sizes[0] < cluster_sizes[1] else 1
-    return np.flatnonzero(clusters == suspicious_cluster)
+# %% wrong 06-threshold: too low
+threshold = 2.0   # the rule's own threshold: section 2 printed its false-alarm rate
 
-# %% answer 06-nc-mad
-def flag(norms):
-    """The kit's MAD rule: signed anomaly index on the log mask norms, flagged above 2."""
-    x = np.log(np.asarray(norms, dtype=float))
-    median = np.median(x)
-    mad = np.median(np.abs(x - median))
-    return [i for i, v in enumerate(x) if (median - v) / (1.4826 * mad) > 2]
-
-# %% wrong 06-nc-mad: a MAD is not a standard deviation until multiplied by 1.4826
-def flag(norms):
-    """Logarithms, but the lecture's comparison with 2 MADs (no consistency constant)."""
-    x = np.log(np.asarray(norms, dtype=float))
-    median = np.median(x)
-    mad = np.median(np.abs(x - median))
-    return [i for i, v in enumerate(x) if median - v > 2 * mad]
+# %% written 06-threshold-target
+# Compare the planted target's anomaly index (printed under section 2's figures) with the threshold chosen:
+# if it is below, the stricter rule misses this run's backdoor: fewer false alarms cost detections. A good
+# answer names both numbers and says which error the defender prefers here (a false alarm costs an
+# unlearning fine-tune and some clean accuracy, section 2; a miss leaves the backdoor in place).
 
 # %% answer 06-fp-rank
 def rank_channels(activations):
