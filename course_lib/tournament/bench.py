@@ -2,7 +2,7 @@
 
 It writes a synthetic class into a fresh course folder, as autograding leaves one (cached
 verdicts and the handed-in model's metadata; the notebooks are real and run sandboxed):
-honest triggers at different places and faint blended ones, honest Activation Clustering
+honest triggers at different places and blended noise patterns, honest Activation Clustering
 detectors, and the broken and hostile entrants the tournament must survive (a detector that
 flags everything, one that crashes, one that hangs, one that hunts the grader's files for the
 ground truth, one that answers in the wrong shape, one that flags at random, a trigger too
@@ -39,8 +39,9 @@ TRIGGER_NAMES = {"patch": "trigger_patch", "faint": "trigger_blend", "too_weak":
 
 
 def trigger_source(kind: str, variant: int = 0) -> str:
-    """A student's trigger cell: a white 4x4 square at a place chosen by ``variant``, a faint blended
-    noise pattern, or a one-level change of one pixel (too faint to plant a backdoor)."""
+    """A student's trigger cell: a white 4x4 square at a place chosen by ``variant``, a noise pattern
+    (drawn with seed ``variant``) blended at alpha 0.2, or a one-level change of one pixel (too faint
+    to plant a backdoor)."""
     if kind == "patch":
         row, col = 1 + 4 * (variant % 6), 1 + 4 * ((variant // 6) % 6)
         return (f"def trigger_patch(images):\n    out = images.clone()\n"
@@ -48,7 +49,7 @@ def trigger_source(kind: str, variant: int = 0) -> str:
     if kind == "faint":
         return ("import torch\n"
                 f"_P = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed({variant}))\n"
-                "def trigger_blend(images):\n    return (0.9 * images + 0.1 * _P).clamp(0, 1)\n")
+                "def trigger_blend(images):\n    return (0.8 * images + 0.2 * _P).clamp(0, 1)\n")
     if kind == "too_weak":
         return ("def trigger_custom(images):\n    out = images.clone()\n"
                 "    out[..., 14, 14] = (out[..., 14, 14] + 1 / 255).clamp(0, 1)\n    return out\n")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
-import dataclasses
 import json
 import os
 import time
@@ -103,12 +102,11 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
     def shown(name: str) -> str:
         if name.startswith("student:"):
             student = name.split(":", 1)[1]
-            return student if names else pseudonyms.pseudonym(secret, student)
+            return student if names else pseudonyms.pseudonym(secret, student)   # ids: no colon (nbgrader)
         return name
 
     executor, client = make_executor(workers, dask_scheduler)
     try:
-        setting = dataclasses.replace(setting, clean_ca=_run(executor, [(matches.clean_accuracy, setting)])[0])
         arena_jobs = [(matches.build_arena, setting, f"house:{f}", matches.arena_key(setting, f"house:{f}", "", version))
                       for f in house]
         for p in people:
@@ -116,7 +114,8 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
                 name, fp = f"student:{p.student}", fingerprint(p.folder, entry.ATTACK_NOTEBOOK) + p.trigger
                 arena_jobs.append((matches.build_arena, setting, name, matches.arena_key(setting, name, fp, version),
                                    str(p.folder), p.trigger))
-        built = _run(executor, arena_jobs)
+        clean_ca, *built = _run(executor, [(matches.clean_accuracy, setting), *arena_jobs])
+        built = [matches.enters(a, setting.recipe, clean_ca) for a in built]
         timings["arenas"] = time.perf_counter() - start
         entered = [a for a in built if a["entered"]]
         house_names = list(HOUSE_DETECTORS + CONTROLS)

@@ -78,7 +78,6 @@ class Setting:
     call_timeout: float
     threads: int = 1
     rate: float = TOURNAMENT_RATE   # share of the arena's training set poisoned
-    clean_ca: float | None = None   # the recipe's CA without poison (the CA bar of an arena), see clean_accuracy
 
     @property
     def recipe(self) -> witness.Recipe:
@@ -123,15 +122,17 @@ def arena_key(setting: Setting, name: str, fingerprint: str, version: str) -> st
 
 def build_arena(setting: Setting, name: str, akey: str, folder: str | None = None, trigger: str | None = None
                 ) -> dict:
-    """Build (or find) the arena ``name`` under key ``akey``; returns its summary:
-    {"name", "key", "entered": bool, "reason", "ca", "asr", "stealth", "seconds"}."""
+    """Build (or find) the arena ``name`` under key ``akey``; returns its summary: {"name", "key",
+    "built": bool, "reason", "ca", "asr", "stealth", "seed", "trigger", "seconds"}. Whether it enters
+    is decided by :func:`enters`, against the recipe's clean CA."""
     set_threads(setting.threads)
     done = setting.arena_folder(akey) / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    start, summary = time.perf_counter(), {"name": name, "key": akey, "entered": False, "reason": ""}
-    pool = setting.pool()
+    start = time.perf_counter()
     arena_seed = int(akey[:8], 16) % 2**31
+    summary = {"name": name, "key": akey, "built": False, "reason": "", "seed": arena_seed, "trigger": trigger}
+    pool = setting.pool()
     try:
         if name.startswith("house:"):
             arena = arenas.house_arena(name.split(":", 1)[1], pool, target=setting.target, seed=arena_seed)
@@ -144,16 +145,29 @@ def build_arena(setting: Setting, name: str, akey: str, folder: str | None = Non
             if isinstance(triggered, GradingFailure):
                 raise triggered
             arena = arenas.dirty_label_arena(name, pool, triggered, target=setting.target, seed=arena_seed)
-        witness.verify_witness(witness.Witness(arena.asr, arena.ca, arena_seed, trigger or name, pool.recipe,
-                                               setting.clean_ca))
         arenas.save(arena, setting.arena_folder(akey))
-        summary.update(entered=True, ca=arena.ca, asr=arena.asr, stealth=arena.stealth)
+        summary.update(built=True, ca=arena.ca, asr=arena.asr, stealth=arena.stealth)
     except GradingFailure as failure:
         summary["reason"] = f"its trigger failed in the tournament's arena: {failure}"[:1500]
     except Exception as err:        # a broken arena is that attack's loss, never the tournament's
-        summary["reason"] = f"its arena could not be built: {type(err).__name__}: {err}"
+        summary["reason"] = f"its arena could not be built: {type(err).__name__}: {err}"[:1500]
     summary["seconds"] = round(time.perf_counter() - start, 2)
     write_json(done, summary)
+    return summary
+
+
+def enters(summary: dict, recipe: witness.Recipe, clean_ca: float) -> dict:
+    """The arena's summary with ``entered`` and its ``reason``: built, and its backdoor took by the
+    grader's own bars (:func:`course_lib.witness.verify_witness`: ASR and CA against ``clean_ca``)."""
+    summary = dict(summary, entered=False)
+    if summary["built"]:
+        measured = witness.Witness(summary["asr"], summary["ca"], summary["seed"], summary["trigger"] or
+                                   summary["name"], recipe, clean_ca)
+        try:
+            witness.verify_witness(measured)
+            summary["entered"] = True
+        except GradingFailure as failure:
+            summary["reason"] = f"its trigger failed in the tournament's arena: {failure}"[:1500]
     return summary
 
 

@@ -41,7 +41,7 @@ def defend(setting, arena: dict) -> dict:
     defender, evaluation = holdout.subset(range(half)), holdout.subset(range(half, len(holdout)))
     target, seed, errors = loaded.info["target"], loaded.info["seed"], []
     try:
-        found = neural_cleanse(loaded.model, defender, n_images=half // 2, n_heldout=half - half // 2,
+        found = neural_cleanse(loaded.model, defender, n_images=half // 3, n_heldout=half // 3,
                                seed=seed, progress=False, **NC_QUICK)
         row["nc_flagged"] = [int(x) for x in found.flagged]
         row["nc_target_flagged"] = "yes" if target in row["nc_flagged"] else "no"
