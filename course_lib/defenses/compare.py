@@ -1,10 +1,10 @@
-"""One runner per defense: the rows of ``bench defenses``, of the detection matrix and of notebook 6.
+"""One runner per defense: the rows of ``bench defenses``, of the detection matrix and of notebooks 6 and 6b.
 
 The lecture ends with a table of stars that nobody measured (docs/DESIGN.md, erratum 11).
 Here every defense has one *runner*, ``RUNNERS[name](case) -> (row, result, repaired model)``,
 which runs it on one :class:`Case` (a model under test, its training data and the ground
 truth) and scores it the same way every time. ``bench defenses`` (:func:`run_all`), the detection
-matrix (:mod:`.matrix`) and notebook 6 all call :func:`run_defense`, so their rows cannot
+matrix (:mod:`.matrix`) and notebooks 6 and 6b all call :func:`run_defense`, so their rows cannot
 drift apart. A row (a dict) holds:
 
 - ``tpr``, ``fpr``, ``f1`` for sample detectors, scored against the poisoned indices the
