@@ -25,6 +25,7 @@ the ecosystem's tool, Jupyter Book 1.x (Sphinx + MyST-NB; the optional extra ``s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -150,6 +151,8 @@ def build_site(executed_dir: Path, out: Path, lecture_dir: Path = LECTURE, tourn
         raise ValueError(f"out: {out} exists and is not a site built by this command: give a new folder")
     if not Path(executed_dir).is_dir():
         raise ValueError(f"notebooks: {executed_dir} is not a folder")
+    if importlib.util.find_spec("jupyter_book") is None:
+        raise RuntimeError("the website needs Jupyter Book: pip install -e '.[site]' (bash scripts/kit.sh test does)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="course-site-") as tmp:
         source = Path(tmp) / "book"
