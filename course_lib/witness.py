@@ -94,7 +94,7 @@ RECIPES: dict[str, Recipe] = {
 }
 RECIPE = RECIPES["fashion-mnist"]
 MIN_ASR = 0.80       # the grader's model must learn the backdoor ...
-MAX_CA_DROP = 0.05   # ... and keep the clean model's CA within this much (measured margins: the guide)
+MAX_CA_DROP = 0.10   # ... and keep the clean model's CA within this much (measured margins: the guide)
 
 
 def recipe_for(dataset: str) -> Recipe:

@@ -55,7 +55,7 @@ def test_the_ca_bar_is_relative_to_the_recipe_without_poison():
     hard = witness.Witness(asr=0.95, ca=0.60, seed=1, name="t", recipe=SMALL, clean_ca=0.62)
     assert "CA 0.600" in witness.verify_witness(hard)
     drop = witness.Witness(asr=0.95, ca=0.60, seed=1, name="t", recipe=SMALL, clean_ca=0.60 + witness.MAX_CA_DROP + 0.01)
-    with pytest.raises(grading.GradingFailure, match=r"CA at least 0.6\d* \(at most 0.05 below the model without poison"):
+    with pytest.raises(grading.GradingFailure, match=r"CA at least 0.\d* \(at most 0.1 below the model without poison"):
         witness.verify_witness(drop)
     with pytest.raises(grading.GradingFailure, match="witness must be a Witness with its clean_ca"):
         witness.verify_witness(witness.Witness(asr=1.0, ca=0.9, seed=1, name="t", recipe=SMALL))
