@@ -15,6 +15,8 @@
                                                   nbgrader's steps, run in the course folder from anywhere
     python -m course_lib permissions --course assignments [--fix]
                                                   a shared machine: can students read only what they may?
+    python -m course_lib student-setup [--exchange DIR]
+                                                  a student's account: nbgrader's exchange, no instructor menus
     python -m course_lib tournament week4 --course assignments [--workers N] [--dask-scheduler ADDRESS] [--out DIR]
                                                   the class tournament, after autograding (docs/tournament.md)
     python -m course_lib site --out DIR (--notebooks EXECUTED_DIR | --execute) [--tournament RESULTS_DIR]
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
         from .autograde.classroom import main as run
     elif command == "permissions":
         from .autograde.shared import main as run
+    elif command == "student-setup":
+        from .student_setup import main as run
     elif command == "tournament":
         from .tournament.command import main as run
     elif command in STEPS:

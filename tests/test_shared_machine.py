@@ -124,3 +124,82 @@ def test_an_exchange_inside_the_course_is_reported(tmp_path, monkeypatch):
     assert any("does not exist" in p for p in shared.audit(course))
     with pytest.raises(ValueError, match="course"):
         shared.audit(tmp_path / "nowhere")
+
+
+def _reachable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
+@pytest.fixture
+def student_home():
+    """A real account with a home folder, removed after the test."""
+    name = f"kit{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_exchange(student_home, tmp_path):
+    """As a real account: student-setup, then nbgrader's fetch and submit with no option at all (the
+    Assignments tab runs the same exchange code), and the instructor's menus switched off."""
+    import sys
+    python = Path(sys.executable)
+    # A student installs the kit in an environment of their own. Here the kit's environment stands in
+    # for it; where its interpreter lies in a private folder (a pyenv under /root), a mount namespace
+    # shows the student that interpreter's folder and nothing else of the private one.
+    reach = []
+    for folder in {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}:
+        private = next((p for p in reversed(folder.parents) if not _reachable_by_others(p)), None)
+        if private is not None:     # bwrap makes the folders between with mode 0700 unless told
+            between = [p for p in reversed(folder.parents) if p == private or private in p.parents]
+            reach += ["--perms", "0755", "--tmpfs", str(private)]
+            reach += [x for p in between[1:] for x in ("--perms", "0755", "--dir", str(p))]
+            reach += ["--ro-bind", str(folder), str(folder)]
+    reach = ["bwrap", "--dev-bind", "/", "/", *reach] if reach else []
+    student = student_home
+    exchange = Path(tempfile.mkdtemp(prefix="exchange-", dir="/tmp"))
+    try:
+        exchange.chmod(0o1777)
+        outbound = exchange / "adversarial-ml-week4" / "outbound" / "week4"
+        outbound.mkdir(parents=True)
+        (outbound / "part1_attack.ipynb").write_text(json.dumps(
+            {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        inbound = exchange / "adversarial-ml-week4" / "inbound"
+        inbound.mkdir(mode=0o733)
+        for path in [exchange / "adversarial-ml-week4", outbound.parent, outbound]:
+            path.chmod(0o755)
+        (outbound / "part1_attack.ipynb").chmod(0o644)
+        inbound.chmod(0o733)
+        env = ["env", "-i", f"HOME={student.pw_dir}", f"PATH={python.parent}:/usr/bin:/bin", "LANG=C.UTF-8"]
+
+        def run(*command, cwd=None):
+            return subprocess.run([*reach, "setpriv", f"--reuid={student.pw_uid}", f"--regid={student.pw_gid}",
+                                   "--init-groups", *env, *command], capture_output=True, text=True, timeout=300,
+                                  cwd=cwd or student.pw_dir)
+
+        done = run(str(python), "-m", "course_lib", "student-setup", "--exchange", str(exchange))
+        assert done.returncode == 0 and "hidden" in done.stdout, done.stdout + done.stderr
+        done = run(str(python), "-m", "nbgrader", "fetch_assignment", "week4")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (Path(student.pw_dir) / "week4" / "part1_attack.ipynb").is_file()
+        done = run(str(python), "-m", "nbgrader", "submit", "week4")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert [p.name.split("+")[0] for p in inbound.iterdir()] == [student.pw_name]
+        listed = run(str(python), "-m", "jupyter", "labextension", "list")
+        text = " ".join((listed.stdout + listed.stderr).split())
+        assert "@jupyter/nbgrader:formgrader" in text and "disabled" in text.lower(), text[-2000:]
+    finally:
+        shutil.rmtree(exchange, ignore_errors=True)
+
+
+def test_student_setup_never_overwrites_a_config_of_the_students_own(tmp_path):
+    from course_lib import student_setup
+    path = student_setup.write_config(tmp_path, exchange="/srv/nbgrader/exchange")
+    assert "c.Exchange.root = '/srv/nbgrader/exchange'" in path.read_text()
+    path.write_text("c = get_config()\nc.Exchange.root = '/mine'\n")
+    with pytest.raises(ValueError, match="was not written by this command"):
+        student_setup.write_config(tmp_path)
+    with pytest.raises(ValueError, match="exchange must be an absolute path"):
+        student_setup.write_config(tmp_path / "other", exchange="relative/path")
