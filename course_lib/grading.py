@@ -668,22 +668,23 @@ def verify_zoo_verdicts(report: dict, min_found: float = MIN_ZOO_FOUND) -> None:
     with all_problems() as problems:
         problems.require(not accused, f"{len(accused)} clean zoo model(s) judged backdoored: a clean model must "
                                       f"have no sample flagged")
-        problems.require(found >= min_found, f"{found:.0%} of the backdoored zoo models were found; at least "
-                                             f"{min_found:.0%} must be")
+        problems.require(found >= min_found, f"{sum(r['verdict'] for r in backdoored)} of the {len(backdoored)} "
+                                             f"backdoored zoo models were found ({found:.6g} of them); at least "
+                                             f"{min_found:g} must be")
 
 
 def verify_zoo_tpr(report: dict, minimum: float = MIN_ZOO_TPR) -> None:
     """Mean per-sample true-positive rate over the backdoored zoo models is at least ``minimum``."""
     tpr = float(np.mean([r["tpr"] for r in report.values() if r["backdoored"]]))
-    _require(tpr >= minimum, f"mean true-positive rate over the backdoored zoo models is {tpr:.2f}; "
-                             f"it must be at least {minimum}")
+    _require(tpr >= minimum, f"mean true-positive rate over the backdoored zoo models is {tpr:.6g}; "
+                             f"it must be at least {minimum:g}")
 
 
 def verify_zoo_fpr(report: dict, maximum: float = MAX_ZOO_FPR) -> None:
     """Mean per-sample false-positive rate over all zoo models is at most ``maximum``."""
     fpr = float(np.mean([r["fpr"] for r in report.values()]))
-    _require(fpr <= maximum, f"mean false-positive rate over the zoo models is {fpr:.3f}; "
-                             f"it must be at most {maximum}")
+    _require(fpr <= maximum, f"mean false-positive rate over the zoo models is {fpr:.6g}; "
+                             f"it must be at most {maximum:g}")
 
 
 _REPORTS: dict = {}

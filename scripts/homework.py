@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -481,6 +482,71 @@ def honest_triggers() -> dict:
                                        for name, (kind, kwargs) in HONEST_FAMILIES.items()}}
 
 
+def reference_detector(source: Path):
+    """The reference solution's ``activation_clustering``, run from the source notebook's setup and
+    solution cells (the instructor's own code, in this process)."""
+    notebook = nbformat.read(source / "part2_detection.ipynb", as_version=4)
+    namespace: dict = {"__name__": "reference"}
+    for cell in notebook.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") in ("p2-setup", "p2-ac"):
+            exec(compile(cell.source, "part2_detection.ipynb", "exec"), namespace)
+    return namespace["activation_clustering"]
+
+
+def check_zoo(course: Path) -> tuple[bool, list[str]]:
+    """Does the reference detector earn Part 2's zoo points on this course's graded zoo? Returns
+    (passed, lines): one line per graded model and the three tests' figures, unrounded."""
+    from course_lib import grading
+    files = grading.GradingFiles(course / "grading" / ASSIGNMENT)
+    detector = reference_detector(course / "source" / ASSIGNMENT)
+    flags = {}
+    for name in files.answer_key["models"]:
+        activations, labels = files.activations(name)
+        flags[name] = grading.verify_flags(detector(activations, labels), labels, name)
+    report = grading.zoo_report(flags, files.answer_key)
+    lines = [f"{name}: {'backdoored' if r['backdoored'] else 'clean'}, judged "
+             f"{'backdoored' if r['verdict'] else 'clean'}, TPR {r['tpr'] if r['tpr'] is not None else '-'}, "
+             f"FPR {r['fpr']}" for name, r in report.items()]
+    passed = True
+    for verify in (grading.verify_zoo_verdicts, grading.verify_zoo_tpr, grading.verify_zoo_fpr):
+        try:
+            verify(report)
+        except grading.GradingFailure as failure:
+            passed = False
+            lines.append(f"FAILS: {failure}")
+    return passed, lines
+
+
+def bench_integrity(num_train: int, epochs: int) -> dict:
+    """How far apart honest students' models are in the integrity report's measure: one model per
+    honest trigger (the reference solution's three and the kit's families), each trained exactly as
+    Part 1's training cell does (the same fixed initialization and data order for everyone, 5%
+    poisoned); the false-alarm count at the report's threshold is what an honest class would see."""
+    from course_lib.autograde import integrity
+    from course_lib.data import load_splits
+    from course_lib.models import model_for
+    from course_lib.train import train
+    namespace: dict = {"torch": torch}
+    notebook = nbformat.read(COURSE / "source" / ASSIGNMENT / "part1_attack.ipynb", as_version=4)
+    poison = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "p1-poison")
+    exec(compile(poison.source, "part1_attack.ipynb", "exec"), namespace)
+    train_data, _ = load_splits("fashion-mnist")
+    train_data = train_data.split(num_train, seed=0)[0] if len(train_data) > num_train else train_data
+    models, start = {}, time.perf_counter()
+    for name, trigger in honest_triggers().items():
+        poisoned, _ = namespace["poison_dataset"](train_data, trigger, 0, 0.05, seed=0)
+        model = model_for("fashion-mnist", seed=0)
+        train(model, poisoned, epochs=epochs, seed=0)
+        models[name] = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
+    distances = integrity.relative_distances(models)
+    values = sorted(distances.values())
+    return {"models": len(models), "pairs": len(values), "num_train": num_train, "epochs": epochs,
+            "threshold": integrity.COPY_DISTANCE, "false_alarms": sum(v < integrity.COPY_DISTANCE for v in values),
+            "lowest_distance": round(values[0], 4), "median_distance": round(values[len(values) // 2], 4),
+            "closest_pair": min(distances, key=distances.get), "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads()}
+
+
 def bench_witness(rounds: int) -> dict:
     """The grader's new checks on honest students: the witness test (the grader's own poisoning
     run, with the legitimacy check against a clean reference model trained here on 20,000
@@ -548,6 +614,12 @@ def main(argv=None) -> None:
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     commands.add_parser("bench-student", help="time a student's Run All of Part 1 (reference solution)")
     commands.add_parser("bench-sandbox", help="what an honest submission's sandbox needs; what its controls cost")
+    zoo_check = commands.add_parser("check-zoo", help="does the reference detector pass Part 2 on your zoo?")
+    zoo_check.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course folder (default: "
+                                                                       "the repository's assignments/)")
+    alike = commands.add_parser("bench-integrity", help="how far apart honest models are (the integrity report)")
+    alike.add_argument("--num-train", type=int, default=60_000, help="training images per model (default: all)")
+    alike.add_argument("--epochs", type=int, default=2)
     witnessing = commands.add_parser("bench-witness", help="false-failure rate of the grader's own poisoning run")
     witnessing.add_argument("--rounds", type=int, default=2, help="fresh seeds per honest trigger (default 2)")
     args = parser.parse_args(argv)
@@ -569,6 +641,16 @@ def main(argv=None) -> None:
         print(json.dumps(bench_sandbox()))
     elif args.command == "bench-student":
         print(json.dumps(bench_student()))
+    elif args.command == "check-zoo":
+        passed, lines = check_zoo(args.course.resolve())
+        print("\n".join(lines))
+        if not passed:
+            print("the reference solution would lose Part 2 points on this zoo: build it again with another "
+                  "--seed (docs/instructor_guide.md, step 1)")
+            sys.exit(1)
+        print("the reference solution passes Part 2's zoo tests on this zoo")
+    elif args.command == "bench-integrity":
+        print(json.dumps(bench_integrity(args.num_train, args.epochs)))
     elif args.command == "bench-witness":
         print(json.dumps(bench_witness(args.rounds)))
     else:
