@@ -84,11 +84,13 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # seconds on one CPU core; measured on honest triggers (docs/instructor_guide.md, "Thresholds")
+    # seconds on one CPU core; measured on honest triggers (docs/instructor_guide.md, "Thresholds");
+    # MNIST, the easier dataset, takes Fashion-MNIST's recipe unmeasured
     "fashion-mnist": Recipe(),
     "mnist": Recipe(),
     # airbench, the kit's fast CIFAR network, with flips (no translation: it can push a corner
-    # trigger off the image); seconds on a GPU, about half an hour on a 2-core CPU
+    # trigger off the image); meant for a GPU, not yet calibrated on the real CIFAR-10
+    # (docs/instructor_guide.md, "Switching the homework to CIFAR-10")
     "cifar10": Recipe(arch="airbench", train_images=10000, epochs=10, batch_size=256, augment="flip",
                       holdout_images=2000),
 }
