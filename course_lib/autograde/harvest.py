@@ -220,8 +220,11 @@ def perform_calls(session: Session, calls: list, inputs: Path, out: Path, key: b
             record[call["id"]] = signature(key, call["id"], digest)
         else:
             errors = [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"]
+            reason = errors[-1] if errors else status
+            if status == "ok":
+                reason = "the call finished but its result was never saved where the grader asked for it"
             (out / f"{call['id']}.safetensors").unlink(missing_ok=True)
-            (out / f"{call['id']}.error.txt").write_text((errors[-1] if errors else status)[:2000])
+            (out / f"{call['id']}.error.txt").write_text(reason[:2000])
     return record
 
 
