@@ -203,6 +203,7 @@ def _take_result(pending: Path, final: Path) -> bytes | None:
             os.close(target)
     finally:
         os.close(source)
+        pending.unlink(missing_ok=True)      # one result on the sandbox's disk at a time, not two
     return digest.digest()
 
 
