@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,16 @@ def collect(course, assignment: str) -> str:
 
 
 def feedback(course, assignment: str, *, exchange: bool = True) -> str:
-    """Generate every graded student's feedback HTML and (with ``exchange``) release it."""
-    log = nbgrader(course, "generate_feedback", assignment, "--force")
+    """Generate every graded student's feedback HTML and (with ``exchange``) release it. A student
+    whose feedback nbgrader cannot make is a ``NEEDS ATTENTION`` line; the others' feedback is
+    made and released all the same (nbgrader goes on past a failed student, then exits 1)."""
+    log = run_nbgrader(course_folder(course), "generate_feedback", assignment, "--force", check=False)
     text = log.stdout + log.stderr
+    failed = re.findall(r"There was an error processing assignment '[^']*' for student '([^']*)'", text)
+    if log.returncode != 0 and not failed:
+        raise RuntimeError(f"nbgrader generate_feedback failed ({log.returncode}):\n{text}")
+    text += "".join(f"\nNEEDS ATTENTION: {student}: nbgrader could not make this student's feedback (see the "
+                    f"log above)" for student in sorted(set(failed)))
     if exchange:
         done = nbgrader(course, "release_feedback", assignment)
         text += done.stdout + done.stderr
