@@ -177,9 +177,13 @@ def report(results: dict, timings: dict, workers: int, students: int = 300, core
     if full > budget_minutes:
         fixed = n_arenas * (arena_s + model_s + 4 * house_s) / cores / 60
         per_arena = n_detectors * student_s / cores / 60
-        drawn = max(0, int((budget_minutes - fixed) / per_arena) - n_house)
-        lines.append(f"schedule that fits: every detector on the {n_house} house arenas and {drawn} student arenas "
-                     f"drawn at random: {fixed + per_arena * (n_house + drawn):.1f} min")
+        drawn = int((budget_minutes - fixed) / per_arena) - n_house
+        if drawn < 0:
+            lines.append(f"no schedule fits: the {n_arenas} arenas and their model-level defenses alone take "
+                         f"{fixed:.1f} min")
+        else:
+            lines.append(f"schedule that fits: every detector on the {n_house} house arenas and {drawn} student "
+                         f"arenas drawn at random: {fixed + per_arena * (n_house + drawn):.1f} min")
     matrix = scoring.score_matrix(cells, [a["name"] for a in arenas], results["detectors"])
     widths = [r["rank_high"] - r["rank_low"] for r in results["detector_board"]]
     lines.append(f"rank uncertainty here ({len(arenas)} arenas): mean 90% interval width {np.mean(widths):.1f} "
@@ -192,7 +196,8 @@ def report(results: dict, timings: dict, workers: int, students: int = 300, core
             recorded = recorded_f1(family, TOURNAMENT_RATE)
             lines.append(f"  {family}: tournament {c['f1']:.3f}, matrix {', '.join(f'{v:.3f}' for v in recorded)}")
     j = results["detectors"].index("control:always_flag")
-    lines.append(f"honesty: always-flag control Detection Score on every arena: {sorted(set(matrix[:, j]))}")
+    lines.append(f"honesty: always-flag control Detection Score on every arena: "
+                 f"{', '.join(f'{v:g}' for v in sorted(set(matrix[:, j].tolist())))}")
     k = results["detectors"].index("control:random")
     lines.append(f"honesty: random-flag control Detection Score: mean {np.nanmean(matrix[:, k]):+.3f}, range "
                  f"{np.nanmin(matrix[:, k]):+.3f} to {np.nanmax(matrix[:, k]):+.3f}")

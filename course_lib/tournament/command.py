@@ -107,13 +107,13 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
 
     executor, client = make_executor(workers, dask_scheduler)
     try:
-        arena_jobs = [(matches.build_arena, setting, f"house:{f}", matches.arena_key(setting, f"house:{f}", "", version))
-                      for f in house]
+        arena_jobs = [(matches.build_arena, setting, f"house:{f}", matches.arena_key(setting, f"house:{f}", "", version),
+                       matches.arena_seed(setting, f"house:{f}", "")) for f in house]
         for p in people:
             if not p.attack:
                 name, fp = f"student:{p.student}", fingerprint(p.folder, entry.ATTACK_NOTEBOOK) + p.trigger
                 arena_jobs.append((matches.build_arena, setting, name, matches.arena_key(setting, name, fp, version),
-                                   str(p.folder), p.trigger))
+                                   matches.arena_seed(setting, name, fp), str(p.folder), p.trigger))
         clean_ca, *built = _run(executor, [(matches.clean_accuracy, setting), *arena_jobs])
         built = [matches.enters(a, setting.recipe, clean_ca) for a in built]
         timings["arenas"] = time.perf_counter() - start
@@ -141,7 +141,7 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
     detector_names = house_names + [f"student:{p.student}" for p in students]
     matrix = scoring.score_matrix(cells, arena_names, detector_names)
     board_d = scoring.detector_board(matrix, arena_names, detector_names, seed=seed)
-    board_a = scoring.attack_board(matrix, arena_names, detector_names, seed=seed)
+    board_a = scoring.attack_board(matrix, arena_names, detector_names, seed=seed, controls=CONTROLS)
     not_entered = [{"name": a["name"], "side": "attack", "reason": a["reason"]} for a in built if not a["entered"]]
     not_entered += [{"name": f"student:{p.student}", "side": "attack", "reason": p.attack} for p in people if p.attack]
     not_entered += [{"name": f"student:{p.student}", "side": "detector", "reason": p.detector}

@@ -40,7 +40,8 @@ from .scoring import score_flags
 TOURNAMENT_RATE = 0.05
 
 KIT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("tournament/*.py", "witness.py", "grading.py", "attacks.py", "train.py", "models.py", "data.py",
+CODE_FILES = ("tournament/arenas.py", "tournament/detectors.py", "tournament/matches.py", "tournament/model_defenses.py",
+              "tournament/scoring.py", "tournament/student_code.py", "witness.py", "grading.py", "attacks.py", "train.py", "models.py", "data.py",
               "triggers/*.py", "defenses/activation_clustering.py", "defenses/spectral_signatures.py",
               "defenses/neural_cleanse.py", "defenses/strip.py", "defenses/fine_pruning.py", "autograde/*.py")
 
@@ -120,8 +121,13 @@ def arena_key(setting: Setting, name: str, fingerprint: str, version: str) -> st
                asdict(setting.recipe), version)
 
 
-def build_arena(setting: Setting, name: str, akey: str, folder: str | None = None, trigger: str | None = None
-                ) -> dict:
+def arena_seed(setting: Setting, name: str, fingerprint: str) -> int:
+    """The arena's training seed: from the tournament seed and the attack alone (not the kit's code)."""
+    return int(key("seed", setting.seed, name, fingerprint)[:8], 16) % 2**31
+
+
+def build_arena(setting: Setting, name: str, akey: str, seed: int, folder: str | None = None,
+                trigger: str | None = None) -> dict:
     """Build (or find) the arena ``name`` under key ``akey``; returns its summary: {"name", "key",
     "built": bool, "reason", "ca", "asr", "stealth", "seed", "trigger", "seconds"}. Whether it enters
     is decided by :func:`enters`, against the recipe's clean CA."""
@@ -130,7 +136,7 @@ def build_arena(setting: Setting, name: str, akey: str, folder: str | None = Non
     if done.is_file():
         return json.loads(done.read_text())
     start = time.perf_counter()
-    arena_seed = int(akey[:8], 16) % 2**31
+    arena_seed = seed
     summary = {"name": name, "key": akey, "built": False, "reason": "", "seed": arena_seed, "trigger": trigger}
     pool = setting.pool()
     try:

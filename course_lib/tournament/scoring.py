@@ -87,9 +87,13 @@ def detector_board(matrix: np.ndarray, arenas: list[str], detectors: list[str], 
     return sorted(rows, key=lambda r: (r["rank"], r["detector"]))
 
 
-def attack_board(matrix: np.ndarray, arenas: list[str], detectors: list[str], seed: int = 0) -> list[dict]:
+def attack_board(matrix: np.ndarray, arenas: list[str], detectors: list[str], seed: int = 0,
+                 controls=()) -> list[dict]:
     """One row per arena: detectors evaded and caught (errors are neither), mean Detection Score against
-    it (lower: stealthier), rank (1 = stealthiest) and its interval (detectors resampled)."""
+    it (lower: stealthier), rank (1 = stealthiest) and its interval (detectors resampled). The
+    ``controls`` (detectors that only calibrate the scale) are left out."""
+    keep = [j for j, name in enumerate(detectors) if name not in controls]
+    matrix, detectors = np.asarray(matrix, dtype=float)[:, keep], [detectors[j] for j in keep]
     filled = np.nan_to_num(matrix, nan=0.0)
     means = filled.mean(1) if len(detectors) else np.zeros(len(arenas))
     rank = ranks(means, higher_is_better=False)
