@@ -395,6 +395,107 @@ def bench_class(count: int, workers: int, full: bool) -> dict:
     return result
 
 
+FORGER = """
+import subprocess, sys
+code = ("import time, torch\\nfrom safetensors.torch import save_file\\n"
+        "for _ in range(2000):\\n"
+        "    save_file({'call0': torch.zeros(1)}, '/sandbox/out/poison.0.safetensors')\\n"
+        "    time.sleep(0.1)\\n")
+subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+"""
+HOSTILE_MARKDOWN = "\n\n<script>window.top.__pwned = 1</script><img src=x onerror='window.top.__pwned = 2'>"
+
+
+def _edit(path: Path, grade_id: str, change) -> None:
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == grade_id:
+            cell.source = change(cell.source)
+    nbformat.write(nb, path)
+
+
+def hostile_class(course: Path, fetched: Path, models: Path, folder: Path, honest: int) -> dict:
+    """``honest`` reference submissions and ten that are broken by accident or attack the plumbing
+    (issue 22); returns {student: kind}. Each hostile one's honest grade is the reference's,
+    except where its kind breaks a notebook (then that notebook's points are lost, no more)."""
+    exchange = folder.parent / "exchange"
+    kinds = {f"honest{i:02d}": "honest" for i in range(honest)}
+    kinds.update({"halfsaved": "part1 saved half-way", "pasted": "a test cell pasted twice (part2)",
+                  "future": "nbgrader metadata of a future version (part2)", "shadows": "files named like modules",
+                  "linker": "a link to the answer key in the exchange", "piper": "a FIFO in the exchange",
+                  "forger": "results written by a background process", "scripter": "a Part 3 with scripts",
+                  "copier": "honest00's model and triggers, renamed", "badname": "an inbound entry with no timestamp"})
+    for student, kind in kinds.items():
+        dest = reference_submission(course, fetched, folder / student / ASSIGNMENT, models)
+        if student == "halfsaved":
+            whole = (dest / "part1_attack.ipynb").read_bytes()
+            (dest / "part1_attack.ipynb").write_bytes(whole[:len(whole) // 2])
+        elif student == "pasted":
+            nb = nbformat.read(dest / "part2_detection.ipynb", as_version=4)
+            index = next(i for i, c in enumerate(nb.cells) if c.metadata.get("nbgrader", {}).get("grade"))
+            twin = nbformat.from_dict(json.loads(json.dumps(nb.cells[index])))
+            twin["id"] = "pasted-twice"
+            nb.cells.insert(index + 1, twin)
+            nbformat.write(nb, dest / "part2_detection.ipynb")
+        elif student == "future":
+            nb = nbformat.read(dest / "part2_detection.ipynb", as_version=4)
+            nb.cells[2].metadata["nbgrader"] = {"schema_version": 99, "grade": False, "solution": False,
+                                                "locked": False, "grade_id": "from-the-future"}
+            nbformat.write(nb, dest / "part2_detection.ipynb")
+        elif student == "shadows":
+            for name in ("json.py", "torch.py", "course_lib.py", "nbformat.py", "secrets.py"):
+                (dest / name).write_text("raise ImportError('imported from the hand-in')\n")
+        elif student == "forger":
+            _edit(dest / "part1_attack.ipynb", "p1-triggers", lambda source: source + FORGER)
+        elif student == "scripter":
+            for grade_id in ("p3-triggers", "p3-tradeoff", "p3-defense"):
+                _edit(dest / "part3_analysis.ipynb", grade_id, lambda source: source + HOSTILE_MARKDOWN)
+        if student != "badname":
+            submit(dest, student, exchange)
+    inbound = exchange / COURSE_ID / "inbound"
+    (next(inbound.glob("linker+*")) / "answer_key.json").symlink_to(course / "grading" / ASSIGNMENT /
+                                                                     "answer_key.json")
+    os.mkfifo(next(inbound.glob("piper+*")) / "notes.txt")
+    (inbound / "badname+week4+not-a-time+x").mkdir()
+    return kinds
+
+
+def bench_hostile_class(honest: int, workers: int) -> dict:
+    """Issue 22's target: a class with ten broken or hostile hand-ins beside honest ones, collected
+    and graded with the kit's own commands; prints who got full marks, who needs attention and
+    the class command's exit status."""
+    from course_lib.autograde import steps
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        course, fetched, models = prepared_course(tmp, full=False)
+        kinds = hostile_class(course, fetched, models, tmp / "students", honest)
+        os.environ["NBGRADER_EXCHANGE"] = str(tmp / "exchange")
+        start = time.perf_counter()
+        collected = steps.collect(course, ASSIGNMENT)
+        seconds_collect = time.perf_counter() - start
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "course_lib", "autograde", ASSIGNMENT, "--course", str(course),
+                               "--workers", str(workers), "--json"], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        rows = {json.loads(line)["student"]: json.loads(line) for line in done.stdout.splitlines()
+                if line.startswith("{")}
+    full = {"part1_attack": [60, 60], "part2_detection": [30, 30]}
+    autograded = {s: {n: r["scores"].get(n) for n in full} for s, r in rows.items()}
+    honest_full = sum(autograded.get(s) == full for s, k in kinds.items() if k == "honest")
+    over = [s for s, scores in autograded.items()
+            if any((scores.get(n) or [0])[0] > full[n][0] for n in full)]
+    return {"students": len(kinds), "honest": honest, "hostile_or_broken": len(kinds) - honest,
+            "graded_and_recorded": len(rows), "honest_at_full_marks": honest_full,
+            "above_honest_grade": over, "exit_status": done.returncode,
+            "needs_attention": sorted(s for s, r in rows.items() if r["needs_attention"]),
+            "collect_attention_lines": sum("NEEDS ATTENTION" in line for line in collected.splitlines()),
+            "autograded_points": {s: {n: (v or [None])[0] for n, v in scores.items()} for s, scores in
+                                  autograded.items() if kinds.get(s) != "honest"},
+            "traceback_in_output": "Traceback" in done.stdout + done.stderr,
+            "seconds": {"collect": round(seconds_collect, 1), "autograde": round(seconds, 1)},
+            "workers": workers, "cores": os.cpu_count(), "stderr_tail": done.stderr[-1500:]}
+
+
 def bench_student() -> dict:
     """Seconds of a student's Run All of Part 1 (the hand-out solution, executed as JupyterLab
     would, outside nbgrader): the training cell, the Part 3 comparison cell and the total."""
@@ -614,6 +715,10 @@ def main(argv=None) -> None:
     whole.add_argument("--full", action="store_true", help="use the default zoo instead of the small one")
     commands.add_parser("bench-student", help="time a student's Run All of Part 1 (reference solution)")
     commands.add_parser("bench-sandbox", help="what an honest submission's sandbox needs; what its controls cost")
+    hostile = commands.add_parser("bench-hostile-class", help="honest students beside ten broken or hostile "
+                                                              "hand-ins: counts, attention, exit status")
+    hostile.add_argument("--honest", type=int, default=20)
+    hostile.add_argument("--workers", type=int, default=2)
     zoo_check = commands.add_parser("check-zoo", help="does the reference detector pass Part 2 on your zoo?")
     zoo_check.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course folder (default: "
                                                                        "the repository's assignments/)")
@@ -641,6 +746,8 @@ def main(argv=None) -> None:
         print(json.dumps(bench_sandbox()))
     elif args.command == "bench-student":
         print(json.dumps(bench_student()))
+    elif args.command == "bench-hostile-class":
+        print(json.dumps(bench_hostile_class(args.honest, args.workers)))
     elif args.command == "check-zoo":
         passed, lines = check_zoo(args.course.resolve())
         print("\n".join(lines))

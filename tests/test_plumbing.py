@@ -4,11 +4,8 @@ each call, the grader's self-check. (The class command with broken and hostile h
 honest ones is tests/test_class_scale.py.)"""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from course_lib.autograde import classroom, harvest, pipeline, sandbox
+from course_lib.autograde import classroom, pipeline, sandbox
 from course_lib.autograde.files import copy_own_files, valid_student_id
 from course_lib.autograde.steps import run_nbgrader
 from course_lib.autograde.verdicts import Outputs
@@ -86,7 +83,7 @@ def test_collect_takes_each_students_own_files_and_never_stops_for_one(tmp_path)
     secret.write_text(SECRET)
     for student in ("aaa_honest", "linker", "piper", "zzz_honest"):
         _hand_in(inbound, student)
-    (inbound / f"linker+week4+2026-12-01 10:00:00.000000 UTC+abc" / "answer_key.json").symlink_to(secret)
+    (inbound / "linker+week4+2026-12-01 10:00:00.000000 UTC+abc" / "answer_key.json").symlink_to(secret)
     os.mkfifo(inbound / "piper+week4+2026-12-01 10:00:00.000000 UTC+abc" / "model.safetensors")
     (inbound / "garbage").mkdir()                                    # not STUDENT+ASSIGNMENT+TIMESTAMP
     (inbound / "badtime+week4+yesterday+abc").mkdir()                # a timestamp nbgrader cannot read

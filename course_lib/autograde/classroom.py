@@ -24,9 +24,7 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import nbformat
 
-from ..checks import check_float, check_int
+from ..checks import check_int
 from . import sandbox
 from . import integrity
 from .course import Course, HandIn, cached_key, one_line
