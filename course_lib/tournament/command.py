@@ -19,8 +19,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..autograde import sandbox
 from ..autograde.classroom import make_executor
 from ..autograde.plan import TARGET
@@ -107,8 +105,8 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
 
     executor, client = make_executor(workers, dask_scheduler)
     try:
-        arena_jobs = [(matches.build_arena, setting, f"house:{f}", matches.arena_key(setting, f"house:{f}", "", version),
-                       matches.arena_seed(setting, f"house:{f}", "")) for f in house]
+        arena_jobs = [(matches.build_arena, setting, name, matches.arena_key(setting, name, "", version),
+                       matches.arena_seed(setting, name, "")) for name in (f"house:{f}" for f in house)]
         for p in people:
             if not p.attack:
                 name, fp = f"student:{p.student}", fingerprint(p.folder, entry.ATTACK_NOTEBOOK) + p.trigger
@@ -163,13 +161,13 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
                "evade_bar": scoring.EVADE_BAR, "arenas": listed, "detectors": detector_names,
                "cells": cells, "detector_board": board_d, "attack_board": board_a, "not_entered": not_entered,
                "model_defenses": defended, "arena_summaries": built,
-               "paragraphs": [{"name": f"student:{p.student}", "text": _paragraph(p.student, shown, by_d, by_a, reasons)}
-                              for p in people]}
+               "paragraphs": [{"name": f"student:{p.student}",
+                               "text": _paragraph(p.student, shown, by_d, by_a, reasons)} for p in people]}
     public = _public(results, shown)
     (out / "results.json").write_text(json.dumps(public, indent=1))
     with open(out / "cells.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["arena", "detector", "tpr", "fpr", "score", "f1", "flagged", "error",
-                                                    "seconds"])
+        writer = csv.DictWriter(handle, fieldnames=["arena", "detector", "tpr", "fpr", "score", "f1", "flagged",
+                                                    "error", "seconds"])
         writer.writeheader()
         writer.writerows(public["cells"])
     page.render(results, shown, out)

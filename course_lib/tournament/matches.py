@@ -40,10 +40,13 @@ from .scoring import score_flags
 TOURNAMENT_RATE = 0.05
 
 KIT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("tournament/arenas.py", "tournament/detectors.py", "tournament/matches.py", "tournament/model_defenses.py",
-              "tournament/scoring.py", "tournament/student_code.py", "witness.py", "grading.py", "attacks.py", "train.py", "models.py", "data.py",
-              "triggers/*.py", "defenses/activation_clustering.py", "defenses/spectral_signatures.py",
-              "defenses/neural_cleanse.py", "defenses/strip.py", "defenses/fine_pruning.py", "autograde/*.py")
+CODE_FILES = ("tournament/arenas.py", "tournament/detectors.py", "tournament/matches.py",
+              "tournament/model_defenses.py", "tournament/scoring.py", "tournament/student_code.py",
+              "witness.py", "grading.py", "attacks.py", "train.py", "models.py", "data.py", "triggers/*.py",
+              "defenses/activation_clustering.py", "defenses/spectral_signatures.py", "defenses/neural_cleanse.py",
+              "defenses/strip.py", "defenses/fine_pruning.py",
+              *(f"autograde/{name}.py"
+                for name in ("sandbox", "resources", "pipeline", "harvest", "calls", "verdicts")))
 
 
 def code_version() -> str:

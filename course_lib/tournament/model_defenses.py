@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 from ..defenses.fine_pruning import fine_prune
 from ..defenses.neural_cleanse import neural_cleanse
 from ..defenses.scoring import mitigation_scores
 from ..defenses.strip import fit_strip, strip_rates
 from ..train import predict
 from . import arenas
-from .matches import write_json, set_threads
+from .matches import set_threads, write_json
 
 NC_QUICK = {"steps": 200}          # the matrix's quick Neural Cleanse budget (course_lib.defenses.compare)
 FINE_TUNE_EPOCHS = 2               # the quick Fine-Pruning budget

@@ -25,7 +25,8 @@ BOOTSTRAP_ROUNDS = 1000
 
 
 def score_flags(flags, labels: np.ndarray, truth: np.ndarray) -> dict:
-    """TPR, FPR, Detection Score (and F1, to compare with the detection matrix) of ``flags`` (one bool per sample, checked) against ``truth``."""
+    """TPR, FPR, Detection Score (and F1, to compare with the detection matrix) of ``flags`` (one bool
+    per sample, checked) against ``truth``."""
     flags = verify_flags(flags, labels, "an arena")
     truth = np.asarray(truth, dtype=bool)
     if truth.shape != flags.shape:
