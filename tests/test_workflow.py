@@ -1,17 +1,21 @@
 """The homework as students and instructors live it (issue 16), on one small graded course.
 
-One module-scoped course (small zoo, release, exchange, two students: an honest one and a
-"sloppy" one whose custom trigger is random and too strong, autograded, feedback generated)
-is shared by every test, to keep the run short:
+One module-scoped course (small zoo, release, exchange, five students: an honest one, a
+"sloppy" one whose custom trigger is random and too strong, and three of issue 22's: a Part 3
+that attacks the instructor's browser, with files named like modules and a link to the answer
+key in the exchange; a notebook saved half-way; nbgrader metadata of a future version;
+autograded, feedback generated) is shared by every test, to keep the run short:
 
 - ``nbgrader validate`` of a complete Part 1 trains nothing, leaves the model file alone and
   passes within nbgrader's 30 s cell timeout; without the model file it says to train first;
 - the feedback of a student whose Part 3 awaits manual grading says it is pending;
 - a failed test's feedback lists two independent problems, wrapped and in red;
 - the kit's summary marks manual grading, and a skipped student's row keeps its failures;
+- a broken or hostile hand-in costs only its own points, and the class command says which
+  hand-ins need attention (exit status 3);
 - the instructor guide's commands, run in its order and folders, give a grades CSV;
 - the Formgrader in JupyterLab (headless Chromium): a Part 3 score and comment reach the
-  gradebook and the exported CSV.
+  gradebook and the exported CSV; a hostile Part 3 is readable and runs nothing.
 """
 from __future__ import annotations
 
@@ -46,6 +50,19 @@ def trigger_custom(images):
     return (images + 0.6 * torch.rand(images.shape)).clamp(0, 1)
 '''
 
+# A Part 3 answer that tries to run code in the instructor's browser (the Formgrader) and the
+# student's (the feedback): script, event handlers, a javascript: link in HTML and in markdown.
+HOSTILE_ANSWER = """
+
+**My answer:** the blend is best, it is hard to see. <script>window.top.__pwned = "script"</script>
+<img src="x" onerror="window.top.__pwned = 'onerror'"> <a href="javascript:window.top.__pwned='link'">see</a>
+[my table](javascript:window.top.__pwned='markdown') <style>body { display: none }</style>
+<iframe src="javascript:window.top.__pwned='frame'"></iframe>
+"""
+# Files named like the modules the harvest and the kernel import (issue 22: such a file in the
+# submission folder took an honest student from 90 to about 14 points)
+SHADOWS = ("json.py", "torch.py", "course_lib.py", "nbformat.py")
+
 pytestmark = pytest.mark.slow
 
 
@@ -78,7 +95,9 @@ def course(tmp_path_factory):
     hw.build_zoo(course, small=True)
     seconds["zoo --small"] = time.perf_counter() - start
     hw.generate(course)
-    exchange = course / "exchange"
+    exchange = root / "exchange"       # outside the (private) course folder, as on a shared machine
+    before = os.environ.get("NBGRADER_EXCHANGE")
+    os.environ["NBGRADER_EXCHANGE"] = str(exchange)    # the course config's exchange, for collect and feedback
     fetched = hw.fetch(course, exchange, root / "template")
     models = root / "model"
     models.mkdir()
@@ -86,22 +105,39 @@ def course(tmp_path_factory):
     hw.train_solution_model(course / "source" / "week4" / "part1_attack.ipynb", models, num_train=15_000, epochs=2)
     seconds["training"] = time.perf_counter() - step
     students = {}
-    for student in ("honest", "sloppy"):
+    for student in ("honest", "sloppy", "scripter", "halfsaved", "schema"):
         folder = completed_release(fetched, root / "students" / student / "week4")
         for name in hw.MODEL_FILES:
             shutil.copy(models / name, folder)
         students[student] = folder
     edit_cell(students["sloppy"] / "part1_attack.ipynb", "p1-triggers", lambda s: s + RANDOM_STRONG_TRIGGER)
+    for grade_id in ("p3-triggers", "p3-tradeoff", "p3-defense"):
+        edit_cell(students["scripter"] / "part3_analysis.ipynb", grade_id, lambda s: s + HOSTILE_ANSWER)
+    for name in SHADOWS:
+        (students["scripter"] / name).write_text("raise ImportError('imported from the hand-in')\n")
+    whole = (students["halfsaved"] / "part1_attack.ipynb").read_bytes()   # saved half-way
+    (students["halfsaved"] / "part1_attack.ipynb").write_bytes(whole[:len(whole) // 2])
+    newer = nbformat.read(students["schema"] / "part2_detection.ipynb", as_version=4)
+    newer.cells[2].metadata["nbgrader"] = {"schema_version": 99, "grade": False, "solution": False,
+                                           "locked": False, "grade_id": "from-the-future"}
+    nbformat.write(newer, students["schema"] / "part2_detection.ipynb")
     for student, folder in students.items():
         hw.submit(folder, student, exchange)
-    steps.collect(course, "week4")
+    # a link in the exchange to the instructor's answer key, made after submitting
+    inbound, = (exchange / hw.COURSE_ID / "inbound").glob("scripter+week4+*")
+    (inbound / "answer_key.json").symlink_to(course / "grading" / "week4" / "answer_key.json")
+    collected = steps.collect(course, "week4")
     step = time.perf_counter()
     summaries = hw.autograde_class(course, workers=2, cell_timeout=60)
     seconds["autograde"] = time.perf_counter() - step
     steps.feedback(course, "week4")
     print({k: round(v, 1) for k, v in seconds.items()}, file=sys.stderr)
-    return {"root": root, "course": course, "fetched": fetched, "models": models, "students": students,
-            "summaries": {s.student: s for s in summaries}}
+    yield {"root": root, "course": course, "fetched": fetched, "models": models, "students": students,
+           "summaries": {s.student: s for s in summaries}, "collected": collected}
+    if before is None:
+        os.environ.pop("NBGRADER_EXCHANGE", None)
+    else:
+        os.environ["NBGRADER_EXCHANGE"] = before
 
 
 def sha(path: Path) -> str:
@@ -176,6 +212,46 @@ def test_summary_marks_manual_grading_and_skipped_rows_keep_their_failures(cours
     assert "0/10 (needs manual grading)" in table(list(again.values()))
 
 
+# ------------------------------------------------------------------ broken and hostile hand-ins
+
+def test_broken_and_hostile_hand_ins_cost_only_their_own_points(course):
+    """A notebook saved half-way and one with nbgrader metadata of a future version (each stopped
+    the whole class before) score 0 for that notebook only, with a line for the instructor and a
+    feedback that says why; files named like modules and a link to the answer key in the exchange
+    change nothing (the link never reaches the submission)."""
+    summaries, course_dir = course["summaries"], course["course"]
+    full = summaries["honest"].scores
+    assert full["part1_attack"] == (60, 60) and full["part2_detection"] == (30, 30)
+    assert summaries["scripter"].scores == full and not summaries["scripter"].failed
+    assert summaries["halfsaved"].scores["part1_attack"] == (0, 60)
+    assert summaries["halfsaved"].scores["part2_detection"] == (30, 30)
+    assert summaries["schema"].scores["part1_attack"] == (60, 60)
+    assert summaries["schema"].scores["part2_detection"] == (0, 30)
+    assert [s for s, summary in summaries.items() if summary.attention] == ["halfsaved", "schema"]
+    assert "part1_attack.ipynb is unreadable" in summaries["halfsaved"].attention[0]
+    assert "part2_detection.ipynb is unreadable" in summaries["schema"].attention[0]
+    _, text = feedback_text(course_dir, "halfsaved", "part1_attack")
+    assert "This is not the notebook you handed in" in text and "could not be graded" in text
+    assert "NEEDS ATTENTION: scripter: answer_key.json: a symbolic link" in course["collected"]
+    key = (course_dir / "grading" / "week4" / "answer_key.json").read_text()
+    for path in (course_dir / "submitted" / "scripter").rglob("*"):
+        assert not path.is_symlink() and (not path.is_file() or path.read_text(errors="replace") != key)
+    html, text = feedback_text(course_dir, "scripter", "part3_analysis")
+    assert "the blend is best" in text
+    assert "<script>window" not in html and "onerror=" not in html and 'href="javascript' not in html
+    assert "<iframe" not in html
+
+
+def test_the_class_command_ends_with_the_hand_ins_that_need_attention(course, capsys):
+    from course_lib.autograde import classroom
+    with pytest.raises(SystemExit) as stopped:
+        classroom.main(["week4", "--course", str(course["course"]), "--workers", "1"])
+    said = capsys.readouterr().out
+    assert stopped.value.code == classroom.NEEDS_ATTENTION
+    assert "NEEDS ATTENTION: 2 of 5 hand-ins (halfsaved, schema)" in said, said[-2000:]
+    assert "Traceback" not in said
+
+
 # ------------------------------------------------------------------ the guide, as written
 
 def guide_blocks() -> list[tuple[str, str]]:
@@ -221,7 +297,7 @@ def test_the_guides_commands_in_order_give_a_grades_csv(course, tmp_path):
     student = getpass.getuser()      # nbgrader submits under the student's user name
     (root / "roster.csv").write_text(f"id,first_name,last_name,email\n{student},Alice,Liddell,alice@example.org\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               EXCHANGE=str(course_dir / "exchange"), ZOO_SEED="0")
+               EXCHANGE=str(tmp_path / "exchange"), NBGRADER_EXCHANGE=str(tmp_path / "exchange"), ZOO_SEED="0")
     env.pop("NBGRADER_EXECUTION", None)
     blocks = guide_blocks()
     assert [where for where, _ in blocks].count("student") >= 2 and len(blocks) >= 5, blocks
@@ -282,6 +358,7 @@ def test_formgrader_manual_grade_and_comment_reach_gradebook_and_export(course, 
                 try:
                     page = browser.new_page()
                     _grade_part3(page, url, token, course_dir)
+                    _hostile_part3_is_inert(browser.new_page(), url, token, course_dir)
                 finally:
                     browser.close()
         finally:
@@ -315,6 +392,24 @@ def _wait_for(url: str, token: str, server, limit_s: float = 120) -> None:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"JupyterLab did not answer within {limit_s:.0f} s")
+
+
+def _hostile_part3_is_inert(page, url: str, token: str, course_dir: Path) -> None:
+    """The Formgrader's page of a Part 3 full of scripts, handlers and javascript: links: the
+    answer is there to read and grade, and nothing the student wrote runs, even when clicked."""
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    with Gradebook(f"sqlite:///{course_dir / 'gradebook.db'}") as gb:
+        submission_id = gb.find_submission_notebook("part3_analysis", "week4", "scripter").id
+    page.goto(f"{url}/formgrader/submissions/{submission_id}/?token={token}")
+    page.locator("input.score#p3-triggers").wait_for(timeout=120_000)
+    assert page.get_by_text("the blend is best", exact=False).count() == 3
+    for link in page.get_by_text("my table").all() + page.get_by_text("see", exact=True).all():
+        link.click()
+    page.wait_for_timeout(1000)
+    assert page.evaluate("window.top.__pwned") is None and not dialogs
+    assert page.locator("script:has-text('__pwned'), iframe[src^='javascript'], [onerror]").count() == 0
+    page.screenshot(path=str(SHOTS / "formgrader-hostile-part3.png"), full_page=True)
 
 
 def _grade_part3(page, url: str, token: str, course_dir: Path) -> None:
