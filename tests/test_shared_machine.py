@@ -149,14 +149,21 @@ def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_excha
     # A student installs the kit in an environment of their own. Here the kit's environment stands in
     # for it; where its interpreter lies in a private folder (a pyenv under /root), a mount namespace
     # shows the student that interpreter's folder and nothing else of the private one.
-    reach = []
-    for folder in {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}:
+    import course_lib
+    folders = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(),
+                      Path(course_lib.__file__).resolve().parent})
+    reach, tops, made = [], [], set()
+    for folder in folders:
         private = next((p for p in reversed(folder.parents) if not _reachable_by_others(p)), None)
-        if private is not None:     # bwrap makes the folders between with mode 0700 unless told
-            between = [p for p in reversed(folder.parents) if p == private or private in p.parents]
+        if private is None:
+            continue
+        if private not in tops:      # one tmpfs per private folder, then every folder bound into it
+            tops.append(private)
             reach += ["--perms", "0755", "--tmpfs", str(private)]
-            reach += [x for p in between[1:] for x in ("--perms", "0755", "--dir", str(p))]
-            reach += ["--ro-bind", str(folder), str(folder)]
+        between = [p for p in reversed(folder.parents) if private in p.parents and p not in made]
+        made.update(between)
+        reach += [x for p in between for x in ("--perms", "0755", "--dir", str(p))]
+        reach += ["--ro-bind", str(folder), str(folder)]
     reach = ["bwrap", "--dev-bind", "/", "/", *reach] if reach else []
     student = student_home
     exchange = Path(tempfile.mkdtemp(prefix="exchange-", dir="/tmp"))
