@@ -231,6 +231,7 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
             index["practice"] = {**_files(name), "target": poison.target, "trigger": repr(poison.trigger),
                                  "poisoned_indices": poison.indices.tolist()}
     (public / "index.json").write_text(json.dumps(index, indent=1))
+    (public / "index.json").chmod(PUBLIC_MODE)
     key["seconds"] = round(time.perf_counter() - start, 1)
     (out / "answer_key.json").write_text(json.dumps(key, indent=1))
     (out / "answer_key.json").chmod(0o600)
@@ -284,8 +285,11 @@ def _write_model(folder: Path, name: str, model: nn.Module, data: ImageDataset) 
     save_checkpoint(model, folder / files["checkpoint"], dataset=data.name, classes=data.classes)
     save_file({"images": _to_uint8(data.images).contiguous(), "labels": data.labels.contiguous()},
               str(folder / files["training_set"]))
-    for written in (files["checkpoint"], files["training_set"]):
-        (folder / written).chmod(PUBLIC_MODE)  # safetensors writes 0600: students could not read it
+    checkpoint_json = Path(files["checkpoint"]).with_suffix(".json").name
+    for written in (files["checkpoint"], checkpoint_json, files["training_set"]):
+        if (folder / written).is_file():       # safetensors writes 0600, and a umask may hide the rest
+            (folder / written).chmod(PUBLIC_MODE)
+    folder.chmod(0o755)
 
 
 def _write_activations(path: Path, model: nn.Module, data: ImageDataset) -> None:

@@ -70,6 +70,8 @@ def test_after_the_permissions_step_a_student_reads_only_the_exchange(students, 
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         shutil.copy(ROOT / "assignments" / "nbgrader_config.py", course)
+        (base / "repo" / ".git" / "objects").mkdir(parents=True)   # the history holds every committed answer
+        (base / "repo" / ".git" / "objects" / "pack").write_text("### BEGIN SOLUTION (in the history)")
         (base / "repo" / "solutions" / "week4").mkdir(parents=True)
         (base / "repo" / "solutions" / "week4" / "part1_attack.ipynb").write_text("reference solution")
         (course / "submitted" / "alice").chmod(0o777)          # as nbgrader's own collect leaves it
@@ -87,7 +89,8 @@ def test_after_the_permissions_step_a_student_reads_only_the_exchange(students, 
         inbound.chmod(0o733)
         monkeypatch.setenv("NBGRADER_EXCHANGE", str(exchange))
         secrets = [course / relative for relative in SECRETS] + [base / "repo" / "solutions" / "week4" /
-                                                                 "part1_attack.ipynb"]
+                                                                 "part1_attack.ipynb",
+                                                                 base / "repo" / ".git" / "objects" / "pack"]
         intruder = course / "submitted" / "alice" / "week4" / "planted.txt"
 
         # the control: as the guide's old setup left it, a student reads every secret
@@ -97,9 +100,10 @@ def test_after_the_permissions_step_a_student_reads_only_the_exchange(students, 
         problems = shared.audit(course)
         assert any("assignments is open to other accounts" in p for p in problems), problems
         assert any("solutions" in p for p in problems), problems
+        assert any("repository" in p for p in problems), problems
 
         changed = shared.secure(course)
-        assert len(changed) == 2, changed
+        assert len(changed) == 3, changed
         for path in secrets:
             done = as_student(bob, "cat", str(path))
             assert done.returncode != 0 and "Permission denied" in done.stderr, (path, done)

@@ -11,8 +11,8 @@ submission into ``inbound/`` but not list it, and read only the released ``outbo
 they get their feedback through it too.
 
 So the layout this module checks (``python -m course_lib permissions --course assignments``)
-and applies (``--fix``) is simple: the course folder and the repository's ``solutions/`` are
-the instructor's alone (mode 0700, nothing for group or others), and the exchange lives
+and applies (``--fix``) is simple: the course folder, the repository's ``solutions/`` and the
+repository itself (its ``.git`` holds every committed source notebook) are the instructor's alone (mode 0700, nothing for group or others), and the exchange lives
 *outside* them (nbgrader's default, ``/srv/nbgrader/exchange``, or ``NBGRADER_EXCHANGE``),
 open to every account as nbgrader documents. The grading sandbox does not need the course
 folder's modes: it is given its inputs by bind mounts (:mod:`.sandbox`), and it only needs
@@ -41,6 +41,14 @@ def exchange_root(course: Path) -> Path:
     return Path(config.Exchange.get("root", "/srv/nbgrader/exchange")).resolve()
 
 
+def _repository(course: Path) -> Path | None:
+    """The git repository the course folder lies in (its history holds every committed answer)."""
+    for folder in course.parents:
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -59,6 +67,10 @@ def audit(course, solutions=None) -> list[str]:
                         f"0700 (--fix)")
     if solutions.is_dir() and _open_to_others(solutions):
         problems.append(f"{solutions} (the reference solutions) is open to other accounts; make it 0700 (--fix)")
+    repository = _repository(course)
+    if repository is not None and _open_to_others(repository):
+        problems.append(f"{repository} (the kit's repository: its .git holds the source notebooks with "
+                        f"solutions and hidden tests) is open to other accounts; make it 0700 (--fix)")
     exchange = exchange_root(course)
     if _inside(exchange, course) or (solutions.is_dir() and _inside(exchange, solutions.parent)):
         problems.append(f"the exchange {exchange} is inside the course folder or the repository: students must "
@@ -89,7 +101,9 @@ def secure(course, solutions=None) -> list[str]:
     course = course_folder(course)
     solutions = Path(solutions) if solutions is not None else course.parent / "solutions"
     changed = []
-    for folder in (course, solutions):
+    for folder in (course, solutions, _repository(course)):
+        if folder is None:
+            continue
         if folder.is_dir() and _open_to_others(folder):
             folder.chmod(PRIVATE_MODE)
             changed.append(f"{folder}: now 0700")
