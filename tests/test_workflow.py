@@ -237,9 +237,12 @@ def test_broken_and_hostile_hand_ins_cost_only_their_own_points(course):
     for path in (course_dir / "submitted" / "scripter").rglob("*"):
         assert not path.is_symlink() and (not path.is_file() or path.read_text(errors="replace") != key)
     html, text = feedback_text(course_dir, "scripter", "part3_analysis")
-    assert "the blend is best" in text
-    assert "<script>window" not in html and "onerror=" not in html and 'href="javascript' not in html
-    assert "<iframe" not in html
+    assert "the blend is best" in text and "__pwned" in text      # the answer is there, as text
+    from bs4 import BeautifulSoup
+    page = BeautifulSoup(html, "html.parser")
+    assert not [s for s in page.find_all("script") if "__pwned" in s.get_text()]
+    assert not page.find_all(attrs={"onerror": True}) and not page.find_all("iframe")
+    assert not [a for a in page.find_all("a") if a.get("href", "").startswith("javascript")]
 
 
 def test_the_class_command_ends_with_the_hand_ins_that_need_attention(course, capsys):

@@ -187,15 +187,19 @@ class Course:
         if folder.parent.exists():
             shutil.rmtree(folder.parent)
         folder.parent.mkdir(parents=True)
-        copy_own_files(self.submitted(hand_in.student), folder, skip=self._ignored)
+        copy_own_files(self.submitted(hand_in.student), folder,       # nbgrader lays the instructor's zoo
+                       skip=lambda relative: self._ignored(relative) or relative.split("/")[0] == "zoo")
         for name in hand_in.unreadable:
             (folder / f"{name}.ipynb").unlink(missing_ok=True)
             if name in substitutes:
                 shutil.copyfile(substitutes[name], folder / f"{name}.ipynb")
         self._add_submission(hand_in.student)
         relative = str(copies.relative_to(self.root))
-        with temp_attrs(self.coursedir, submitted_directory=relative):
-            result = self.api.autograde(self.assignment, hand_in.student, force=True, create=True)
+        try:
+            with temp_attrs(self.coursedir, submitted_directory=relative):
+                result = self.api.autograde(self.assignment, hand_in.student, force=True, create=True)
+        finally:
+            shutil.rmtree(folder.parent, ignore_errors=True)       # recorded: the copy has done its job
         if not result["success"]:
             lines = [line for line in (result.get("error") or result.get("log") or "").splitlines() if line.strip()]
             raise RuntimeError(f"nbgrader could not record it ({lines[-1][:300] if lines else 'no log'})")

@@ -74,7 +74,11 @@ class Outputs:
 
     def tensors(self, call_id: str) -> dict:
         data = read_regular_file(self.folder / f"{call_id}.safetensors")
+        error = read_regular_file(self.folder / f"{call_id}.error.txt", 10_000)
         if data is not None and not self.signed(call_id, data):
+            if error is not None:           # the call itself failed: say how, and ignore the file
+                raise GradingFailure(f"{_call_text(call_id)} failed in your notebook: "
+                                     f"{error.decode(errors='replace')[:1000]}")
             raise GradingFailure(f"{_call_text(call_id)} has no result of its own: the file the grader found was "
                                  f"not what the call returned when it finished (written before or after the call, "
                                  f"or for a call that failed), so it was ignored")
@@ -84,7 +88,6 @@ class Outputs:
             except Exception as err:  # a corrupt file is the student's loss, never the grader's crash
                 raise GradingFailure(f"what {_call_text(call_id)} returned could not be read back as tensors "
                                      f"(the file was changed after it was written: {err})") from None
-        error = read_regular_file(self.folder / f"{call_id}.error.txt", 10_000)
         if error is not None:
             raise GradingFailure(f"{_call_text(call_id)} failed in your notebook: "
                                  f"{error.decode(errors='replace')[:1000]}")
