@@ -204,7 +204,10 @@ def main(argv) -> dict:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per notebook with --execute")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="course-site-run-") as tmp:
-        executed = execute_lecture(Path(tmp), args.lecture, args.timeout) if args.execute else args.notebooks
-        result = build_site(executed, args.out, args.lecture, args.tournament)
+        try:
+            executed = execute_lecture(Path(tmp), args.lecture, args.timeout) if args.execute else args.notebooks
+            result = build_site(executed, args.out, args.lecture, args.tournament)
+        except (ValueError, TypeError) as err:      # a bad argument: its message names it, no traceback
+            parser.error(str(err))
     print(json.dumps(result))
     return result
