@@ -19,6 +19,12 @@
     python scripts/homework.py bench-student
         time a student's Run All of Part 1 (the reference solution, solutions/week4/, in a
         temporary folder): the training cell, the Part 3 comparison and the whole notebook
+    python scripts/homework.py build-zoo --seed S [--tries 3] [--course assignments]
+        zoo build into the course's grading/ and source/ folders, then the reference detector
+        with Part 2's hidden rules on the graded zoo (check-zoo); a zoo it fails on is built
+        again with the next seed
+    python scripts/homework.py bench-zoo-seeds [--first 1] [--seeds 20]
+        the reference solution's Part 2 on the graded zoos of many seeds: how many pass
     python scripts/homework.py bench-witness [--rounds 2]
         the grader's own poisoning run (course_lib.witness) and the handed-in model's ASR on the
         grader's images from both splits, on honest triggers: the reference solution's three and
@@ -597,9 +603,16 @@ def reference_detector(source: Path):
 def check_zoo(course: Path) -> tuple[bool, list[str]]:
     """Does the reference detector earn Part 2's zoo points on this course's graded zoo? Returns
     (passed, lines): one line per graded model and the three tests' figures, unrounded."""
+    passed, lines, _ = check_graded_zoo(course / "grading" / ASSIGNMENT, course / "source" / ASSIGNMENT)
+    return passed, lines
+
+
+def check_graded_zoo(grading_folder: Path, source: Path) -> tuple[bool, list[str], dict]:
+    """:func:`check_zoo` on the graded zoo in ``grading_folder`` (a ``zoo build --out`` folder),
+    with the reference detector of the source notebooks in ``source``; also returns the zoo report."""
     from course_lib import grading
-    files = grading.GradingFiles(course / "grading" / ASSIGNMENT)
-    detector = reference_detector(course / "source" / ASSIGNMENT)
+    files = grading.GradingFiles(grading_folder)
+    detector = reference_detector(source)
     flags = {}
     for name in files.answer_key["models"]:
         activations, labels = files.activations(name)
@@ -615,7 +628,57 @@ def check_zoo(course: Path) -> tuple[bool, list[str]]:
         except grading.GradingFailure as failure:
             passed = False
             lines.append(f"FAILS: {failure}")
-    return passed, lines
+    return passed, lines, report
+
+
+def build_checked_zoo(out: Path, public: Path, seed: int, tries: int, small: bool = False) -> tuple[int | None, list[str]]:
+    """``zoo build`` that keeps only a zoo on which the reference detector earns Part 2's points:
+    build with ``seed``; if :func:`check_zoo`'s tests fail, build again with ``seed + 1``, ...
+    (at most ``tries`` builds). Returns the seed kept (None if every try failed) and the lines
+    of every check. The seed kept is in the answer key, so the zoo can be rebuilt. ``small``
+    builds the kit's test zoo (tests only)."""
+    from course_lib.zoo import build_zoo
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"tries must be a positive integer, got {tries!r}")
+    lines = []
+    for attempt in range(seed, seed + tries):
+        build_zoo(out, public=public, seed=attempt, small=small, progress=False)
+        passed, checked, _ = check_graded_zoo(out, COURSE / "source" / ASSIGNMENT)
+        lines += [f"seed {attempt}: {line}" for line in checked]
+        if passed:
+            return attempt, lines
+        lines.append(f"seed {attempt}: the reference solution would lose Part 2 points on this zoo; drawing again")
+    return None, lines
+
+
+def bench_zoo_seeds(first: int, seeds: int) -> dict:
+    """The reference solution's Part 2 over many instructors' zoos: for each seed, the graded zoo
+    exactly as ``zoo build --seed`` trains it (the reference and the graded models; the public
+    models are left out, they are not graded), then the reference detector with the hidden
+    tests' rules. Prints each seed's figures, unrounded, and how many seeds pass all three tests."""
+    from course_lib import grading
+    from course_lib.zoo import build_zoo
+    runs = []
+    for seed in range(first, first + seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            build_zoo(Path(tmp) / "grading", public=Path(tmp) / "public", seed=seed, graded_only=True, progress=False)
+            passed, lines, report = check_graded_zoo(Path(tmp) / "grading", COURSE / "source" / ASSIGNMENT)
+        backdoored = [r for r in report.values() if r["backdoored"]]
+        clean = [r for r in report.values() if not r["backdoored"]]
+        run = {"seed": seed, "passed": passed, "seconds": round(time.perf_counter() - start, 1),
+               "found": sum(r["verdict"] for r in backdoored) / len(backdoored),
+               "mean_tpr": sum(r["tpr"] for r in backdoored) / len(backdoored),
+               "mean_fpr": sum(r["fpr"] for r in report.values()) / len(report),
+               "clean_accused": sum(bool(r["verdict"]) for r in clean),
+               "failures": [line for line in lines if line.startswith("FAILS")]}
+        print(json.dumps(run), flush=True)
+        runs.append(run)
+    return {"seeds": [first, first + seeds - 1], "passed": sum(r["passed"] for r in runs), "of": len(runs),
+            "lowest_found": min(r["found"] for r in runs), "lowest_mean_tpr": min(r["mean_tpr"] for r in runs),
+            "highest_mean_fpr": max(r["mean_fpr"] for r in runs),
+            "thresholds": {"found": grading.MIN_ZOO_FOUND, "tpr": grading.MIN_ZOO_TPR, "fpr": grading.MAX_ZOO_FPR},
+            "failing_seeds": [r["seed"] for r in runs if not r["passed"]]}
 
 
 def bench_integrity(num_train: int, epochs: int) -> dict:
@@ -722,6 +785,15 @@ def main(argv=None) -> None:
     zoo_check = commands.add_parser("check-zoo", help="does the reference detector pass Part 2 on your zoo?")
     zoo_check.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course folder (default: "
                                                                        "the repository's assignments/)")
+    building = commands.add_parser("build-zoo", help="zoo build, kept only if the reference detector passes "
+                                                     "Part 2 on it (else the next seed)")
+    building.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course folder (default: "
+                                                                      "the repository's assignments/)")
+    building.add_argument("--seed", type=int, required=True, help="your own seed (the recipes are public)")
+    building.add_argument("--tries", type=int, default=3, help="seeds to try: seed, seed+1, ... (default 3)")
+    seeding = commands.add_parser("bench-zoo-seeds", help="the reference solution's Part 2 on many seeds' zoos")
+    seeding.add_argument("--first", type=int, default=1)
+    seeding.add_argument("--seeds", type=int, default=20)
     alike = commands.add_parser("bench-integrity", help="how far apart honest models are (the integrity report)")
     alike.add_argument("--num-train", type=int, default=60_000, help="training images per model (default: all)")
     alike.add_argument("--epochs", type=int, default=2)
@@ -756,6 +828,19 @@ def main(argv=None) -> None:
                   "--seed (docs/instructor_guide.md, step 1)")
             sys.exit(1)
         print("the reference solution passes Part 2's zoo tests on this zoo")
+    elif args.command == "build-zoo":
+        course = args.course.resolve()
+        kept, lines = build_checked_zoo(course / "grading" / ASSIGNMENT, course / "source" / ASSIGNMENT / "zoo",
+                                        args.seed, args.tries)
+        print("\n".join(lines))
+        if kept is None:
+            print(f"no zoo of seeds {args.seed}-{args.seed + args.tries - 1} lets the reference solution pass "
+                  f"Part 2: try other seeds (--seed) or more (--tries)")
+            sys.exit(1)
+        print(f"kept the zoo of seed {kept} (recorded in {course / 'grading' / ASSIGNMENT / 'answer_key.json'}): "
+              f"the reference solution passes Part 2's zoo tests on it")
+    elif args.command == "bench-zoo-seeds":
+        print(json.dumps(bench_zoo_seeds(args.first, args.seeds)))
     elif args.command == "bench-integrity":
         print(json.dumps(bench_integrity(args.num_train, args.epochs)))
     elif args.command == "bench-witness":

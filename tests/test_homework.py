@@ -867,3 +867,27 @@ def test_solutions_are_up_to_date_and_hold_no_hidden_test(tmp_path):
             "solutions/ is stale: run python scripts/homework.py solutions"
     assert hw.leaks(tmp_path, source, regions=hw.REGIONS[1:], files=hw.SECRET_FILES) == []
     assert "def poison_dataset" in (tmp_path / "part1_attack.ipynb").read_text()
+
+
+def test_build_zoo_keeps_only_a_zoo_the_reference_passes_on(tmp_path, monkeypatch, capsys):
+    """``build-zoo`` builds, checks the reference detector with Part 2's hidden rules, and builds
+    again with the next seed when the check fails; the seed it keeps is in the answer key. The
+    first check is made to fail here (a zoo the reference fails on is seed-dependent, issue 22);
+    the second is the real check on the real small zoo."""
+    real_check, calls = hw.check_graded_zoo, []
+
+    def first_fails(folder, source):
+        passed, lines, report = real_check(folder, source)
+        calls.append(passed)
+        return (False, [*lines, "FAILS: forced by the test"], report) if len(calls) == 1 else (passed, lines, report)
+
+    monkeypatch.setattr(hw, "check_graded_zoo", first_fails)
+    kept, lines = hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=5, tries=2, small=True)
+    assert calls[1] is True, lines          # the reference passes the real check on seed 6's small zoo
+    assert kept == 6 and json.loads((tmp_path / "grading" / "answer_key.json").read_text())["seed"] == 6
+    assert any(line.startswith("seed 5:") and "drawing again" in line for line in lines), lines
+    assert any(line.startswith("seed 6: model_1:") and "TPR" in line for line in lines), lines
+    monkeypatch.setattr(hw, "check_graded_zoo", lambda folder, source: (False, ["FAILS: forced"], {}))
+    assert hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=7, tries=1, small=True)[0] is None
+    with pytest.raises(ValueError, match="tries"):
+        hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=7, tries=0)

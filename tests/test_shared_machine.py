@@ -16,6 +16,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -145,14 +146,15 @@ def student_home():
         subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
 
 
-def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_exchange(student_home, tmp_path):
-    """As a real account: student-setup, then nbgrader's fetch and submit with no option at all (the
-    Assignments tab runs the same exchange code), and the instructor's menus switched off."""
+def _student_command(student) -> list[str]:
+    """The command prefix that runs a program as ``student`` with only what a student has: their
+    home, a clean environment and the kit's Python.
+
+    A student installs the kit in an environment of their own. Here the kit's environment stands in
+    for it; where its interpreter lies in a private folder (a pyenv under /root), a mount namespace
+    shows the student that interpreter's folder and nothing else of the private one."""
     import sys
-    python = Path(sys.executable)
-    # A student installs the kit in an environment of their own. Here the kit's environment stands in
-    # for it; where its interpreter lies in a private folder (a pyenv under /root), a mount namespace
-    # shows the student that interpreter's folder and nothing else of the private one.
+
     import course_lib
     folders = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(),
                       Path(course_lib.__file__).resolve().parent})
@@ -169,26 +171,39 @@ def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_excha
         reach += [x for p in between for x in ("--perms", "0755", "--dir", str(p))]
         reach += ["--ro-bind", str(folder), str(folder)]
     reach = ["bwrap", "--dev-bind", "/", "/", *reach] if reach else []
-    student = student_home
-    exchange = Path(tempfile.mkdtemp(prefix="exchange-", dir="/tmp"))
-    try:
-        exchange.chmod(0o1777)
-        outbound = exchange / "adversarial-ml-week4" / "outbound" / "week4"
-        outbound.mkdir(parents=True)
-        (outbound / "part1_attack.ipynb").write_text(json.dumps(
-            {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-        inbound = exchange / "adversarial-ml-week4" / "inbound"
-        inbound.mkdir(mode=0o733)
-        for path in [exchange / "adversarial-ml-week4", outbound.parent, outbound]:
-            path.chmod(0o755)
-        (outbound / "part1_attack.ipynb").chmod(0o644)
-        inbound.chmod(0o733)
-        env = ["env", "-i", f"HOME={student.pw_dir}", f"PATH={python.parent}:/usr/bin:/bin", "LANG=C.UTF-8"]
+    env = ["env", "-i", f"HOME={student.pw_dir}", f"PATH={Path(sys.executable).parent}:/usr/bin:/bin",
+           "LANG=C.UTF-8"]
+    return [*reach, "setpriv", f"--reuid={student.pw_uid}", f"--regid={student.pw_gid}", "--init-groups", *env]
 
+
+def _exchange_with(notebook: dict) -> tuple[Path, Path]:
+    """A shared exchange (modes as nbgrader's release leaves them) holding ``notebook`` as week4's
+    released part1_attack.ipynb. Returns (exchange root, inbound folder)."""
+    exchange = Path(tempfile.mkdtemp(prefix="exchange-", dir="/tmp"))
+    exchange.chmod(0o1777)
+    outbound = exchange / "adversarial-ml-week4" / "outbound" / "week4"
+    outbound.mkdir(parents=True)
+    (outbound / "part1_attack.ipynb").write_text(json.dumps(notebook))
+    inbound = exchange / "adversarial-ml-week4" / "inbound"
+    inbound.mkdir(mode=0o733)
+    for path in [exchange / "adversarial-ml-week4", outbound.parent, outbound]:
+        path.chmod(0o755)
+    (outbound / "part1_attack.ipynb").chmod(0o644)
+    inbound.chmod(0o733)
+    return exchange, inbound
+
+
+def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_exchange(student_home, tmp_path):
+    """As a real account: student-setup, then nbgrader's fetch and submit with no option at all (the
+    Assignments tab runs the same exchange code), and the instructor's menus switched off."""
+    import sys
+    python = Path(sys.executable)
+    student = student_home
+    exchange, inbound = _exchange_with({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    try:
         def run(*command, cwd=None):
-            return subprocess.run([*reach, "setpriv", f"--reuid={student.pw_uid}", f"--regid={student.pw_gid}",
-                                   "--init-groups", *env, *command], capture_output=True, text=True, timeout=300,
-                                  cwd=cwd or student.pw_dir)
+            return subprocess.run([*_student_command(student), *command], capture_output=True, text=True,
+                                  timeout=300, cwd=cwd or student.pw_dir)
 
         done = run(str(python), "-m", "course_lib", "student-setup", "--exchange", str(exchange))
         assert done.returncode == 0 and "hidden" in done.stdout, done.stdout + done.stderr
@@ -202,6 +217,117 @@ def test_a_student_sets_up_in_one_step_and_fetches_and_submits_through_the_excha
         text = " ".join((listed.stdout + listed.stderr).split())
         assert "@jupyter/nbgrader:formgrader" in text and "disabled" in text.lower(), text[-2000:]
     finally:
+        shutil.rmtree(exchange, ignore_errors=True)
+
+
+def _released_notebook(tmp_path: Path) -> dict:
+    """A one-test notebook as nbgrader's generate_assignment releases it (its answer cell says
+    ``raise NotImplementedError()``), made by nbgrader itself in a scratch course."""
+    import nbformat
+    import sys
+    course = tmp_path / "scratch-course"
+    source = course / "source" / "week4"
+    source.mkdir(parents=True)
+    answer = nbformat.v4.new_code_cell("def add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION")
+    answer.metadata["nbgrader"] = {"grade": False, "solution": True, "locked": False, "grade_id": "add",
+                                   "schema_version": 3}
+    check = nbformat.v4.new_code_cell("assert add(1, 2) == 3")
+    check.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "grade_id": "add-test",
+                                  "points": 1, "schema_version": 3}
+    nbformat.write(nbformat.v4.new_notebook(cells=[answer, check]), source / "part1_attack.ipynb")
+    (course / "nbgrader_config.py").write_text("c = get_config()\nc.CourseDirectory.course_id = "
+                                               "'adversarial-ml-week4'\n")
+    done = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", "week4", "--force"], cwd=course,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((course / "release" / "week4" / "part1_attack.ipynb").read_text())
+
+
+@pytest.mark.browser
+def test_a_student_fetches_validates_and_submits_in_the_assignments_tab(student_home, tmp_path):
+    """The student's whole loop in JupyterLab, in headless Chromium, with the server running as a real
+    student account set up by student-setup alone: the Nbgrader menu offers the Assignments tab and
+    none of the instructor's entries; the tab lists the release, fetches it, validates the notebook
+    (the released answer cell fails its test, and Validate says so) and submits it to the exchange."""
+    import secrets
+    import sys
+    import urllib.request
+
+    from test_browser import CHROMIUM_ARGS, _ensure_chromium, _free_port
+    chromium = _ensure_chromium()
+    from playwright.sync_api import sync_playwright
+
+    python = Path(sys.executable)
+    student = student_home
+    exchange, inbound = _exchange_with(_released_notebook(tmp_path))
+    port, token = _free_port(), secrets.token_hex(16)
+    log = open(tmp_path / "jupyterlab.log", "w")
+    server = None
+    try:
+        done = subprocess.run([*_student_command(student), str(python), "-m", "course_lib", "student-setup",
+                               "--exchange", str(exchange)], capture_output=True, text=True, timeout=300,
+                              cwd=student.pw_dir)
+        assert done.returncode == 0, done.stdout + done.stderr
+        server = subprocess.Popen([*_student_command(student), str(python), "-m", "jupyterlab", "--no-browser",
+                                   "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
+                                   f"--ServerApp.root_dir={student.pw_dir}"],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=student.pw_dir)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            assert server.poll() is None, (tmp_path / "jupyterlab.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=str(chromium), headless=True,
+                args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
+            try:
+                page = browser.new_page()
+                page.goto(f"{url}/lab?token={token}")
+                menu = page.locator("#jp-menu-panel div.lm-MenuBar-itemLabel", has_text="Nbgrader")
+                menu.wait_for(timeout=120_000)
+                menu.click()
+                entries = page.locator("#jp-mainmenu-nbgrader-menu li.lm-Menu-item")
+                entries.first.wait_for(timeout=30_000)
+                commands = {entries.nth(i).get_attribute("data-command") for i in range(entries.count())}
+                assert "nbgrader:open-assignment-list" in commands, commands
+                assert not any(c and ("formgrader" in c or "course-list" in c) for c in commands), commands
+                page.locator('#jp-mainmenu-nbgrader-menu li[data-command="nbgrader:open-assignment-list"]').click()
+
+                released = page.locator("#released_assignments_list > .list_item")
+                released.first.wait_for(timeout=60_000)
+                assert released.count() == 1 and "week4" in released.first.inner_text()
+                released.first.locator(".item_status button").click()
+
+                fetched = page.locator("#fetched_assignments_list > .list_item")
+                fetched.first.wait_for(timeout=60_000)
+                assert (Path(student.pw_dir) / "week4" / "part1_attack.ipynb").is_file()
+                page.locator('#fetched_assignments_list a', has_text="week4").first.click()
+                page.locator('#fetched_assignments_list button', has_text="Validate").first.click()
+                dialog = page.locator(".jp-Dialog")
+                dialog.wait_for(timeout=180_000)
+                said = dialog.inner_text()
+                assert "NotImplementedError" in said or "failed" in said.lower(), said
+                dialog.locator("button").last.click()
+
+                fetched.first.locator(".item_status button", has_text="Submit").click()
+                page.locator("#submitted_assignments_list > .list_item").first.wait_for(timeout=60_000)
+            finally:
+                browser.close()
+        assert [p.name.split("+")[0] for p in inbound.iterdir()] == [student.pw_name]
+        submitted = next(inbound.iterdir()) / "part1_attack.ipynb"
+        assert "raise NotImplementedError()" in submitted.read_text()
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log.close()
         shutil.rmtree(exchange, ignore_errors=True)
 
 
