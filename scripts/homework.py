@@ -385,8 +385,9 @@ def bench_class(count: int, workers: int, full: bool) -> dict:
         summaries = run(course, ASSIGNMENT, workers=workers, force=True, progress=False, timings=timings)
         parallel = time.perf_counter() - start
         same = gradebook_scores(course) == first
+        integrity_300 = _integrity_at_300(models / MODEL_FILES[0])
     worker = sum(s.seconds for s in summaries) / count           # one student, one worker, cores / workers threads
-    serial = (timings["prepare"] + timings["record"]) / count     # per student, in the one recording process
+    serial = (timings["prepare"] + timings["record"] + timings["integrity"]) / count  # per student, one process
     result = {"students": count, "kinds": {k: list(kinds.values()).count(k) for k in set(kinds.values())},
               "workers": workers, "cores": os.cpu_count(), "sequential_seconds": round(sequential, 1),
               "parallel_seconds": round(parallel, 1), "speedup": round(sequential / parallel, 2),
@@ -396,9 +397,23 @@ def bench_class(count: int, workers: int, full: bool) -> dict:
               "phases": {k: round(v, 1) for k, v in timings.items()}}
     threads = max(1, (os.cpu_count() or 1) // workers)
     cpu = worker * threads
-    result["projected_minutes_300_students"] = {
-        cores: round(300 * (serial + cpu / cores) / 60, 1) for cores in (2, 16, 64)}
+    result["integrity_distances_300_seconds"] = integrity_300
+    result["projected_minutes_300_students"] = {    # the setup is paid once per run, whatever the class size
+        cores: round((timings["setup"] + integrity_300 + 300 * (serial + cpu / cores)) / 60, 1)
+        for cores in (2, 16, 64)}
     return result
+
+
+def _integrity_at_300(model_file: Path) -> float:
+    """Seconds of the integrity report's one Gram matrix for 300 models like ``model_file`` (the
+    part of the report that grows with the square of the class; the projection scales the rest
+    of it, loading each model, with the class)."""
+    from course_lib.autograde.integrity import model_parameters, relative_distances
+    weights = model_parameters(model_file)
+    models = {f"s{i}": {k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()} for i in range(300)}
+    start = time.perf_counter()
+    relative_distances(models)
+    return round(time.perf_counter() - start, 2)
 
 
 FORGER = """

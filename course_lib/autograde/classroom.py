@@ -144,8 +144,10 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     ``processes``), else to :class:`.sandbox.Limits`'. A student with a test that failed on a
     time limit while other sandboxes ran is graded again, alone, before anything is recorded.
 
-    ``timings``, when given, receives the seconds of the three phases: ``prepare`` (staging and
-    sanitizing, here), ``grade`` (the workers) and ``record`` (nbgrader, here).
+    ``timings``, when given, receives the seconds of each phase: ``setup`` (once per run: the
+    sandbox's checks and self-check, the grader's inputs), ``prepare`` (staging and sanitizing
+    each student, here), ``grade`` (the workers), ``record`` (nbgrader, here) and ``integrity``
+    (the class's integrity report).
     """
     check_int("workers", workers, 1)
     if threads is not None:
@@ -164,6 +166,7 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
     if not unsafe_no_sandbox:
         self_check(workspace, settings)
     names = course.notebook_names()
+    timings["setup"] = time.perf_counter() - start
     jobs, summaries, hand_ins = [], {}, {}
     for student in students or course.students():
         hand_in = hand_ins[student] = _prepare(course, workspace, student, names, inputs)
@@ -177,11 +180,11 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
                             {n: nbformat.writes(nb) for n, nb in hand_in.notebooks.items()}, str(course.root),
                             assignment, str(workspace.files.folder), settings, time_limit, threads,
                             reuse=not force))
-    timings["prepare"] = time.perf_counter() - start
+    timings["prepare"] = time.perf_counter() - start - timings["setup"]
     _run_jobs(jobs, summaries, workers, dask_scheduler, progress)
     if workers > 1 and len(jobs) > 1:
         _regrade_alone(jobs, summaries)
-    timings["grade"] = time.perf_counter() - start - timings["prepare"]
+    timings["grade"] = time.perf_counter() - start - timings["setup"] - timings["prepare"]
     for student, summary in summaries.items():
         summary.attention = [*hand_ins[student].problems, *(a for a in summary.attention
                                                             if a not in hand_ins[student].problems)]
@@ -191,8 +194,10 @@ def autograde_class(course_dir, assignment: str, *, workers: int = 1, dask_sched
             summary.scores, summary.pending = course.scores(student)
         except Exception as err:
             summary.attention.append(f"no grades in the gradebook: {one_line(err)}")
-    timings["record"] = time.perf_counter() - start - timings["prepare"] - timings["grade"]
+    timings["record"] = time.perf_counter() - start - sum(timings[k] for k in ("setup", "prepare", "grade"))
     _integrity(course, workspace, hand_ins)
+    timings["integrity"] = time.perf_counter() - start - sum(timings[k] for k in ("setup", "prepare", "grade",
+                                                                                   "record"))
     return [summaries[s] for s in sorted(summaries)]
 
 
