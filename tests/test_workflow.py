@@ -306,7 +306,7 @@ def test_the_guides_commands_in_order_give_a_grades_csv(course, tmp_path):
     assert [where for where, _ in blocks].count("student") >= 2 and len(blocks) >= 5, blocks
     ran = []
     for where, block in blocks:
-        if "zoo build" in block:
+        if "zoo build" in block or "build-zoo" in block:   # minutes: the same small zoo is copied instead
             continue
         if where == "formgrader":      # the instructor grades Part 3 in the browser: done through its API here
             grade_pending(course_dir, student, points=2.0)
