@@ -237,6 +237,7 @@ def build_zoo(out, *, public=None, dataset: str = "fashion-mnist", small: bool =
             key["practice"] = answer
             index["practice"] = {**_files(name), "target": poison.target, "trigger": repr(poison.trigger),
                                  "poisoned_indices": poison.indices.tolist()}
+    public.mkdir(parents=True, exist_ok=True)
     (public / "index.json").write_text(json.dumps(index, indent=1))
     (public / "index.json").chmod(PUBLIC_MODE)
     key["seconds"] = round(time.perf_counter() - start, 1)
