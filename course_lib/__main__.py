@@ -59,6 +59,9 @@ def main(argv=None) -> int:
         from .autograde.shared import main as run
     elif command == "student-setup":
         from .student_setup import main as run
+    elif command == "tournament" and rest[:1] == ["bench"]:
+        from .tournament.bench import main as run
+        rest = rest[1:]
     elif command == "tournament":
         from .tournament.command import main as run
     elif command in STEPS:

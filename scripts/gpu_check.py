@@ -74,7 +74,8 @@ def main(argv=None) -> list[tuple[str, float, str]]:
                       OMP_NUM_THREADS=str(args.threads))
     import torch
     torch.set_num_threads(args.threads)
-    from course_lib import data, demo, models, witness
+    from course_lib import data, demo, models
+    from course_lib.homework import witness
     from course_lib.experiments import default_trigger
 
     if args.tiny:

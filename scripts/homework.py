@@ -26,7 +26,7 @@
     python scripts/homework.py bench-zoo-seeds [--first 1] [--seeds 20]
         the reference solution's Part 2 on the graded zoos of many seeds: how many pass
     python scripts/homework.py bench-witness [--rounds 2]
-        the grader's own poisoning run (course_lib.witness) and the handed-in model's ASR on the
+        the grader's own poisoning run (course_lib.homework.witness) and the handed-in model's ASR on the
         grader's images from both splits, on honest triggers: the reference solution's three and
         each dirty-label family of the kit (a model trained with each, as the homework does),
         each round with fresh seeds; prints every run's figures and the false-failure rate
@@ -730,11 +730,12 @@ def bench_witness(rounds: int) -> dict:
     """The grader's new checks on honest students: the witness test (the grader's own poisoning
     run, with the legitimacy check against a clean reference model trained here on 20,000
     training images) and the handed-in model's ASR on the grader's images from both splits
-    (:func:`course_lib.witness.verify_model_follows`), for every honest trigger, ``rounds``
+    (:func:`course_lib.homework.witness.verify_model_follows`), for every honest trigger, ``rounds``
     times with fresh seeds: each run is one honest student. Each trigger's handed-in model is
     trained once, as the homework's training cell does (all 60,000 training images, 5% poisoned,
     2 epochs; WaNet's faint warp 4)."""
-    from course_lib import grading, witness
+    from course_lib import grading
+    from course_lib.homework import witness
     from course_lib.attacks import badnets
     from course_lib.data import load_dataset
     from course_lib.models import model_for

@@ -24,7 +24,8 @@ import nbformat
 import pytest
 import torch
 
-from course_lib import data, demo, grading, models, witness
+from course_lib import data, demo, grading, models
+from course_lib.homework import files, witness
 from course_lib.checkpoints import save_checkpoint
 from course_lib.models import model_for
 
@@ -44,10 +45,10 @@ def cifar_home(tmp_path, monkeypatch):
     monkeypatch.setenv(data.TRUST_ENV, "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("COURSE_DATA", str(tmp_path / "data"))
-    grading._test_split.cache_clear()
+    files._test_split.cache_clear()
     witness.mixed_splits.cache_clear()
     yield tmp_path / "data"
-    grading._test_split.cache_clear()
+    files._test_split.cache_clear()
     witness.mixed_splits.cache_clear()
 
 
@@ -137,7 +138,7 @@ def test_part1_grading_on_cifar10_with_the_graders_run(cifar_home, tmp_path, mon
 
     monkeypatch.setitem(witness.RECIPES, "cifar10", TINY_RECIPE)    # the grader's run, at a tiny scale
     try:
-        message = witness.check_trigger_poisons(student, path, dataset="cifar10", target=0, seed=1)
+        message = grading.check_trigger_poisons(student, path, dataset="cifar10", target=0, seed=1)
     except grading.GradingFailure as failure:
         message = str(failure)
     assert "the grader trained a model on its data poisoned with your trigger trigger_patch (airbench, 20 of 100" in message

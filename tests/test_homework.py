@@ -24,6 +24,7 @@ from course_lib.autograde import resources
 from course_lib.checkpoints import load_checkpoint, save_checkpoint
 from course_lib.attacks import badnets
 from course_lib.data import load_dataset, synthetic_dataset
+from course_lib.homework import part1
 from course_lib.models import build_model, model_for
 from course_lib.train import train
 from course_lib.triggers import PatchTrigger, make_trigger
@@ -203,7 +204,7 @@ def test_nan_weights_wrong_architecture_wrong_dataset_too_large(tmp_path, saved,
     mismatched.with_suffix(".json").write_text(json.dumps(sidecar))
     assert "do not match" in fail_message(grading.load_student_model, mismatched, dataset="fashion-mnist")
 
-    monkeypatch.setattr(grading, "MAX_MODEL_BYTES", 1000)
+    monkeypatch.setattr(part1, "MAX_MODEL_BYTES", 1000)
     assert "allowed" in fail_message(grading.load_student_model, saved, dataset="fashion-mnist")
 
 

@@ -87,7 +87,7 @@ def code_version() -> str:
     """A hash of the grading code itself: a new rule invalidates every cached verdict."""
     digest = hashlib.sha256()
     here = Path(__file__).parent
-    for path in sorted([*here.glob("*.py"), here.parent / "grading.py", here.parent / "witness.py"]):
+    for path in sorted([*here.glob("*.py"), here.parent / "grading.py", *(here.parent / "homework").glob("*.py")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -6,7 +6,7 @@ notebook the plan lists *calls* (function name, arguments, how many times) that
 once per grading run, to a folder every sandbox reads but none can write. The calls of
 Part 1 mirror the visible test cells (the same 64 contract images, the same poisoning
 cases), plus the whole test split for the hidden checks and the grader's own poisoning
-pool (:mod:`course_lib.witness`: drawn from the mixed train and test splits with a seed
+pool (:mod:`course_lib.homework.witness`: drawn from the mixed train and test splits with a seed
 drawn here, once per inputs folder; the seed is no secret, since the trigger sees the
 stamped images anyway: which of them poison and which measure is drawn only when the
 verdict is decided, after the trigger ran); Part 2 hands the detector the planted example and the
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import grading, witness
+from .. import grading
+from ..homework import witness
 from ..data import load_dataset
 
 CONTRACT_IMAGES = 64

@@ -6,7 +6,7 @@ and the instructor's grading files. The rules are :mod:`course_lib.grading`'s ``
 functions, the very ones the visible test cells apply in the student's kernel. A test whose
 inputs the sandbox failed to produce (the function raised, hung, or killed its kernel)
 fails with that reason, and only that test. A passing test may carry a message too: the
-witness test shows the grader's own measurement (:mod:`course_lib.witness`).
+witness test shows the grader's own measurement (:mod:`course_lib.homework.witness`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from .. import grading, witness
+from .. import grading
+from ..homework import witness
 from ..data import ImageDataset, load_dataset
 from ..grading import GradingFailure
 from .harvest import RECORD, signature
@@ -230,7 +231,7 @@ def clean_accuracy(ctx: Context) -> None:
 def attack_success(ctx: Context, target: int = TARGET) -> None:
     """The handed-in model sends the triggered test images to the target (with a legitimate
     trigger) and the grader's triggered images from both splits too
-    (:func:`course_lib.witness.verify_model_follows`), and the grader's own poisoned model
+    (:func:`course_lib.homework.witness.verify_model_follows`), and the grader's own poisoned model
     learned that trigger: the ASR a model shows for a trigger that plants no backdoor (an
     evasion attack) earns nothing."""
     model, meta = ctx.model

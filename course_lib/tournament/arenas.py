@@ -1,11 +1,11 @@
 """Arenas: one poisoned training set and its freshly trained model per attack, built by the grader.
 
 Every attack of the tournament meets the detectors on the same footing, the grader's own
-poisoning run (:mod:`course_lib.witness`, BadNets done by the grader, Gu et al. 2017): a pool
+poisoning run (:mod:`course_lib.homework.witness`, BadNets done by the grader, Gu et al. 2017): a pool
 of images drawn with the tournament seed, the attack's trigger applied to its stamped images
 (a student's in the grading sandbox, a house family here), a share of them relabelled to the
 target and mixed into clean training images, a fresh small CNN trained by the fixed
-:data:`course_lib.witness.RECIPE`. What the arena keeps is what the detectors and the scores
+:data:`course_lib.homework.witness.RECIPE`. What the arena keeps is what the detectors and the scores
 need: the training set (its order shuffled, so that no position gives a poisoned sample
 away), the model, its penultimate activations, its clean accuracy (CA) and attack success
 rate (ASR), the trigger's stealth (PSNR, SSIM) and the **ground truth**: which samples are
@@ -24,15 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import grading, witness
 from ..attacks import label_consistent
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..data import ImageDataset
 from ..defenses.activations import extract_features
-from ..defenses.matrix import family_trigger
+from ..homework import witness
 from ..metrics import stealth_summary
-from ..models import model_for
-from ..train import predict, train
+from ..train import predict
 
 HOUSE_FAMILIES = ("checkerboard", "blend", "sig", "wanet", "corners", "clean_label")
 CLEAN_LABEL_SHARE = 0.5        # share of the target-class training images the clean-label attack poisons
@@ -62,28 +60,21 @@ class Arena:
         return self.name.split(":", 1)[0]
 
 
-def _train_recipe(recipe: witness.Recipe, data: ImageDataset, seed: int):
-    """A fresh model of the recipe's architecture, trained on ``data`` by the recipe (as the grader's run)."""
-    model = model_for(data, arch=recipe.arch, seed=seed)
-    train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment, seed=seed,
-          progress=False)
-    return model.eval()
-
-
 def _check_pool(pool) -> None:
     if not isinstance(pool, witness.Pool):
         raise TypeError(f"pool must be a witness.Pool, got {type(pool).__name__}")
 
 
-def _finish(name: str, pool: witness.Pool, images, labels, truth, triggered, measure, *, target: int,
+def _finish(name: str, pool: witness.Pool, images, labels, truth, triggered, measured, *, target: int,
             seed: int) -> Arena:
-    """Shuffle the training set, train the recipe's model on it, measure CA and ASR, keep the rest."""
+    """Shuffle the training set, train the recipe's model on it, measure CA and ASR (on ``measured``, the
+    triggered images held out), keep the rest. ``triggered`` is the trigger on every stamped image."""
     recipe = pool.recipe
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 1))
     data = pool.clean.replace(images=images[order], labels=labels[order])
     truth = truth[order]
-    model = _train_recipe(recipe, data, seed)
-    asr = (predict(model, triggered[measure]) == target).float().mean().item()
+    model = witness.train_recipe(recipe, data, seed)
+    asr = (predict(model, measured) == target).float().mean().item()
     ca = (predict(model, pool.holdout.images) == pool.holdout.labels).float().mean().item()
     clean = pool.stamped.images[:STEALTH_IMAGES]
     stealth = {k: round(v, 3) for k, v in stealth_summary(clean, triggered[:STEALTH_IMAGES]).items()}
@@ -91,21 +82,17 @@ def _finish(name: str, pool: witness.Pool, images, labels, truth, triggered, mea
             "recipe": {k: getattr(recipe, k) for k in ("arch", "train_images", "rate", "epochs", "batch_size")}}
     return Arena(name, data, truth, model, extract_features(model, data.images, progress=False), ca, asr, stealth,
                  torch.stack([pool.stamped.images[0], triggered[0]]),
-                 triggered[measure][:KEPT_MEASURE_IMAGES].clone(), info)
+                 measured[:KEPT_MEASURE_IMAGES].clone(), info)
 
 
 def dirty_label_arena(name: str, pool: witness.Pool, triggered: torch.Tensor, *, target: int, seed: int) -> Arena:
-    """The grader's poisoning run (as :func:`course_lib.witness.poison_and_train`) with ``triggered``,
-    what a trigger returned for ``pool.stamped.images``, keeping the model and the ground truth."""
+    """The grader's poisoning run (:func:`course_lib.homework.witness.poison`) with ``triggered``, what a
+    trigger returned for ``pool.stamped.images``, keeping the model and the ground truth."""
     _check_pool(pool)
-    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
-    recipe = pool.recipe
-    order = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(seed))
-    poison, measure = order[:recipe.poisoned], order[recipe.poisoned:]
-    images = torch.cat([pool.clean.images, triggered[poison]])
-    labels = torch.cat([pool.clean.labels, torch.full((recipe.poisoned,), target, dtype=pool.clean.labels.dtype)])
-    truth = torch.cat([torch.zeros(len(pool.clean), dtype=torch.bool), torch.ones(recipe.poisoned, dtype=torch.bool)])
-    return _finish(name, pool, images, labels, truth, triggered, measure, target=target, seed=seed)
+    poisoned = witness.poison(pool, triggered, target=target, seed=seed, name=name)
+    truth = torch.arange(len(poisoned.data)) >= len(poisoned.data) - poisoned.poisoned
+    return _finish(name, pool, poisoned.data.images, poisoned.data.labels, truth, triggered, poisoned.measure,
+                   target=target, seed=seed)
 
 
 def clean_label_arena(pool: witness.Pool, *, target: int, seed: int) -> Arena:
@@ -118,14 +105,14 @@ def clean_label_arena(pool: witness.Pool, *, target: int, seed: int) -> Arena:
     filler, measure = order[:recipe.poisoned], order[recipe.poisoned:]
     base = pool.clean.replace(images=torch.cat([pool.clean.images, pool.stamped.images[filler]]),
                               labels=torch.cat([pool.clean.labels, pool.stamped.labels[filler]]))
-    surrogate = _train_recipe(recipe, base, seed + 2)
+    surrogate = witness.train_recipe(recipe, base, seed + 2)
     poison = label_consistent(base, trigger=trigger, target=target, rate=CLEAN_LABEL_SHARE, surrogate=surrogate,
                               eps=CLEAN_LABEL_EPS, seed=seed, progress=False)
     truth = torch.zeros(len(base), dtype=torch.bool)
     truth[poison.indices] = True
     triggered = trigger(pool.stamped.images)
     return _finish("house:clean_label", pool, poison.dataset.images, poison.dataset.labels, truth, triggered,
-                   measure, target=target, seed=seed)
+                   triggered[measure], target=target, seed=seed)
 
 
 def house_arena(family: str, pool: witness.Pool, *, target: int, seed: int) -> Arena:

@@ -23,7 +23,8 @@ from ..autograde import sandbox
 from ..autograde.classroom import make_executor
 from ..autograde.plan import TARGET
 from ..checks import check_float, check_int
-from ..grading import GradingFailure, GradingFiles
+from ..homework.files import GradingFiles
+from ..homework.rules import GradingFailure
 from . import entrants as entry
 from . import matches, page, pseudonyms, scoring
 from .arenas import HOUSE_FAMILIES, load
@@ -189,9 +190,6 @@ def _public(results: dict, shown) -> dict:
 
 
 def main(argv=None) -> None:
-    if argv is not None and list(argv)[:1] == ["bench"]:
-        from .bench import main as bench
-        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m course_lib tournament", description=__doc__.split("\n\n")[0])
     parser.add_argument("assignment", help="the nbgrader assignment, e.g. week4")
     parser.add_argument("--course", type=Path, default=Path("."), help="the nbgrader course folder (default: .)")

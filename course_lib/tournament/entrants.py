@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints import CheckpointError, read_metadata
-from ..grading import MODEL_FILE, GradingFailure, recorded_trigger
+from ..homework.part1 import recorded_trigger
+from ..homework.rules import MODEL_FILE, GradingFailure
 
 ATTACK_NOTEBOOK, DETECTOR_NOTEBOOK = "part1_attack", "part2_detection"
 ATTACK_TEST, DETECTOR_TEST = "p1-test-trigger-poisons", "p2-test-planted"

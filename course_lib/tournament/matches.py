@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import witness
-from ..grading import GradingFailure
+from ..homework import witness
+from ..homework.rules import GradingFailure
 from . import arenas, detectors, student_code
 from .entrants import ATTACK_NOTEBOOK, DETECTOR_NOTEBOOK
 from .scoring import score_flags
@@ -42,7 +42,7 @@ TOURNAMENT_RATE = 0.05
 KIT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("tournament/arenas.py", "tournament/detectors.py", "tournament/matches.py",
               "tournament/model_defenses.py", "tournament/scoring.py", "tournament/student_code.py",
-              "witness.py", "grading.py", "attacks.py", "train.py", "models.py", "data.py", "triggers/*.py",
+              "homework/*.py", "attacks.py", "train.py", "models.py", "data.py", "triggers/*.py",
               "defenses/activation_clustering.py", "defenses/spectral_signatures.py", "defenses/neural_cleanse.py",
               "defenses/strip.py", "defenses/fine_pruning.py",
               *(f"autograde/{name}.py"
@@ -109,9 +109,9 @@ def write_json(path: Path, value) -> None:
 # ---------------------------------------------------------------- arenas
 
 def clean_accuracy(setting: Setting) -> float:
-    """The recipe's CA on the tournament's pool without poison (:attr:`course_lib.witness.Pool.clean_ca`),
+    """The recipe's CA on the tournament's pool without poison (:attr:`course_lib.homework.witness.Pool.clean_ca`),
     trained once per tournament seed and cached: an arena's CA must stay within
-    :data:`course_lib.witness.MAX_CA_DROP` of it, as in the grader's run."""
+    :data:`course_lib.homework.witness.MAX_CA_DROP` of it, as in the grader's run."""
     set_threads(setting.threads)
     path = Path(setting.cache) / f"clean_ca-{key(setting.dataset, setting.seed, asdict(setting.recipe))}.json"
     if not path.is_file():
@@ -167,7 +167,7 @@ def build_arena(setting: Setting, name: str, akey: str, seed: int, folder: str |
 
 def enters(summary: dict, recipe: witness.Recipe, clean_ca: float) -> dict:
     """The arena's summary with ``entered`` and its ``reason``: built, and its backdoor took by the
-    grader's own bars (:func:`course_lib.witness.verify_witness`: ASR and CA against ``clean_ca``)."""
+    grader's own bars (:func:`course_lib.homework.witness.verify_witness`: ASR and CA against ``clean_ca``)."""
     summary = dict(summary, entered=False)
     if summary["built"]:
         measured = witness.Witness(summary["asr"], summary["ca"], summary["seed"], summary["trigger"] or

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ..autograde import pipeline, sandbox
 from ..autograde.verdicts import Outputs
-from ..grading import GradingFailure
+from ..homework.rules import GradingFailure
 
 STARTUP_SECONDS = 180.0     # a sandbox's allowance for starting its kernel and running the notebook's cells
 CELL_TIMEOUT = 120.0        # each notebook cell (the autograder's default)

@@ -33,6 +33,12 @@ computed from, and it passes here even when the model handed in beside it is cle
 The same stamped images also check the handed-in model (:func:`verify_model_follows`): a
 backdoor follows its trigger on any image, so its ASR must hold on the grader's images from
 both splits, not only on the public test split, which a trigger can recognise image by image.
+
+Who runs it: the trusted autograder (:func:`verify_trigger_poisons`, on what the trigger
+returned in its sandbox), the student's own notebook (``check_trigger_poisons`` in
+:mod:`.kernel`, the same rule and recipe), and the class tournament, whose arenas are this
+run at the tournament's poisoning rate (:func:`poison`, :func:`train_recipe`;
+:mod:`course_lib.tournament.arenas`).
 """
 from __future__ import annotations
 
@@ -42,11 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import grading
-from .data import ImageDataset, load_dataset
-from .grading import _require
-from .models import ARCHITECTURES, model_for
-from .train import predict, train
+from ..data import ImageDataset, load_dataset
+from ..models import ARCHITECTURES, model_for
+from ..train import predict, train
+from .part1 import verify_backdoor_trigger, verify_triggered
+from .rules import MAX_CA_DROP, MIN_ASR, MIN_ATTACK_SUCCESS, MODEL_FILE, require
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,11 @@ class Recipe:
     holdout_images: int = 1000   # clean images held out to measure the CA
 
     def __post_init__(self):
-        _require(self.arch in ARCHITECTURES, f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        require(self.arch in ARCHITECTURES, f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         for arg in ("train_images", "epochs", "batch_size", "measure_images", "holdout_images"):
             value = getattr(self, arg)
-            _require(isinstance(value, int) and value > 0, f"{arg} must be a positive integer, got {value!r}")
-        _require(0 < self.rate < 1 and 0 < self.poisoned < self.train_images,
+            require(isinstance(value, int) and value > 0, f"{arg} must be a positive integer, got {value!r}")
+        require(0 < self.rate < 1 and 0 < self.poisoned < self.train_images,
                  f"rate must poison some but not all of the {self.train_images} images, got {self.rate!r}")
 
     @property
@@ -95,13 +101,11 @@ RECIPES: dict[str, Recipe] = {
                       holdout_images=2000),
 }
 RECIPE = RECIPES["fashion-mnist"]
-MIN_ASR = 0.80       # the grader's model must learn the backdoor ...
-MAX_CA_DROP = 0.10   # ... and keep the clean model's CA within this much (measured margins: the guide)
 
 
 def recipe_for(dataset: str) -> Recipe:
     """The grader's recipe for ``dataset`` (a key of :data:`RECIPES`)."""
-    _require(dataset in RECIPES, f"dataset must be one of {sorted(RECIPES)} (or pass a witness.Recipe), "
+    require(dataset in RECIPES, f"dataset must be one of {sorted(RECIPES)} (or pass a witness.Recipe), "
                                  f"got {dataset!r}")
     return RECIPES[dataset]
 
@@ -127,7 +131,7 @@ class Pool:
         unpoisoned = self.stamped.subset(order[:self.recipe.poisoned])
         data = self.clean.replace(images=torch.cat([self.clean.images, unpoisoned.images]),
                                   labels=torch.cat([self.clean.labels, unpoisoned.labels]))
-        return _rate(_train_recipe(self.recipe, data, self.seed), self.holdout.images, self.holdout.labels)
+        return hit_rate(train_recipe(self.recipe, data, self.seed), self.holdout.images, self.holdout.labels)
 
 
 def draw_seed() -> int:
@@ -147,18 +151,18 @@ def mixed_splits(dataset: str) -> ImageDataset:
 def draw_pool(data: ImageDataset, *, target: int, seed: int, recipe: Recipe | None = None) -> Pool:
     """The pool of one grading run, drawn from ``data`` (see the module docstring) with ``seed``,
     sized for ``recipe`` (default: :func:`recipe_for` the dataset ``data`` was loaded from)."""
-    _require(isinstance(data, ImageDataset), f"data must be an ImageDataset, got {type(data).__name__}")
-    _require(isinstance(target, int) and 0 <= target < data.num_classes,
+    require(isinstance(data, ImageDataset), f"data must be an ImageDataset, got {type(data).__name__}")
+    require(isinstance(target, int) and 0 <= target < data.num_classes,
              f"target must be a class index in [0, {data.num_classes - 1}], got {target!r}")
-    _require(isinstance(seed, int), f"seed must be an integer, got {seed!r}")
+    require(isinstance(seed, int), f"seed must be an integer, got {seed!r}")
     recipe = recipe_for(data.name) if recipe is None else recipe
-    _require(isinstance(recipe, Recipe), f"recipe must be a witness.Recipe, got {type(recipe).__name__}")
+    require(isinstance(recipe, Recipe), f"recipe must be a witness.Recipe, got {type(recipe).__name__}")
     clean = recipe.train_images - recipe.poisoned
     needed = recipe.stamped + clean + recipe.holdout_images
-    _require(len(data) >= needed, f"data must hold at least {needed} images, got {len(data)}")
+    require(len(data) >= needed, f"data must hold at least {needed} images, got {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     stamped = order[data.labels[order] != target][:recipe.stamped]
-    _require(len(stamped) == recipe.stamped, f"data must hold at least {recipe.stamped} images whose label is "
+    require(len(stamped) == recipe.stamped, f"data must hold at least {recipe.stamped} images whose label is "
                                              f"not the target {target}, got {len(stamped)}")
     rest = order[~torch.isin(order, stamped)]
     return Pool(data.subset(stamped), data.subset(rest[:clean]),
@@ -185,43 +189,59 @@ class Witness:
                 f"CA {self.ca:.3f} on {r.holdout_images} clean held-out images{clean}")
 
 
-def _train_recipe(recipe: Recipe, data: ImageDataset, seed: int):
-    """A fresh model of the recipe's architecture, trained on ``data`` by the recipe."""
+def train_recipe(recipe: Recipe, data: ImageDataset, seed: int):
+    """A fresh model of the recipe's architecture, trained on ``data`` by the recipe (left in eval mode)."""
     model = model_for(data, arch=recipe.arch, seed=seed)
     train(model, data, epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment, seed=seed,
           progress=False)
-    return model
+    return model.eval()
 
 
-def _rate(model, images: torch.Tensor, labels) -> float:
+def hit_rate(model, images: torch.Tensor, labels) -> float:
     """Share of ``images`` the model assigns to ``labels`` (a tensor, or one class index)."""
     return (predict(model, images) == labels).float().mean().item()
 
 
-def poison_and_train(pool: Pool, triggered: torch.Tensor, *, target: int, seed: int, name: str) -> Witness:
-    """Split the stamped images with ``seed``, poison the grader's training set, train, measure.
+@dataclass(frozen=True)
+class Poisoned:
+    """The grader's poisoned training set and the triggered images held out to measure the ASR."""
 
-    ``triggered`` is what the student's trigger returned for ``pool.stamped.images``.
-    """
-    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
+    data: ImageDataset        # the pool's clean images, then the poisoned ones (relabelled to the target)
+    poisoned: int             # how many of ``data``'s images, at its end, are poisoned
+    measure: torch.Tensor     # triggered images the model never trains on
+
+
+def poison(pool: Pool, triggered: torch.Tensor, *, target: int, seed: int, name: str) -> Poisoned:
+    """Split the stamped images with ``seed``: a share poisons the grader's training set (relabelled to
+    ``target``), the rest is held out to measure the attack. ``triggered`` is what the trigger ``name``
+    returned for ``pool.stamped.images`` (checked: shape, dtype, pixels in [0, 1])."""
+    triggered = verify_triggered(pool.stamped.images, triggered, name)
     recipe = pool.recipe
     order = torch.randperm(len(triggered), generator=torch.Generator().manual_seed(seed))
-    poison, measure = order[:recipe.poisoned], order[recipe.poisoned:]
-    data = pool.clean.replace(images=torch.cat([pool.clean.images, triggered[poison]]),
-                              labels=torch.cat([pool.clean.labels, torch.full((recipe.poisoned,), target)]))
-    model = _train_recipe(recipe, data, seed)
-    asr, ca = _rate(model, triggered[measure], target), _rate(model, pool.holdout.images, pool.holdout.labels)
-    return Witness(asr, ca, seed, name, recipe, pool.clean_ca)
+    chosen, measure = order[:recipe.poisoned], order[recipe.poisoned:]
+    labels = torch.full((recipe.poisoned,), target, dtype=pool.clean.labels.dtype)
+    data = pool.clean.replace(images=torch.cat([pool.clean.images, triggered[chosen]]),
+                              labels=torch.cat([pool.clean.labels, labels]))
+    return Poisoned(data, recipe.poisoned, triggered[measure])
+
+
+def poison_and_train(pool: Pool, triggered: torch.Tensor, *, target: int, seed: int, name: str) -> Witness:
+    """:func:`poison` the grader's training set, train a fresh model by the recipe, measure its ASR on the
+    held-out triggered images and its CA on the pool's clean held-out images."""
+    poisoned = poison(pool, triggered, target=target, seed=seed, name=name)
+    model = train_recipe(pool.recipe, poisoned.data, seed)
+    asr, ca = hit_rate(model, poisoned.measure, target), hit_rate(model, pool.holdout.images, pool.holdout.labels)
+    return Witness(asr, ca, seed, name, pool.recipe, pool.clean_ca)
 
 
 def verify_witness(witness: Witness, min_asr: float = MIN_ASR, max_ca_drop: float = MAX_CA_DROP) -> str:
     """The grader's own poisoned model learned the backdoor (ASR at least ``min_asr``) and still
     classifies clean images (CA at most ``max_ca_drop`` below the same recipe without poison);
     returns the measurement, to be shown to the student."""
-    _require(isinstance(witness, Witness) and witness.clean_ca is not None,
+    require(isinstance(witness, Witness) and witness.clean_ca is not None,
              "witness must be a Witness with its clean_ca measured (poison_and_train returns one)")
     min_ca = round(witness.clean_ca - max_ca_drop, 3)
-    _require(witness.asr >= min_asr and witness.ca >= min_ca,
+    require(witness.asr >= min_asr and witness.ca >= min_ca,
              f"{witness}. Your trigger does not plant a backdoor by the grader's fixed recipe: it needs ASR at "
              f"least {min_asr} and CA at least {min_ca} (at most {max_ca_drop} below the model without poison). "
              f"A trigger that fools your own model but that a freshly poisoned model does not learn is an "
@@ -230,7 +250,7 @@ def verify_witness(witness: Witness, min_asr: float = MIN_ASR, max_ca_drop: floa
 
 
 def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: int, name: str,
-                         minimum: float = grading.MIN_ATTACK_SUCCESS) -> None:
+                         minimum: float = MIN_ATTACK_SUCCESS) -> None:
     """The handed-in ``model`` sends the grader's stamped images (``pool.stamped``, drawn from
     the train and test splits mixed; ``triggered`` is what the trigger ``name`` returned for
     them) to ``target`` with an ASR above ``minimum``, as it must on the test split.
@@ -244,9 +264,9 @@ def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: 
     train-split image. (tests/test_homework.py's ``splitter`` student; docs/instructor_guide.md
     gives its figures.)
     """
-    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
-    asr = _rate(model, triggered, target)
-    _require(asr > minimum, f"attack success rate of {grading.MODEL_FILE} with {name} is {asr:.3f} on the grader's "
+    triggered = verify_triggered(pool.stamped.images, triggered, name)
+    asr = hit_rate(model, triggered, target)
+    require(asr > minimum, f"attack success rate of {MODEL_FILE} with {name} is {asr:.3f} on the grader's "
                             f"{len(triggered)} triggered non-target images drawn from {pool.stamped.name}'s train and "
                             f"test splits mixed; it must be above {minimum} there too (on the test split alone it "
                             f"proves nothing: a backdoor follows its trigger on any image)")
@@ -254,10 +274,10 @@ def verify_model_follows(model, pool: Pool, triggered: torch.Tensor, *, target: 
 
 def poisoning_run(pool: Pool, triggered: torch.Tensor, reference, *, target: int, seed: int, name: str) -> Witness:
     """The trigger is legitimate on the stamped images (bounded change, the clean ``reference``
-    model not fooled: :func:`course_lib.grading.verify_backdoor_trigger`); then the grader's run
+    model not fooled: :func:`.part1.verify_backdoor_trigger`); then the grader's run
     (:func:`poison_and_train`)."""
-    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
-    grading.verify_backdoor_trigger(pool.stamped.images, triggered, reference, name=name, target=target)
+    triggered = verify_triggered(pool.stamped.images, triggered, name)
+    verify_backdoor_trigger(pool.stamped.images, triggered, reference, name=name, target=target)
     return poison_and_train(pool, triggered, target=target, seed=seed, name=name)
 
 
@@ -268,25 +288,6 @@ def verify_trigger_poisons(pool: Pool, triggered: torch.Tensor, reference, *, ta
     return verify_witness(poisoning_run(pool, triggered, reference, target=target, seed=seed, name=name))
 
 
-@grading._graded
-def check_trigger_poisons(namespace: dict, path=grading.MODEL_FILE, *, dataset: str, target: int,
-                          seed: int | None = None) -> str:
-    """The witness test in the student's kernel, with the trigger recorded in the model file: the
-    grader's rule and recipe on a pool drawn with a fresh seed (``seed`` to repeat a run).
-    Prints and returns the measurement. (The trusted grader also checks the trigger's
-    legitimacy against its clean reference model, which students do not have.)"""
-    _, meta = grading.load_student_model(path, dataset=dataset)
-    name = grading.recorded_trigger(meta)
-    trigger = grading.student_function(namespace, name)
-    seed = draw_seed() if seed is None else seed
-    pool = draw_pool(mixed_splits(dataset), target=target, seed=seed)
-    with grading._student_code(f"{name}(images)"):
-        triggered = trigger(pool.stamped.images.clone())
-    triggered = grading.verify_triggered(pool.stamped.images, triggered, name)
-    message = verify_witness(poison_and_train(pool, triggered, target=target, seed=seed, name=name))
-    print(message)
-    return message
-
-
-__all__ = ["Recipe", "RECIPE", "RECIPES", "MIN_ASR", "MAX_CA_DROP", "recipe_for", "Pool", "Witness", "draw_pool", "draw_seed", "mixed_splits", "poison_and_train",
-           "poisoning_run", "verify_model_follows", "verify_witness", "verify_trigger_poisons", "check_trigger_poisons"]
+__all__ = ["Recipe", "RECIPE", "RECIPES", "MIN_ASR", "MAX_CA_DROP", "recipe_for", "Pool", "Witness", "draw_pool",
+           "draw_seed", "mixed_splits", "Poisoned", "poison", "train_recipe", "hit_rate", "poison_and_train",
+           "poisoning_run", "verify_model_follows", "verify_witness", "verify_trigger_poisons"]
