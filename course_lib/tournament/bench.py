@@ -25,6 +25,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -35,7 +36,19 @@ from ..models import model_for
 from . import scoring
 
 MATRIX = Path(__file__).resolve().parents[2] / "docs" / "detection_matrix.jsonl"
-TRIGGER_NAMES = {"patch": "trigger_patch", "faint": "trigger_blend", "too_weak": "trigger_custom"}
+TRIGGER_NAMES = {"patch": "trigger_patch", "faint": "trigger_blend", "too_weak": "trigger_custom",
+                 "reference": "trigger_patch", "kit_sig": "trigger_custom", "kit_corners": "trigger_custom"}
+SOLUTIONS = Path(__file__).resolve().parents[2] / "solutions" / "week4"
+
+
+def _solution_source(notebook: str, names: tuple[str, ...]) -> str:
+    """The code cells of the reference solution (``solutions/week4/<notebook>``) that define ``names``,
+    with the imports they need."""
+    nb = nbformat.read(SOLUTIONS / f"{notebook}.ipynb", as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and any(f"def {n}(" in c.source for n in names)]
+    imports = ("import numpy as np\nimport torch\nfrom sklearn.cluster import KMeans\n"
+               "from sklearn.decomposition import PCA\n")
+    return imports + "\n\n".join(cells) + "\n"
 
 
 def trigger_source(kind: str, variant: int = 0) -> str:
@@ -53,6 +66,14 @@ def trigger_source(kind: str, variant: int = 0) -> str:
     if kind == "too_weak":
         return ("def trigger_custom(images):\n    out = images.clone()\n"
                 "    out[..., 14, 14] = (out[..., 14, 14] + 1 / 255).clamp(0, 1)\n    return out\n")
+    if kind == "reference":      # the reference solution's three triggers; its model records trigger_patch
+        return _solution_source("part1_attack", ("trigger_patch", "trigger_blend", "trigger_custom"))
+    if kind == "kit_sig":        # a student who calls the kit's own family, stronger than the detection matrix's
+        return ("from course_lib.triggers import SIGTrigger\n_SIG = SIGTrigger(delta=0.12)\n"
+                "def trigger_custom(images):\n    return _SIG(images).clamp(0, 1)\n")
+    if kind == "kit_corners":
+        return ("from course_lib.triggers import DistributedTrigger\n_T = DistributedTrigger()\n"
+                "def trigger_custom(images):\n    return _T(images)\n")
     raise ValueError(f"kind must be one of {tuple(TRIGGER_NAMES)}, got {kind!r}")
 
 
@@ -72,6 +93,7 @@ DETECTORS = {
                "                                                          random_state=0) > 0.4:\n"
                "            flags[idx[k == small]] = True\n"
                "    return flags\n"),
+    "reference": None,      # the reference solution's activation_clustering (solutions/week4/part2_detection)
     "wrong_shape": ("import numpy as np\ndef activation_clustering(activations, labels):\n"
                     "    return np.zeros(len(labels) - 1, dtype=bool)\n"),
     "always": ("import numpy as np\ndef activation_clustering(activations, labels):\n"
@@ -91,9 +113,18 @@ DETECTORS = {
                "    return np.zeros(len(labels), dtype=bool)\n"),
 }
 # cycled over the synthetic class: (trigger kind or None, witness passed, detector or None, planted passed)
-TEMPLATES = [("patch", True, "honest", True), ("faint", True, "honest", True), ("patch", True, "always", True),
-             ("patch", True, "crash", True), (None, False, "hang", True), ("faint", True, "reader", True),
-             ("too_weak", True, "random", True), ("patch", True, "wrong_shape", True)]
+TEMPLATES = [("reference", True, "reference", True), ("patch", True, "honest", True),
+             ("kit_sig", True, "reference", True), ("faint", True, "honest", True), ("patch", True, "always", True),
+             ("kit_corners", True, "crash", True),
+             (None, False, "hang", True), ("faint", True, "reader", True), ("too_weak", True, "random", True),
+             ("patch", True, "wrong_shape", True)]
+
+
+def detector_source(kind: str, cache: Path) -> str:
+    """A student's detector cell of ``kind`` (:data:`DETECTORS`); ``cache`` is what the file reader hunts."""
+    if kind == "reference":
+        return _solution_source("part2_detection", ("split_class", "activation_clustering", "gap_ratio"))
+    return DETECTORS[kind].replace("{cache}", str(cache))
 
 
 def _notebook(path: Path, source: str) -> None:
@@ -129,7 +160,7 @@ def write_class(course: Path, students: dict, assignment: str = "week4") -> Path
                             extra={"trigger": TRIGGER_NAMES[trigger]})
             _verdict(results / "part1_attack.json", "p1-test-trigger-poisons", attack_ok)
         if detector:
-            _notebook(folder / "part2_detection.ipynb", DETECTORS[detector].replace("{cache}", str(cache)))
+            _notebook(folder / "part2_detection.ipynb", detector_source(detector, cache))
             _verdict(results / "part2_detection.json", "p2-test-planted", detector_ok)
     return course
 
@@ -150,44 +181,153 @@ def _median(values) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+@dataclass
+class Costs:
+    """What one tournament's jobs cost, in seconds of one worker (one core), measured by the bench."""
+
+    student_arena: float     # a student's arena: its trigger's sandbox, then the grader's training
+    house_arena: float       # a house family's arena (the clean-label one trains a surrogate too)
+    clean: float             # the recipe without poison (once per poisoning rate)
+    startup: float           # a sandbox's start-up: kernel, the notebook's cells, the warm-up call
+    per_call: float          # a student detector on one more arena, inside its sandbox
+    house_cell: float        # a house detector or control on one arena
+    model: float             # the three model-level defenses on one arena (0 when not run)
+    house_arenas: int
+    house_detectors: int = 4
+    rates: int = 1
+
+
+def measured_costs(results: dict) -> Costs:
+    """Per-job costs from a tournament's results: medians over its arenas and cells."""
+    summaries, cells = results["arena_summaries"], results["cells"]
+    student_arenas = [a for a in summaries if not a["name"].startswith("house:")]
+    house_arenas = [a for a in summaries if a["name"].startswith("house:")]
+    startup = _median([a["sandbox_seconds"] for a in student_arenas if "sandbox_seconds" in a])
+    sandboxes = {}
+    for c in cells:
+        if "sandbox_seconds" in c and c["calls"]:
+            sandboxes.setdefault(c["detector"], []).append(c)
+    honest = [group for group in sandboxes.values() if not any(c["error"] for c in group)]
+    per_call = _median([max(0.0, g[0]["sandbox_seconds"] - startup) / g[0]["calls"] for g in honest])
+    house_cells = [c["seconds"] for c in cells if c["detector"].startswith(("house:", "control:"))]
+    model = _median([m["seconds"] for m in results["model_defenses"]]) if results["model_defenses"] else 0.0
+    return Costs(student_arena=_median([a["seconds"] for a in student_arenas]),
+                 house_arena=_median([a["seconds"] for a in house_arenas]),
+                 clean=_median([a["seconds"] for a in house_arenas if a["name"] != "house:clean_label"]),
+                 startup=startup, per_call=per_call, house_cell=_median(house_cells), model=model,
+                 house_arenas=len(house_arenas), rates=len({a.get("rate") for a in summaries}))
+
+
+def _phase(jobs: list[float], cores: int) -> float:
+    """Seconds to run ``jobs`` on ``cores`` workers, longest first: at least the total over the cores, and
+    at least the longest job."""
+    return max(sum(jobs) / cores, max(jobs, default=0.0))
+
+
+def projected_minutes(costs: Costs, students: int, cores: int, student_arenas: int | None = None,
+                      overhead: float = 0.0) -> float:
+    """Minutes for a class of ``students`` (every one entering an attack and a detector) on ``cores`` workers:
+    the arenas, then the cells and model-level defenses; ``student_arenas`` None is the full matrix, a number
+    the schedule. ``overhead``: seconds a distributed scheduler adds to each job."""
+    arenas = students + costs.house_arenas
+    met = costs.house_arenas + (students if student_arenas is None else min(student_arenas, students))
+    first = [costs.student_arena + overhead] * students + [costs.house_arena + overhead] * costs.house_arenas \
+        + [costs.clean + overhead] * costs.rates
+    second = [costs.startup + met * costs.per_call + overhead] * students + [costs.model + overhead] * arenas \
+        + [costs.house_detectors * costs.house_cell + overhead] * arenas
+    return (_phase(first, cores) + _phase(second, cores)) / 60
+
+
+def fitting_schedule(costs: Costs, students: int, cores: int, budget: float) -> int | None:
+    """The most student arenas per detector that keep the class within ``budget`` minutes (None: not even 0)."""
+    if projected_minutes(costs, students, cores, 0) > budget:
+        return None
+    low, high = 0, students
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if projected_minutes(costs, students, cores, middle) <= budget else (low, middle - 1)
+    return low
+
+
+def schedule_uncertainty(results: dict, share: float, draws: int = 5) -> tuple[float, float, int]:
+    """The rank uncertainty a schedule costs, measured on this tournament's cells: the mean width of the
+    detectors' 90% rank intervals with every cell played, and with only a schedule's ``share`` of the
+    student arenas played (averaged over ``draws`` draws); also how many student arenas that is here."""
+    from .detectors import CONTROLS, HOUSE_DETECTORS
+    from .matches import schedule
+    arenas = [a["name"] for a in results["arenas"]]
+    detectors = results["detectors"]
+    matrix = scoring.score_matrix(results["cells"], arenas, detectors)
+    played = scoring.played_matrix(results["cells"], arenas, detectors)
+    width = lambda p: float(np.mean([r["rank_high"] - r["rank_low"] for r in  # noqa: E731
+                                     scoring.detector_board(matrix, arenas, detectors, played=p, seed=0)]))
+    full = width(played)
+    students = [a for a in arenas if not a.startswith("house:")]
+    k = max(1, round(share * len(students))) if students else 0
+    widths = []
+    for draw in range(draws):
+        chosen = schedule(students, [d for d in detectors if d not in HOUSE_DETECTORS + CONTROLS], k, draw)
+        mask = played.copy()
+        for j, d in enumerate(detectors):
+            if d in chosen:
+                mask[:, j] &= np.array([a.startswith("house:") or a in set(chosen[d]) for a in arenas])
+        widths.append(width(mask))
+    return full, float(np.mean(widths)), k
+
+
 def report(results: dict, timings: dict, workers: int, students: int = 300, cores: int = 16,
-           budget_minutes: float = 30.0) -> list[str]:
-    """The bench's lines: costs, the projection, the honesty checks."""
+           budget_minutes: float = 30.0, dask_cores=(64, 128), dask_overhead: float = 0.05) -> list[str]:
+    """The bench's lines: costs, the projections (full matrix and schedule), the honesty checks."""
     from .matches import TOURNAMENT_RATE
     cells, arenas = results["cells"], results["arenas"]
-    house = [c for c in cells if c["detector"].startswith(("house:", "control:"))]
-    student = [c for c in cells if not c["detector"].startswith(("house:", "control:"))]
-    arena_s = _median([a["seconds"] for a in results["arena_summaries"]])
-    house_s = _median([c["seconds"] for c in house])
-    student_s = _median([c["seconds"] for c in student if not c["error"]])
-    model_s = _median([m["seconds"] for m in results["model_defenses"]]) if results["model_defenses"] else 0.0
+    costs = measured_costs(results)
     n_house = sum(a["name"].startswith("house:") for a in arenas)
-    lines = [f"class: {len(results['paragraphs'])} students; {len(arenas)} arenas ({n_house} house) x "
-             f"{len(results['detectors'])} detectors = {len(cells)} cells; {workers} workers",
-             f"whole run: {timings['total']:.0f} s (arenas {timings['arenas']:.0f} s, cells {timings['cells']:.0f} s, "
-             f"model-level {timings['model_defenses']:.0f} s)",
-             f"per cell (median, seconds of one worker): arena {arena_s:.1f}; house detector on an arena "
-             f"{house_s:.2f}; student detector on an arena {student_s:.2f} (its sandbox's time shared over its "
-             f"arenas); model-level defenses on an arena {model_s:.1f}"]
-    # class of `students`: each attack enters (an arena), each detector enters (a sandbox over all arenas)
-    n_arenas, n_detectors = students + n_house, students
-    full = (n_arenas * (arena_s + model_s + 4 * house_s) + n_detectors * n_arenas * student_s) / cores / 60
-    lines.append(f"projected class of {students} on {cores} cores, full matrix ({n_arenas} arenas x "
-                 f"{n_detectors + 4} detectors): {full:.1f} min (target <= {budget_minutes:g})")
-    if full > budget_minutes:
-        fixed = n_arenas * (arena_s + model_s + 4 * house_s) / cores / 60
-        per_arena = n_detectors * student_s / cores / 60
-        drawn = int((budget_minutes - fixed) / per_arena) - n_house
-        if drawn < 0:
-            lines.append(f"no schedule fits: the {n_arenas} arenas and their model-level defenses alone take "
-                         f"{fixed:.1f} min")
-        else:
-            lines.append(f"schedule that fits: every detector on the {n_house} house arenas and {drawn} student "
-                         f"arenas drawn at random: {fixed + per_arena * (n_house + drawn):.1f} min")
+    lines = [f"class: {len(results['paragraphs'])} students; {len(arenas)} arenas entered ({n_house} house) "
+             f"x {len(results['detectors'])} detectors = {len(cells)} cells; {workers} workers",
+             f"whole run: {timings['total']:.0f} s = {timings['total'] / 60:.1f} min (arenas "
+             f"{timings['arenas']:.0f} s; "
+             f"cells and model-level defenses {timings['cells']:.0f} s)",
+             f"per job (median, seconds of one worker): student arena {costs.student_arena:.1f} (its trigger's "
+             f"sandbox {costs.startup:.1f}); house arena {costs.house_arena:.1f}; a detector's sandbox start-up "
+             f"{costs.startup:.1f} + {costs.per_call:.2f} per arena; house detector or control on an arena "
+             f"{costs.house_cell:.2f}; model-level defenses on an arena {costs.model:.1f}"]
+    full = projected_minutes(costs, students, cores)
+    lines.append(f"projected class of {students} on {cores} cores, full matrix ({students + costs.house_arenas} "
+                 f"arenas x {students + 4} detectors): {full:.1f} min (target <= {budget_minutes:g}: "
+                 f"{'met' if full <= budget_minutes else 'missed'})")
+    fits = fitting_schedule(costs, students, cores, budget_minutes)
+    if fits is None:
+        floor = projected_minutes(costs, students, cores, 0)
+        lines.append(f"no schedule fits {budget_minutes:g} min on {cores} cores: the arenas, the house cells and the "
+                     f"model-level defenses alone take {floor:.1f} min")
+    else:
+        k = min(fits, students)
+        lines.append(f"schedule: every detector on the {costs.house_arenas} house arenas and {k} student arenas drawn "
+                     f"at random (python -m course_lib tournament ... --student-arenas {k}): "
+                     f"{projected_minutes(costs, students, cores, k):.1f} min on {cores} cores")
+        base, scheduled, here = schedule_uncertainty(results, k / students)
+        lines.append(f"rank uncertainty the schedule costs, measured on this class ({here} of its student arenas "
+                     f"per detector instead of all): mean 90% interval width of the detectors' ranks {base:.1f} -> "
+                     f"{scheduled:.1f} ranks (of {len(results['detectors'])})")
+    for n in dask_cores:
+        line = f"projected on a Dask cluster of {n} cores ({dask_overhead:g} s per job added): full matrix " \
+               f"{projected_minutes(costs, students, n, overhead=dask_overhead):.1f} min"
+        if fits is not None:
+            line += f", the schedule {projected_minutes(costs, students, n, fits, overhead=dask_overhead):.1f} min"
+        longest = costs.startup + (students + costs.house_arenas) * costs.per_call
+        lines.append(line + f" (the longest job, one detector's sandbox over every arena, {longest / 60:.1f} min)")
     matrix = scoring.score_matrix(cells, [a["name"] for a in arenas], results["detectors"])
     widths = [r["rank_high"] - r["rank_low"] for r in results["detector_board"]]
     lines.append(f"rank uncertainty here ({len(arenas)} arenas): mean 90% interval width {np.mean(widths):.1f} "
                  f"ranks over {len(widths)} detectors")
+    lines.append("house attacks (recipe: CA, the same recipe without poison, ASR; entered or why not):")
+    for a in results["arena_summaries"]:
+        if a["name"].startswith("house:"):
+            shown = next((x for x in arenas if x["name"] == a["name"]), None)
+            state = "entered" if a.get("entered") else f"not entered: {a.get('reason', '')[:160]}"
+            clean = f", clean {shown['clean_ca']:.3f}" if shown else ""
+            lines.append(f"  {a['name']}: rate {a.get('rate') or TOURNAMENT_RATE:g}, CA {a.get('ca', float('nan')):.3f}"
+                         f"{clean}, ASR {a.get('asr', float('nan')):.3f}; {state}")
     lines.append(f"honesty: house Activation Clustering F1 on the house arenas vs the detection matrix "
                  f"(same family, rate {TOURNAMENT_RATE}):")
     for c in cells:
@@ -212,6 +352,8 @@ def main(argv=None) -> None:
     parser.add_argument("--call-timeout", type=float, default=10.0, help="seconds per student call (default 10)")
     parser.add_argument("--house", default=None, help="house families, comma-separated (default: all)")
     parser.add_argument("--no-model-defenses", action="store_true", help="skip the model-level defenses")
+    parser.add_argument("--student-arenas", type=int, default=None, metavar="K",
+                        help="play the schedule (K student arenas per detector) instead of the full matrix")
     parser.add_argument("--course", type=Path, default=None, help="keep the synthetic course here (default: a "
                                                                   "temporary folder)")
     args = parser.parse_args(argv)
@@ -222,7 +364,8 @@ def main(argv=None) -> None:
             extra["house"] = tuple(args.house.split(","))
         start = time.perf_counter()
         results = run_tournament(course, "week4", workers=args.workers, call_timeout=args.call_timeout, names=True,
-                                 model_defenses=not args.no_model_defenses, timings=timings, **extra)
+                                 model_defenses=not args.no_model_defenses, student_arenas=args.student_arenas,
+                                 timings=timings, **extra)
         timings["total"] = time.perf_counter() - start
         for line in report(results, timings, args.workers):
             print(line)

@@ -74,14 +74,20 @@ def _paragraph(student: str, shown, board_d: dict, board_a: dict, not_entered: d
 def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_scheduler: str | None = None,
                    seed: int = 0, names: bool = False, call_timeout: float = CALL_TIMEOUT,
                    house: tuple = HOUSE_FAMILIES, model_defenses: bool = True, rate: float = matches.TOURNAMENT_RATE,
-                   timings: dict | None = None) -> dict:
+                   student_arenas: int | None = None, timings: dict | None = None) -> dict:
     """Run the tournament of ``assignment`` in the nbgrader ``course`` folder; returns the results
-    (also written to ``out``: index.html, results.json, cells.csv). See the module docstring."""
+    (also written to ``out``: index.html, results.json, cells.csv). See the module docstring.
+
+    ``student_arenas``: None plays the full matrix; a number plays the schedule for a big class, every
+    detector on every house arena and that many student arenas drawn at random with the seed
+    (:func:`.matches.schedule`)."""
     course = Path(course).resolve()
     check_int("workers", workers, 1)
     check_int("seed", seed, 0)
     check_float("call_timeout", call_timeout, 0, 3600, low_open=True)
     check_float("rate", rate, 0, 0.5, low_open=True)
+    if student_arenas is not None:
+        check_int("student_arenas", student_arenas, 0)
     if not set(house) <= set(HOUSE_FAMILIES):
         raise ValueError(f"house must name families among {HOUSE_FAMILIES}, got {house!r}")
     ok, why = sandbox.available()
@@ -113,24 +119,36 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
                 name, fp = f"student:{p.student}", fingerprint(p.folder, entry.ATTACK_NOTEBOOK) + p.trigger
                 arena_jobs.append((matches.build_arena, setting, name, matches.arena_key(setting, name, fp, version),
                                    matches.arena_seed(setting, name, fp), str(p.folder), p.trigger))
-        clean_ca, *built = _run(executor, [(matches.clean_accuracy, setting), *arena_jobs])
-        built = [matches.enters(a, setting.recipe, clean_ca) for a in built]
+        rates = sorted({matches.house_rate(f"house:{f}") for f in house} | {None}, key=lambda r: (r is not None, r))
+        done = _run(executor, [(matches.clean_accuracy, setting, r) for r in rates] + arena_jobs)
+        clean_ca, built = dict(zip(rates, done[:len(rates)])), done[len(rates):]
+        built = [matches.enters(a, setting.recipe_at(a.get("rate")), clean_ca[a.get("rate")]) for a in built]
         timings["arenas"] = time.perf_counter() - start
         entered = [a for a in built if a["entered"]]
         house_names = list(HOUSE_DETECTORS + CONTROLS)
         dkeys = {n: matches.key("detector", n, version) for n in house_names}
-        jobs = [(matches.play_house, setting, a, house_names, dkeys) for a in entered]
         students = [p for p in people if not p.detector]
+        house_arenas = [a for a in entered if a["name"].startswith("house:")]
+        student_names = [a["name"] for a in entered if not a["name"].startswith("house:")]
+        drawn = matches.schedule(student_names, [p.student for p in students],
+                                 len(student_names) if student_arenas is None else student_arenas, seed)
+        # the long jobs first (a student's sandbox over every arena, the model-level defenses), the house cells
+        # last, all at once: no worker waits for a phase to end
+        jobs = []
         for p in students:
             dkey = matches.key("detector", p.student, fingerprint(p.folder, entry.DETECTOR_NOTEBOOK), version)
-            jobs.append((matches.play_student, setting, f"student:{p.student}", dkey, str(p.folder), entered))
-        cells = [c for group in _run(executor, jobs) for c in group]
-        timings["cells"] = time.perf_counter() - start - timings["arenas"]
-        defended = []
+            met = house_arenas + [a for a in entered if a["name"] in set(drawn[p.student])]
+            jobs.append((matches.play_student, setting, f"student:{p.student}", dkey, str(p.folder), met))
         if model_defenses:
             from .model_defenses import defend
-            defended = _run(executor, [(defend, setting, a) for a in entered])
-        timings["model_defenses"] = time.perf_counter() - start - timings["arenas"] - timings["cells"]
+            jobs += [(defend, setting, a) for a in entered]
+        jobs += [(matches.play_house, setting, a, house_names, dkeys) for a in entered]
+        played = _run(executor, jobs)
+        cells = [c for group in played[:len(students)] for c in group]
+        defended = played[len(students):len(students) + (len(entered) if model_defenses else 0)]
+        cells += [c for group in played[len(students) + len(defended):] for c in group]
+        timings["cells"] = time.perf_counter() - start - timings["arenas"]
+        timings["model_defenses"] = 0.0      # played beside the cells: each row's own seconds say its cost
     finally:
         executor.shutdown(wait=True)
         if client is not None:
@@ -139,8 +157,9 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
     arena_names = [a["name"] for a in entered]
     detector_names = house_names + [f"student:{p.student}" for p in students]
     matrix = scoring.score_matrix(cells, arena_names, detector_names)
-    board_d = scoring.detector_board(matrix, arena_names, detector_names, seed=seed)
-    board_a = scoring.attack_board(matrix, arena_names, detector_names, seed=seed, controls=CONTROLS)
+    met = scoring.played_matrix(cells, arena_names, detector_names)
+    board_d = scoring.detector_board(matrix, arena_names, detector_names, seed=seed, played=met)
+    board_a = scoring.attack_board(matrix, arena_names, detector_names, seed=seed, controls=CONTROLS, played=met)
     not_entered = [{"name": a["name"], "side": "attack", "reason": a["reason"]} for a in built if not a["entered"]]
     not_entered += [{"name": f"student:{p.student}", "side": "attack", "reason": p.attack} for p in people if p.attack]
     not_entered += [{"name": f"student:{p.student}", "side": "detector", "reason": p.detector}
@@ -155,11 +174,16 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
         arena = load(setting.arena_folder(a["key"]))
         file = f"attack{n}.png"
         page.example(arena.example, out / "examples" / file)
-        listed.append({k: a[k] for k in ("name", "ca", "asr", "stealth")} | {"file": file, "info": arena.info})
-    page.heatmap(matrix, [shown(a) for a in arena_names], [shown(d) for d in detector_names], out / "heatmap.png")
+        listed.append({k: a[k] for k in ("name", "ca", "asr", "stealth")} | {"file": file, "info": arena.info,
+                                                                           "clean_ca": clean_ca[a.get("rate")]})
+    page.heatmap(matrix, [shown(a) for a in arena_names], [shown(d) for d in detector_names], out / "heatmap.png",
+                 played=met)
     results = {"assignment": assignment, "seed": seed, "target": TARGET, "code": version, "dataset": setting.dataset,
                "recipe": {k: getattr(setting.recipe, k) for k in ("train_images", "rate", "epochs", "batch_size")},
-               "evade_bar": scoring.EVADE_BAR, "arenas": listed, "detectors": detector_names,
+               "evade_bar": scoring.EVADE_BAR, "arenas": listed,
+               "schedule": (None if student_arenas is None
+                            else {"student_arenas": student_arenas, "house_arenas": len(house_arenas)}),
+               "detectors": detector_names,
                "cells": cells, "detector_board": board_d, "attack_board": board_a, "not_entered": not_entered,
                "model_defenses": defended, "arena_summaries": built,
                "paragraphs": [{"name": f"student:{p.student}",
@@ -168,7 +192,7 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
     (out / "results.json").write_text(json.dumps(public, indent=1))
     with open(out / "cells.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["arena", "detector", "tpr", "fpr", "score", "f1", "flagged",
-                                                    "error", "seconds"])
+                                                    "error", "seconds", "sandbox_seconds", "calls"])
         writer.writeheader()
         writer.writerows(public["cells"])
     page.render(results, shown, out)
@@ -204,17 +228,21 @@ def main(argv=None) -> None:
                         help="seconds for one student call (a trigger on the pool, a detector on one arena)")
     parser.add_argument("--house", default=",".join(HOUSE_FAMILIES), help="house attack families, comma-separated")
     parser.add_argument("--no-model-defenses", action="store_true", help="skip Neural Cleanse, STRIP, Fine-Pruning")
+    parser.add_argument("--student-arenas", type=int, default=None, metavar="K",
+                        help="a big class's schedule: each detector meets every house arena and K student arenas drawn "
+                             "at random with the seed (default: every arena, the full matrix)")
     args = parser.parse_args(argv)
     timings = {}
     try:
         results = run_tournament(args.course, args.assignment, out=args.out, workers=args.workers,
                                  dask_scheduler=args.dask_scheduler, seed=args.seed, names=args.names,
                                  call_timeout=args.call_timeout, house=tuple(filter(None, args.house.split(","))),
-                                 model_defenses=not args.no_model_defenses, timings=timings)
+                                 model_defenses=not args.no_model_defenses, student_arenas=args.student_arenas,
+                                 timings=timings)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         parser.error(str(err))
     out = args.out or Path(args.course) / "tournament" / args.assignment
     print(f"{len(results['arenas'])} arenas x {len(results['detectors'])} detectors, "
           f"{sum(c['error'] != '' for c in results['cells'])} error cells, {len(results['not_entered'])} not entered; "
-          f"{timings['total']:.1f} s (arenas {timings['arenas']:.1f}, cells {timings['cells']:.1f}, model-level "
-          f"{timings['model_defenses']:.1f}); page: {out / 'index.html'}")
+          f"{timings['total']:.1f} s (arenas {timings['arenas']:.1f}, cells and model-level defenses "
+          f"{timings['cells']:.1f}); page: {out / 'index.html'}")

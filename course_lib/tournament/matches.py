@@ -86,11 +86,16 @@ class Setting:
     @property
     def recipe(self) -> witness.Recipe:
         """The grader's recipe for the dataset, at the tournament's poisoning rate."""
-        return dataclasses.replace(witness.recipe_for(self.dataset), rate=self.rate)
+        return self.recipe_at(None)
 
-    def pool(self) -> witness.Pool:
+    def recipe_at(self, rate: float | None) -> witness.Recipe:
+        """The grader's recipe at poisoning ``rate`` (None: the tournament's rate; a house family may state its own)."""
+        return dataclasses.replace(witness.recipe_for(self.dataset), rate=self.rate if rate is None else rate)
+
+    def pool(self, rate: float | None = None) -> witness.Pool:
+        """The tournament's pool (drawn with its seed) sized for the recipe at ``rate``."""
         return witness.draw_pool(witness.mixed_splits(self.dataset), target=self.target, seed=self.seed,
-                                 recipe=self.recipe)
+                                 recipe=self.recipe_at(rate))
 
     def arena_folder(self, arena_key: str) -> Path:
         return Path(self.cache) / "arenas" / arena_key
@@ -108,20 +113,29 @@ def write_json(path: Path, value) -> None:
 
 # ---------------------------------------------------------------- arenas
 
-def clean_accuracy(setting: Setting) -> float:
+def clean_accuracy(setting: Setting, rate: float | None = None) -> float:
     """The recipe's CA on the tournament's pool without poison (:attr:`course_lib.homework.witness.Pool.clean_ca`),
     trained once per tournament seed and cached: an arena's CA must stay within
     :data:`course_lib.homework.witness.MAX_CA_DROP` of it, as in the grader's run."""
     set_threads(setting.threads)
-    path = Path(setting.cache) / f"clean_ca-{key(setting.dataset, setting.seed, asdict(setting.recipe))}.json"
+    recipe = setting.recipe_at(rate)
+    path = Path(setting.cache) / f"clean_ca-{key(setting.dataset, setting.seed, asdict(recipe))}.json"
     if not path.is_file():
-        write_json(path, setting.pool().clean_ca)
+        write_json(path, setting.pool(rate).clean_ca)
     return json.loads(path.read_text())
 
 
+def house_rate(name: str) -> float | None:
+    """The poisoning rate an arena is built at: a house family's own (if it states one), else None (the
+    tournament's)."""
+    family = name.split(":", 1)[1] if name.startswith("house:") else None
+    return arenas.HOUSE_ATTACKS[family].rate if family in arenas.HOUSE_ATTACKS else None
+
+
 def arena_key(setting: Setting, name: str, fingerprint: str, version: str) -> str:
+    house = arenas.HOUSE_ATTACKS.get(name.split(":", 1)[1]) if name.startswith("house:") else None
     return key("arena", name, fingerprint, setting.dataset, setting.seed, setting.target,
-               asdict(setting.recipe), version)
+               asdict(setting.recipe_at(house_rate(name))), house.words if house else "", version)
 
 
 def arena_seed(setting: Setting, name: str, fingerprint: str) -> int:
@@ -140,8 +154,9 @@ def build_arena(setting: Setting, name: str, akey: str, seed: int, folder: str |
         return json.loads(done.read_text())
     start = time.perf_counter()
     arena_seed = seed
-    summary = {"name": name, "key": akey, "built": False, "reason": "", "seed": arena_seed, "trigger": trigger}
-    pool = setting.pool()
+    summary = {"name": name, "key": akey, "built": False, "reason": "", "seed": arena_seed, "trigger": trigger,
+               "rate": house_rate(name)}
+    pool = setting.pool(house_rate(name))
     try:
         if name.startswith("house:"):
             arena = arenas.house_arena(name.split(":", 1)[1], pool, target=setting.target, seed=arena_seed)
@@ -202,7 +217,7 @@ def play_house(setting: Setting, arena: dict, names: list, dkeys: dict) -> list[
         loaded = loaded or arenas.load(setting.arena_folder(arena["key"]))
         start = time.perf_counter()
         try:
-            flags = detectors.house_flags(name, loaded, setting.pool().holdout)
+            flags = detectors.house_flags(name, loaded, setting.pool(arena.get("rate")).holdout)
             cell = _cell(arena["name"], name, score_flags(flags, loaded.data.labels.numpy(), loaded.truth.numpy()),
                          seconds=time.perf_counter() - start)
         except Exception as err:
@@ -225,24 +240,44 @@ def play_student(setting: Setting, detector: str, dkey: str, folder: str, arena_
             todo.append(arena)
     if not todo:
         return cells
-    loaded = {f"arena{i}": arenas.load(setting.arena_folder(a["key"])) for i, a in enumerate(todo)}
-    inputs = {call: [a.features.numpy(), a.data.labels.numpy()] for call, a in loaded.items()}
+    loaded = {f"arena{i}": arenas.load_features(setting.arena_folder(a["key"])) for i, a in enumerate(todo)}
+    inputs = {call: [features.numpy(), labels.numpy()] for call, (features, labels, _) in loaded.items()}
+    sandbox_seconds = 0.0
     try:
         results, ran = student_code.call_in_sandbox(Path(folder), DETECTOR_NOTEBOOK, "activation_clustering", inputs,
                                                     call_timeout=setting.call_timeout, threads=setting.threads)
-        share = ran.seconds / len(todo)
+        sandbox_seconds = ran.seconds
     except Exception as err:
-        results, share = {call: GradingFailure(f"the sandbox could not run: {err}") for call in inputs}, 0.0
-    for (call, arena_obj), arena in zip(loaded.items(), todo):
+        results = {call: GradingFailure(f"the sandbox could not run: {err}") for call in inputs}
+    share = sandbox_seconds / len(todo)
+    for (call, (_, labels, truth)), arena in zip(loaded.items(), todo):
         value = results[call]
         try:
             if isinstance(value, GradingFailure):
                 raise value
             flags = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            cell = _cell(arena["name"], detector,
-                         score_flags(flags, arena_obj.data.labels.numpy(), arena_obj.truth.numpy()), seconds=share)
+            cell = _cell(arena["name"], detector, score_flags(flags, labels.numpy(), truth.numpy()), seconds=share)
         except GradingFailure as failure:
             cell = _cell(arena["name"], detector, error=str(failure), seconds=share)
+        # the whole sandbox's time and its number of calls: the bench splits it into start-up and per-call cost
+        cell.update(sandbox_seconds=round(sandbox_seconds, 2), calls=len(todo))
         write_json(setting.cell_file(arena["key"], dkey), cell)
         cells.append(cell)
     return cells
+
+
+# ---------------------------------------------------------------- a schedule for a big class
+
+def schedule(student_arenas: list[str], detectors: list[str], per_detector: int, seed: int) -> dict[str, list[str]]:
+    """Which student arenas each student detector meets when not all of them: ``per_detector`` of them, drawn
+    at random with the tournament ``seed`` so that every arena is met by about as many detectors (the arenas
+    in a seeded random order, each detector, in a seeded random order, taking the next ``per_detector`` of
+    them round the circle). Every detector also meets every house arena (the caller adds those)."""
+    if not isinstance(per_detector, int) or per_detector < 0:
+        raise ValueError(f"per_detector must be a non-negative integer, got {per_detector!r}")
+    if per_detector >= len(student_arenas):
+        return {d: list(student_arenas) for d in detectors}
+    rng = np.random.default_rng([seed, 23])
+    ring = [student_arenas[i] for i in rng.permutation(len(student_arenas))]
+    order = [detectors[i] for i in rng.permutation(len(detectors))]
+    return {d: [ring[(n * per_detector + j) % len(ring)] for j in range(per_detector)] for n, d in enumerate(order)}

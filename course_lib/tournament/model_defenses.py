@@ -34,7 +34,7 @@ def defend(setting, arena: dict) -> dict:
         return json.loads(path.read_text())
     start, row = time.perf_counter(), {"arena": arena["name"]}
     loaded = arenas.load(setting.arena_folder(arena["key"]))
-    holdout = setting.pool().holdout
+    holdout = setting.pool(arena.get("rate")).holdout
     half = len(holdout) // 2
     defender, evaluation = holdout.subset(range(half)), holdout.subset(range(half, len(holdout)))
     target, seed, errors = loaded.info["target"], loaded.info["seed"], []

@@ -25,17 +25,24 @@ STYLE = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height
          "font-size:.85em}.ex img{width:112px;image-rendering:pixelated}")
 
 
-def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], path: Path) -> None:
-    """The attacks x detectors Detection Scores as an image (errors hatched grey)."""
-    height = 1.5 + 0.35 * max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * max(1, len(columns)), height))
-    masked = np.ma.masked_invalid(matrix)
+def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], path: Path, played=None) -> None:
+    """The attacks x detectors Detection Scores as an image (errors grey and marked "err"; cells a schedule
+    did not play white). A big class's map has no numbers in it (they would not fit) and is capped in size."""
+    played = np.ones(np.shape(matrix), dtype=bool) if played is None else np.asarray(played, dtype=bool)
+    small = len(rows) <= 60 and len(columns) <= 60
+    height = min(40.0, 1.5 + (0.35 if small else 0.12) * max(1, len(rows)))
+    fig, ax = plt.subplots(figsize=(min(40.0, 2.5 + (0.5 if small else 0.12) * max(1, len(columns))), height))
     ax.set_facecolor("#cccccc")
-    image = ax.imshow(masked, cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, "err" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    if (~played).any():
+        ax.imshow(np.where(played, np.nan, 1.0), cmap="Greys", vmin=0, vmax=100, aspect="auto")   # white: not played
+    image = ax.imshow(np.ma.masked_invalid(np.where(played, matrix, np.nan)), cmap="RdYlGn", vmin=-1, vmax=1,
+                      aspect="auto")
+    if small:
+        for (i, j), value in np.ndenumerate(matrix):
+            if played[i, j]:
+                ax.text(j, i, "err" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7 if small else 4)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7 if small else 4)
     ax.set_xlabel("detector")
     ax.set_ylabel("attack (arena)")
     fig.colorbar(image, ax=ax, label="Detection Score (TPR - FPR)")
@@ -76,6 +83,21 @@ def render(results: dict, shown, out: Path) -> Path:
              f"detectors, {results['code'][:12]} (code). An attack <em>evades</em> a detector whose Detection Score on "
              f"its arena is below {results['evade_bar']}.</p>",
              "<h2>Attacks x detectors</h2><img id='heatmap' src='heatmap.png' alt='heat map of detection scores'>"]
+    if results.get("schedule"):
+        schedule = results["schedule"]
+        parts.insert(-1, f"<p>A big class's schedule: every detector met the {schedule['house_arenas']} "
+                         f"house arenas and {schedule['student_arenas']} student arenas drawn at random with "
+                         f"the tournament seed (white cells were not played; a mean is over the arenas met, and the "
+                         f"rank intervals below are wider for it).</p>")
+    house = [a for a in results["arenas"] if a["name"].startswith("house:")]
+    if house:
+        parts.append("<h2>House attacks</h2><p>The kit's own trigger families, each with its stated recipe, built "
+                     "and judged like a student's (ASR at least 0.80; CA at most 0.10 below the same recipe without "
+                     "poison). A family that did not pass is listed under <em>Not entered</em>.</p>")
+        parts.append(_table(["attack", "trigger", "poisoned", "CA", "clean CA", "ASR"],
+                            [[show(a["name"]), a["info"].get("trigger", ""),
+                              f"{a['info']['recipe']['rate']:.0%} of {a['info']['recipe']['train_images']}",
+                              _fmt(a["ca"], 3), _fmt(a.get("clean_ca"), 3), _fmt(a["asr"], 3)] for a in house]))
     parts.append("<h2>Detector leaderboard</h2><p>Mean Detection Score over the arenas (an error counts as 0); "
                  "the rank's 90% interval comes from resampling the arenas.</p>")
     parts.append(_table(["rank", "90% interval", "detector", "mean score", "errors", "worst arena", "best arena"],
