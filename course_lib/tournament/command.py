@@ -90,9 +90,6 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
         check_int("student_arenas", student_arenas, 0)
     if not set(house) <= set(HOUSE_FAMILIES):
         raise ValueError(f"house must name families among {HOUSE_FAMILIES}, got {house!r}")
-    ok, why = sandbox.available()
-    if not ok:
-        raise RuntimeError(f"the tournament runs student code only in a sandbox, and none can be made here: {why}")
     timings = {} if timings is None else timings
     start = time.perf_counter()
     grading_folder = course / "grading" / assignment
@@ -102,6 +99,10 @@ def run_tournament(course, assignment: str, *, out=None, workers: int = 1, dask_
     setting = matches.Setting(str(course / ".autograde" / assignment / "tournament"), _dataset(grading_folder),
                               seed, TARGET, float(call_timeout), threads, rate)
     people = entry.class_entrants(course, assignment)
+    if any(not p.attack or not p.detector for p in people):     # a house-only tournament runs no student code
+        ok, why = sandbox.available()
+        if not ok:
+            raise RuntimeError(f"the tournament runs student code only in a sandbox, and none can be made here: {why}")
     secret = pseudonyms.course_secret(grading_folder)
 
     def shown(name: str) -> str:

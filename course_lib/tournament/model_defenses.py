@@ -38,6 +38,7 @@ def defend(setting, arena: dict) -> dict:
     half = len(holdout) // 2
     defender, evaluation = holdout.subset(range(half)), holdout.subset(range(half, len(holdout)))
     target, seed, errors = loaded.info["target"], loaded.info["seed"], []
+    clock = time.perf_counter()
     try:
         found = neural_cleanse(loaded.model, defender, n_images=half // 3, n_heldout=half // 3,
                                seed=seed, progress=False, **NC_QUICK)
@@ -45,12 +46,14 @@ def defend(setting, arena: dict) -> dict:
         row["nc_target_flagged"] = "yes" if target in row["nc_flagged"] else "no"
     except Exception as err:
         errors.append(f"Neural Cleanse: {type(err).__name__}: {err}")
+    row["nc_seconds"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     try:
         strip = fit_strip(loaded.model, defender, frr=FRR, n_calibration=half // 2, seed=seed)
         rates = strip_rates(strip, evaluation.images, loaded.measure)
         row.update(strip_frr=rates["frr"], strip_far=rates["far"])
     except Exception as err:
         errors.append(f"STRIP: {type(err).__name__}: {err}")
+    row["strip_seconds"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()
     try:
         result = fine_prune(loaded.model, defender, epochs=FINE_TUNE_EPOCHS, seed=seed, progress=False)
         accuracy = lambda m: (predict(m, evaluation.images) == evaluation.labels).float().mean().item()  # noqa: E731
@@ -61,6 +64,7 @@ def defend(setting, arena: dict) -> dict:
                    mitigation_score=scores["mitigation_score"])
     except Exception as err:
         errors.append(f"Fine-Pruning: {type(err).__name__}: {err}")
+    row["fp_seconds"] = round(time.perf_counter() - clock, 2)
     row["error"] = "; ".join(errors)
     row["seconds"] = round(time.perf_counter() - start, 2)
     write_json(path, row)
