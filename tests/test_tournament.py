@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from course_lib.autograde import sandbox
-from course_lib.tournament import pseudonyms, scoring
+from course_lib.tournament import matches, pseudonyms, scoring
 from course_lib.tournament.bench import write_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,24 @@ def test_scores_and_rank_intervals():
     close = scoring.detector_board(np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.5]]), ["a", "b", "c"], ["x", "y"])
     assert [(r["detector"], r["rank"], r["rank_low"], r["rank_high"]) for r in close] == [("x", 1, 1, 2),
                                                                                          ("y", 2, 1, 2)]
+
+
+def test_a_schedule_meets_every_arena_as_often_and_scores_only_the_cells_it_played():
+    arenas, detectors = [f"a{i}" for i in range(30)], [f"d{i}" for i in range(30)]
+    drawn = matches.schedule(arenas, detectors, 4, seed=7)
+    assert drawn == matches.schedule(arenas, detectors, 4, seed=7) != matches.schedule(arenas, detectors, 4, seed=8)
+    assert all(len(set(met)) == 4 for met in drawn.values())
+    met = [a for chosen in drawn.values() for a in chosen]
+    assert {met.count(a) for a in arenas} == {4}                 # 30 detectors x 4 arenas over 30 arenas
+    assert matches.schedule(arenas, detectors, 40, seed=7) == {d: arenas for d in detectors}
+    # a cell not played counts in no mean; an error still counts as 0
+    matrix = np.array([[1.0, np.nan], [np.nan, 0.5], [0.0, 0.5]])
+    played = np.array([[True, True], [False, True], [True, True]])
+    board = {r["detector"]: r for r in scoring.detector_board(matrix, ["a", "b", "c"], ["x", "y"], played=played)}
+    assert board["x"]["mean_score"] == 0.5 and board["x"]["arenas"] == 2
+    assert board["y"]["mean_score"] == pytest.approx(1 / 3) and board["y"]["errors"] == 1
+    cells = [{"arena": "a", "detector": "x", "score": 1.0}, {"arena": "b", "detector": "y", "score": None}]
+    assert scoring.played_matrix(cells, ["a", "b"], ["x", "y"]).tolist() == [[True, False], [False, True]]
 
 
 def test_the_page_renders_offline_in_chromium(tournament):
