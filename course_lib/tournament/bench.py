@@ -207,8 +207,11 @@ def measured_costs(results: dict) -> Costs:
     for c in cells:
         if "sandbox_seconds" in c and c["calls"]:
             sandboxes.setdefault(c["detector"], []).append(c)
-    honest = [group for group in sandboxes.values() if not any(c["error"] for c in group)]
-    per_call = _median([max(0.0, g[0]["sandbox_seconds"] - startup) / g[0]["calls"] for g in honest])
+    # the cost of a working detector (no error, a mean Detection Score of at least 0.5), as most of a class's are
+    working = [g for g in sandboxes.values() if not any(c["error"] for c in g)
+               and np.mean([c["score"] for c in g]) >= 0.5] or [g for g in sandboxes.values()
+                                                               if not any(c["error"] for c in g)]
+    per_call = _median([max(0.0, g[0]["sandbox_seconds"] - startup) / g[0]["calls"] for g in working])
     house_cells = [c["seconds"] for c in cells if c["detector"].startswith(("house:", "control:"))]
     model = _median([m["seconds"] for m in results["model_defenses"]]) if results["model_defenses"] else 0.0
     return Costs(student_arena=_median([a["seconds"] for a in student_arenas]),
