@@ -294,6 +294,13 @@ def report(results: dict, timings: dict, workers: int, students: int = 300, core
              f"sandbox {costs.startup:.1f}); house arena {costs.house_arena:.1f}; a detector's sandbox start-up "
              f"{costs.startup:.1f} + {costs.per_call:.2f} per arena; house detector or control on an arena "
              f"{costs.house_cell:.2f}; model-level defenses on an arena {costs.model:.1f}"]
+    sandboxes = {c["detector"]: c["sandbox_seconds"] for c in cells if "sandbox_seconds" in c}
+    if sandboxes:
+        costliest = max(sandboxes, key=sandboxes.get)
+        lines.append(f"detector sandboxes: median {_median(list(sandboxes.values())):.0f} s, the costliest "
+                     f"{sandboxes[costliest]:.0f} s ({costliest}: a detector that hangs costs the call time limit on "
+                     f"every arena), together {sum(sandboxes.values()):.0f} s of {timings['total'] * workers:.0f} "
+                     f"worker-seconds")
     full = projected_minutes(costs, students, cores)
     lines.append(f"projected class of {students} on {cores} cores, full matrix ({students + costs.house_arenas} "
                  f"arenas x {students + 4} detectors): {full:.1f} min (target <= {budget_minutes:g}: "
