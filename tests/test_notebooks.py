@@ -374,6 +374,17 @@ def check_06_matrix_claims():
     assert missed >= {"sig"}
 
 
+def check_07b(r):
+    """The optional notebook 7b: the class tournament's results (here the house-only run, no results file given)."""
+    assert r["source"] in ("class", "house-only") and r["arenas"] >= 2 and r["detectors"] >= 4
+    assert r["always_flag_scores"] == [0.0], "flagging everything scores exactly 0"
+    assert abs(r["random_mean"]) < 0.1, "flagging at random scores about 0"
+    if r["source"] == "house-only":
+        assert r["first_detector"].startswith("house:") and set(r["house_families"]) <= {
+            "checkerboard", "blend", "sig", "wanet", "corners", "clean_label"}
+        assert "checkerboard" in r["house_families"], "the patch family enters its arena"
+
+
 @pytest.mark.parametrize("name, defenses", [("06_detection_mitigation", "LECTURE_DEFENSES"),
                                              ("06b_defenses_in_depth", "compare.DEFENSES")])
 def test_notebook_6_rows_come_from_the_bench_runners(name, defenses):
