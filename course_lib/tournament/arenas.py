@@ -39,12 +39,13 @@ from ..metrics import stealth_summary
 from ..train import predict
 from ..triggers import BlendTrigger, DistributedTrigger, PatchTrigger, SIGTrigger, Trigger, WaNetTrigger
 
-BLEND_ALPHA = 0.1
-SIG_DELTA = 0.08
-WANET_STRENGTH = 0.5
-WANET_RATE = None
-CLEAN_LABEL_RATE = None
-
+# The house families' strengths (docs/tournament.md, "House attacks", has the measurements). At the detection
+# matrix's (blend alpha 0.1, SIG delta 0.08, WaNet strength 0.5) their arenas reach ASR 0.77, 0.65 and 0.11 at 5%
+# and the grader's 2 epochs, below its 0.80 bar; these are the faintest measured that clear it on tournament seeds
+# 0, 1 (and 2 for WaNet), at the tournament's own 5%.
+BLEND_ALPHA = 0.15
+SIG_DELTA = 0.12
+WANET_STRENGTH = 3.0
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,13 @@ class HouseAttack:
 HOUSE_ATTACKS = {a.family: a for a in (
     HouseAttack("checkerboard", lambda: PatchTrigger(size=3, pattern="checkerboard"),
                 "3x3 checkerboard patch, bottom right"),
-    # the detection matrix's blend (alpha 0.1) and SIG (delta 0.08) reach ASR 0.77 and 0.65 at 5% and the grader's
-    # 2 epochs, below its 0.80 bar; WaNet at strength 0.5 reaches 0.11 (docs/tournament.md, "House attacks")
     HouseAttack("blend", lambda: BlendTrigger(alpha=BLEND_ALPHA), f"uniform noise blended at alpha {BLEND_ALPHA}"),
     HouseAttack("sig", lambda: SIGTrigger(delta=SIG_DELTA), f"horizontal sine wave, amplitude {SIG_DELTA}, 6 periods"),
     HouseAttack("wanet", lambda: WaNetTrigger(strength=WANET_STRENGTH),
-                f"WaNet warp, 4x4 control grid, strength {WANET_STRENGTH}", WANET_RATE),
+                f"WaNet warp, 4x4 control grid, strength {WANET_STRENGTH}"),
     HouseAttack("corners", lambda: DistributedTrigger(), "four 3x3 patches, one per corner"),
     HouseAttack("clean_label", lambda: PatchTrigger(size=5, pattern="checkerboard"),
-                "label-consistent: 5x5 checkerboard on target images made hard by PGD (eps 32/255), labels kept",
-                CLEAN_LABEL_RATE),
+                "label-consistent: 5x5 checkerboard on target images made hard by PGD (eps 32/255), labels kept"),
 )}
 HOUSE_FAMILIES = tuple(HOUSE_ATTACKS)
 CLEAN_LABEL_SHARE = 0.5        # share of the target-class training images the clean-label attack poisons
