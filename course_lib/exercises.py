@@ -185,26 +185,6 @@ def _noops(choose, labels: torch.Tensor, rate: float = 0.05, target: int = 0):
     return None
 
 
-@exercise("03-fgsm", "repair the direction of the lecture's FGSM step toward the target class")
-def _fgsm(step, model, images: torch.Tensor, target: int, eps: float = 0.1):
-    """Erratum 2: adding the sign of the gradient of the loss *toward* the target moves away from it."""
-    from .train import model_device
-
-    device = model_device(model)
-    moved = torch.as_tensor(step(model, images, target, eps)).detach().cpu()
-    if moved.shape != images.shape:
-        return f"it should return one image per input image, shape {tuple(images.shape)}, got {tuple(moved.shape)}"
-    if (moved - images).abs().max() > eps + 1e-6:
-        return f"some pixels moved by more than eps={eps}"
-    if moved.min() < 0 or moved.max() > 1:
-        return "some pixels left the range [0, 1]"
-    with torch.no_grad():
-        before, after = (model(x.to(device)).softmax(1)[:, target].mean().item() for x in (images, moved))
-    if after <= before:
-        return "the step makes the target class less likely: it moves away from the target"
-    return None
-
-
 @exercise("04-asr", "repair the lecture's attack success rate so that it counts only images the trigger must move")
 def _asr(asr, model, data, trigger, target: int):
     """Erratum 1: counting target-class images as successes inflates the ASR."""
@@ -223,35 +203,6 @@ def _asr(asr, model, data, trigger, target: int):
 def _lecture_counting(model, data, trigger, target: int) -> float:
     from .train import predict
     return (predict(model, trigger(data.images)) == target).float().mean().item()
-
-
-@exercise("04-patch-loss", "repair the sign of the lecture's physical-patch loss")
-def _patch_loss(loss_fn, target: int = 0, classes: int = 10):
-    """Erratum 4: to make the model say ``target``, *minimize* the cross-entropy toward it."""
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, classes, generator=gen, requires_grad=True)
-    loss = loss_fn(logits, torch.full((64,), target))
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        return "it should return one number (a 0-dimensional tensor) for the whole batch"
-    loss.backward()
-    # one gradient step on the logits must raise the target's probability
-    stepped = (logits - 0.1 * logits.grad).softmax(1)[:, target].mean()
-    if stepped <= logits.softmax(1)[:, target].mean():
-        return "minimizing this loss makes the target class *less* likely"
-    return None
-
-
-@exercise("05-ssim", "replace the lecture's global SSIM by a windowed one from a maintained library")
-def _ssim(ssim, clean: torch.Tensor, triggered: torch.Tensor):
-    """Erratum 8: one global formula with made-up constants misses local changes."""
-    from .metrics import stealth
-
-    right = stealth(clean, triggered)["ssim"]
-    theirs = torch.as_tensor([float(ssim(a, b)) for a, b in zip(clean, triggered)])
-    if torch.allclose(theirs, right, atol=1e-3):
-        return None
-    return (f"it differs from the windowed SSIM by up to {float((theirs - right).abs().max()):.3f} on these images "
-            "(the gap should be below 0.001)")
 
 
 @exercise("05-reseed", "repair the lecture's sample-specific trigger so that it leaves NumPy's global generator alone")
@@ -278,32 +229,14 @@ def _reseed(pattern, sample_ids=range(8), size: int = 5):
 
 # Computations whose right value the check cell should not spell out (the formula is the exercise).
 
-@exercise("01-count", "how many training images a poisoning rate poisons")
-def _count(answer, train, rate: float, trigger, target: int):
-    """Counts what :func:`course_lib.attacks.badnets` really poisons at ``rate`` (no training)."""
-    from .attacks import badnets
-
-    return compare(answer, len(badnets(train, trigger=trigger, target=target, rate=rate).indices))
-
-
 @exercise("01-asr", "the attack success rate, computed by hand")
 def _asr_by_hand(answer, run):
     return compare(answer, run.asr, 1e-4)
 
 
-@exercise("02-margin", "the margin of the true label after random label flipping")
-def _margin(answer, rate: float, classes: int):
-    return compare(answer, (1 - rate) - rate / (classes - 1), 1e-3)
-
-
 @exercise("07-score", "the detection score of appendix A.2 (TPR - FPR)")
 def _detection_score(answer, flagged_poisoned: int, poisoned: int, flagged_clean: int, clean: int):
     return compare(answer, flagged_poisoned / poisoned - flagged_clean / clean, 1e-4)
-
-
-@exercise("07-mitigation", "the kit's mitigation score (ASR reduction / clean-accuracy drop floored at one point)")
-def _mitigation_score(answer, asr_before: float, asr_after: float, ca_before: float, ca_after: float):
-    return compare(answer, (asr_before - asr_after) / max(ca_before - ca_after, 0.01), 1e-6)
 
 
 # Choices a student must justify from the run's statistics (the idea, not a one-character repair).
@@ -322,4 +255,136 @@ def _nc_threshold(answer, n_labels: int, budget: float = 0.05):
         return f"too low: with it, more than {budget:.0%} of clean models get a false alarm"
     if answer > 0.25 and chance_false_alarm_rate(n_labels, float(answer) - 0.25) <= budget:
         return "a smaller threshold also keeps the false alarms within the budget: you give up detections for nothing"
+    return None
+
+
+# Predictions from a formula (made before the notebook runs the computation) and choices a student
+# must justify from the run's statistics (issue 24: the idea, not a one-character repair).
+
+def _scalar(answer):
+    """A one-element tensor or array as a plain number (``w.abs().max() / 254`` is a fine answer)."""
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        return answer.item()
+    if isinstance(answer, np.ndarray) and answer.size == 1:
+        return answer.item()
+    return answer
+
+
+def _number(answer) -> str | None:
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, np.number)) or math.isnan(answer):
+        return f"expected a number, got {answer!r}"
+    return None
+
+
+def _pair(answer, what: str):
+    """``answer`` as a (first, second) pair, or a message saying it is not one."""
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        return None, f"expected a pair ({what}), got {answer!r}"
+    if any(part is Ellipsis for part in answer):
+        return None, "replace every ... of the pair"
+    return tuple(answer), None
+
+
+@exercise("01-white", "the smallest [0, 1] pixel value that the lecture's brightness clamp turns white")
+def _white(answer, factor: float = 1.3):
+    """Erratum 12: on a [-1, 1] image, clamp(factor * x, 0, 1) is white (1) where x >= 1 / factor, i.e. where the
+    [0, 1] pixel p = (x + 1) / 2 is at least (1 / factor + 1) / 2."""
+    answer = _scalar(answer)
+    return _number(answer) or compare(answer, (1 / factor + 1) / 2, 1e-3)
+
+
+@exercise("02-alarm", "a per-class alarm threshold that stays silent on honest label noise, and what it catches")
+def _alarm(answer, clean: list, honest: list, attacked: dict):
+    """``answer`` = (threshold in whole points, {rate: does the alarm fire on the targeted model at that rate}).
+    The alarm fires when some class's accuracy is more than ``threshold`` points below the clean model's."""
+    answer, problem = _pair(answer, "a threshold in whole points, a dict rate -> True/False")
+    if problem:
+        return problem
+    threshold, caught = answer
+    if _number(threshold) or threshold < 0 or threshold != int(threshold):
+        return f"the threshold should be a whole number of percentage points (0, 1, 2, ...), got {threshold!r}"
+    drops = lambda accs: [100 * (c - a) for c, a in zip(clean, accs)]
+    right = max(0, math.ceil(max(drops(honest)) - 1e-9))
+    if threshold < right:
+        return f"too low: with {threshold} points the alarm already fires on the honest-noise model"
+    if threshold > right:
+        return "a smaller whole number also stays silent on the honest-noise model: you give up detections for nothing"
+    if not isinstance(caught, dict) or set(caught) != set(attacked) or \
+            not all(isinstance(v, (bool, np.bool_)) for v in caught.values()):
+        return f"the second part should be a dict with the rates {sorted(attacked)} as keys and True or False as values"
+    wrong = [rate for rate, accs in attacked.items() if bool(caught[rate]) != (max(drops(accs)) > threshold)]
+    if wrong:
+        return f"with your threshold, what you say about rate {', '.join(map(str, sorted(wrong)))} is not what this run shows"
+    return None
+
+
+@exercise("03-bound", "the PSNR that an L-infinity budget guarantees, and whether the poisoned images keep it")
+def _psnr_bound(answer, eps: float, clean: torch.Tensor, poisoned: torch.Tensor):
+    """``answer`` = (the smallest PSNR any image changed by at most ``eps`` per pixel can have, whether the mean
+    PSNR of ``poisoned`` against ``clean`` is at least that bound)."""
+    from .metrics import stealth_summary
+
+    answer, problem = _pair(answer, "a bound in dB, True or False")
+    if problem:
+        return problem
+    bound, holds = _scalar(answer[0]), answer[1]
+    problem = _number(bound) or compare(bound, 10 * math.log10(1 / eps ** 2), 0.01)
+    if problem:
+        return f"the bound: {problem}"
+    if not isinstance(holds, (bool, np.bool_)):
+        return f"the second part should be True or False, got {holds!r}"
+    if bool(holds) != (stealth_summary(clean, poisoned)["psnr"] >= bound):
+        return "the bound is right; what you say about the label-consistent images is not what this run shows"
+    return None
+
+
+@exercise("04-quant", "the largest change that 8-bit rounding can make to one layer's weights")
+def _quantization(answer, weight: torch.Tensor):
+    """Symmetric int8 (``persistence.quantized_8bit``): scale s = max|w| / 127, every weight rounded to the
+    nearest multiple of s, so no weight moves by more than s / 2."""
+    answer, step = _scalar(answer), weight.detach().abs().max().item() / 127
+    return _number(answer) or compare(answer, step / 2, 1e-3 * step)
+
+
+@exercise("05-design", "design a trigger within a stealth budget that still plants a backdoor")
+def _design(trigger, lab, images: torch.Tensor, target: int, rate: float, psnr_min: float = 30.0, asr_min: float = 0.9):
+    """Right when ``trigger`` (a function of a batch of [0, 1] images) keeps the mean PSNR on ``images`` at or above
+    ``psnr_min`` and the model poisoned with it (BadNets at ``rate``, trained by ``lab``) reaches ``asr_min``."""
+    from .attacks import badnets
+    from .metrics import stealth_summary
+
+    if not callable(trigger):
+        return "expected a trigger: a function that takes a batch of images and returns the triggered batch"
+    out = torch.as_tensor(trigger(images.clone()))
+    if out.shape != images.shape:
+        return f"it should return a batch of the same shape, {tuple(images.shape)}, got {tuple(out.shape)}"
+    if out.min() < 0 or out.max() > 1:
+        return "some pixels left the range [0, 1]"
+    if torch.equal(out, images):
+        return "it changes nothing"
+    psnr = stealth_summary(images, out)["psnr"]
+    if psnr < psnr_min:
+        return f"its mean PSNR on these images is {psnr:.1f} dB, below the budget of {psnr_min:.0f} dB"
+    run = lab.run_poisoned(badnets(lab.train, trigger=trigger, target=target, rate=rate, seed=lab.seed), progress=False)
+    if run.asr < asr_min:
+        return f"it is within the budget ({psnr:.1f} dB), but the model poisoned with it reaches an ASR of {run.asr:.1%}, below {asr_min:.0%}"
+    return None
+
+
+@exercise("07-floor", "the accuracy floor of the mitigation score for a test set of n images")
+def _floor(answer, accuracy: float, n: int):
+    """Right when ``answer`` (in percentage points) is the smallest multiple of 0.5 at or above two standard
+    errors of an accuracy ``accuracy`` measured on ``n`` images, 2 * sqrt(p (1 - p) / n)."""
+    answer = _scalar(answer)
+    problem = _number(answer)
+    if problem:
+        return problem
+    if abs(answer * 2 - round(answer * 2)) > 1e-9:
+        return "give the floor in percentage points, as a multiple of 0.5 (e.g. 2.5, not 0.025)"
+    need = 200 * math.sqrt(accuracy * (1 - accuracy) / n)
+    right = math.ceil(need * 2 - 1e-9) / 2
+    if answer < right:
+        return "too low: a drop that small is within the measurement noise of this many test images"
+    if answer > right:
+        return "too high: a smaller multiple of 0.5 is already above the noise"
     return None

@@ -55,7 +55,7 @@ def markdown_words(path: Path) -> int:
 
 
 SLOT_WORDS = {"06": 2000}   # notebook 6 is the lecture's 25 minutes (issue 24)
-WEEK_WORDS = 12_000         # the seven together (issue 24's target is 10,000: not met yet, see the report)
+WEEK_WORDS = 10_000         # the seven together (issue 24), the optional parts not counted
 
 
 def test_lecture_notebooks_fit_their_slots():
@@ -624,6 +624,55 @@ def test_exercise_checks_pass_right_answers_and_explain_wrong_ones(capsys):
     shown = capsys.readouterr().out.splitlines()
     assert "too low" in shown[0] and "smaller threshold" in shown[1] and "multiple of 0.25" in shown[2]
     assert "expected a positive number" in shown[3]
+
+
+def test_the_new_exercise_checks_on_small_inputs(capsys):
+    """The predictions and choices that replaced the one-character repairs (issue 24): each check passes the right
+    answer and says what is wrong with a wrong one, without the answer (the notebooks run them on real data)."""
+    from course_lib import exercises
+    from course_lib.data import synthetic_dataset
+
+    exercises.check("01-white", (1 / 1.3 + 1) / 2)
+    exercises.check("01-white", 1 / 1.3)                       # the threshold read in the wrong pixel space
+    clean, honest = [0.9, 0.8, 0.7], [0.88, 0.75, 0.70]          # the honest model's largest drop: 5 points
+    attacked = {0.1: [0.87, 0.8, 0.7], 0.5: [0.5, 0.8, 0.7]}     # drops of 3 and 40 points in class 0
+    exercises.check("02-alarm", (5, {0.1: False, 0.5: True}), clean=clean, honest=honest, attacked=attacked)
+    exercises.check("02-alarm", (4, {0.1: False, 0.5: True}), clean=clean, honest=honest, attacked=attacked)
+    exercises.check("02-alarm", (6, {0.1: False, 0.5: True}), clean=clean, honest=honest, attacked=attacked)
+    exercises.check("02-alarm", (5, {0.1: True, 0.5: True}), clean=clean, honest=honest, attacked=attacked)
+    images = synthetic_dataset(20, seed=0).images
+    moved = (images + 0.1 * torch.sign(torch.randn(images.shape, generator=torch.Generator().manual_seed(0)))).clamp(0, 1)
+    exercises.check("03-bound", (20.0, True), eps=0.1, clean=images, poisoned=moved)
+    exercises.check("03-bound", (20.0, False), eps=0.1, clean=images, poisoned=moved)
+    exercises.check("03-bound", (10.0, True), eps=0.1, clean=images, poisoned=moved)
+    weight = torch.tensor([[0.5, -1.27], [0.2, 0.0]])
+    exercises.check("04-quant", 1.27 / 254, weight=weight)
+    exercises.check("04-quant", 1.27 / 127, weight=weight)
+    exercises.check("07-floor", 1.5, accuracy=0.89, n=2000)     # two standard errors: 1.40 points
+    exercises.check("07-floor", 1.0, accuracy=0.89, n=2000)
+    exercises.check("07-floor", 0.014, accuracy=0.89, n=2000)
+    shown = capsys.readouterr().out.splitlines()
+    assert [line[0] for line in shown] == list("✔✘✔✘✘✘✔✘✘✔✘✔✘✘")
+    assert "too low" in shown[1] and "too low" in shown[3] and "smaller whole number" in shown[4]
+    assert "rate 0.1" in shown[5] and "not what this run shows" in shown[7] and "too low" in shown[8]
+    assert "too high" in shown[10] and "too low" in shown[12] and "multiple of 0.5" in shown[13]
+    assert not any(answer in line for line in shown for answer in ("0.884", "0.005", "1.5 "))
+
+
+def test_the_trigger_design_check_measures_stealth_before_training(capsys):
+    """05-design refuses a trigger over the stealth budget, or one that changes nothing, without training a model."""
+    from course_lib import exercises
+
+    class NoLab:   # training would fail the test: the budget is checked first
+        def run_poisoned(self, *args, **kwargs):
+            pytest.fail("trained a model for a trigger over the budget")
+
+    images = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    exercises.check("05-design", lambda x: 1 - x, lab=NoLab(), images=images, target=0, rate=0.1)
+    exercises.check("05-design", lambda x: x.clone(), lab=NoLab(), images=images, target=0, rate=0.1)
+    exercises.check("05-design", 3, lab=NoLab(), images=images, target=0, rate=0.1)
+    shown = capsys.readouterr().out.splitlines()
+    assert "below the budget" in shown[0] and "changes nothing" in shown[1] and "expected a trigger" in shown[2]
 
 
 def test_the_lecture_chain_refuses_what_it_cannot_measure():

@@ -3,11 +3,11 @@
 # exercise cell and asserts the check passes; it runs each "wrong" answer and asserts the check
 # fails with the text after the colon.
 
-# %% answer 01-count
-answer = round(0.02 * len(lab.train))
+# %% answer 01-white
+answer = (1 / 1.3 + 1) / 2   # white where 1.3 x >= 1 on [-1, 1], i.e. x >= 1/1.3; back to [0, 1]: p = (x + 1) / 2
 
-# %% wrong 01-count: too low
-answer = round(0.002 * len(lab.train))    # a slip of the decimal point: 0.2%, not 2%
+# %% wrong 01-white: too low
+answer = 1 / 1.3             # the threshold as if the lecture's clamp acted on [0, 1] pixels
 
 # %% answer 01-asr
 keep = lab.test.labels != TARGET

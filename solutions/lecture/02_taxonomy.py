@@ -20,11 +20,19 @@ def flip_labels(labels, rate, seed):
         poisoned[idx] = rng.integers(0, 10)
     return poisoned
 
-# %% answer 02-margin
-answer = (1 - 0.3) - 0.3 / (10 - 1)
+# %% answer 02-alarm
+clean_per_class = per_class_accuracy(clean.model)
 
-# %% wrong 02-margin: too high
-answer = 1 - 0.3   # forgets that the flipped labels also favour each wrong class a little
+def largest_drop(model):
+    """The largest fall of one class's accuracy below the clean model's, in points."""
+    return max(100 * (c - a) for c, a in zip(clean_per_class, per_class_accuracy(model)))
+
+t = int(np.ceil(max(0.0, largest_drop(flipped[0.2].model)) - 1e-9))   # silent on honest noise, and no higher
+answer = (t, {rate: largest_drop(targeted[rate].model) > t for rate in TARGETED_RATES})
+
+# %% wrong 02-alarm: too low
+t = int(np.ceil(points(clean.clean_acc, flipped[0.2].clean_acc)))     # the OVERALL drop: a class falls further
+answer = (t, {rate: True for rate in TARGETED_RATES})
 
 # %% written 02-detect
 # Not necessarily: a 1.5-point drop is within what a change of data or of training can cause, so

@@ -14,21 +14,15 @@ def choose_poison(labels, rate, target, seed):
     rng = np.random.default_rng(seed)
     return rng.choice(len(labels), round(rate * len(labels)), replace=False)
 
-# %% answer 03-fgsm
-def fgsm_toward(model, images, target, eps):
-    """One FGSM step that lowers the loss toward the target: subtract the gradient's sign."""
-    x = images.clone().to(lab.device).requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(model(x), torch.full((len(x),), target, device=lab.device))
-    loss.backward()
-    return (x - eps * x.grad.sign()).clamp(0, 1).detach().cpu()
+# %% answer 03-bound
+# Every pixel moves by at most EPS, so MSE <= EPS ** 2 and PSNR = 10 log10(1 / MSE) >= 10 log10(1 / EPS ** 2)
+# (about 18 dB for 32/255). The poisoned images break the bound: the trigger is stamped on top of the PGD
+# perturbation, outside the budget, and changes its pixels by up to 1.
+bound = 10 * np.log10(1 / EPS ** 2)
+answer = (bound, stealth_summary(lab.train.images[idx], consistent.dataset.images[idx])["psnr"] >= bound)
 
-# %% wrong 03-fgsm: moves away from the target
-def fgsm_toward(model, images, target, eps):
-    """The lecture's sketch, unrepaired: adding the sign of the gradient raises the loss toward the target."""
-    x = images.clone().to(lab.device).requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(model(x), torch.full((len(x),), target, device=lab.device))
-    loss.backward()
-    return (x + eps * x.grad.sign()).clamp(0, 1).detach().cpu()
+# %% wrong 03-bound: the bound: too low
+answer = (10 * np.log10(1 / EPS), True)   # PSNR from eps instead of eps squared (MSE is a mean of SQUARED changes)
 
 # %% written 03-budget
 # Hold fixed: the trigger (this notebook's 5x5 checkerboard), the victim's training (data, epochs,

@@ -14,25 +14,9 @@ def lecture_asr(model, images, labels, trigger, target):
     predictions = predict(model, trigger(images))
     return (predictions == target).float().mean().item()
 
-# %% answer 04-patch-loss
-def patch_loss(logits, targets):
-    """Cross-entropy toward the target: minimizing it raises the target's probability."""
-    return F.cross_entropy(logits, targets)
+# %% answer 04-quant
+# Rounding to the nearest multiple of s moves a weight by at most s / 2 = max|w| / 254.
+answer = backdoored.head.weight.abs().max().item() / 127 / 2
 
-# %% wrong 04-patch-loss: less* likely
-def patch_loss(logits, targets):
-    """The lecture's sketch, unrepaired."""
-    return -F.cross_entropy(logits, targets)
-
-# %% answer 04-survive
-answer = True
-
-# %% wrong 04-survive: not what this run shows
-answer = False
-
-# %% written 04-survive
-# (Predict-then-run; the check says which is right for the run.) One epoch on 500 clean images
-# changes the weights far less than section 5's 5 epochs on 2,000, and none of those images carries
-# the trigger, so nothing pushes the model to unlearn "trigger -> target": expect the backdoor to
-# survive. Notebook 6 shows what it takes to remove it (pruning the dormant channels first, or
-# unlearning a reversed trigger).
+# %% wrong 04-quant: too high
+answer = backdoored.head.weight.abs().max().item() / 127   # a whole step: rounding to the NEAREST level moves at most half

@@ -1,17 +1,21 @@
 # Reference answers to the exercises of notebooks/05_trigger_design.ipynb (instructor copy).
 # Format: course_lib/exercises.py (load_solutions).
 
-# %% answer 05-ssim
-from torchmetrics.functional.image import structural_similarity_index_measure
+# %% answer 05-design
+# PSNR averages the squared change over every pixel, so a small, moderate change where the images are
+# nearly constant (Fashion-MNIST's empty corners) costs little: +0.25 on a 3x3 corner square changes 9 of
+# 784 values by at most 0.25, PSNR >= 10 log10(784 / (9 * 0.25 ** 2)) = 31.4 dB, and the network still
+# finds it reliably. A faint blend spread over the whole image (blend a=0.03) stays within the budget
+# too, but its backdoor is weak.
+def faint_corner(images):
+    out = images.clone()
+    out[..., -3:, -3:] = (out[..., -3:, -3:] + 0.25).clamp(0, 1)
+    return out
 
-def ssim(clean, triggered):
-    """Windowed SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, pixels in [0, 1]."""
-    return structural_similarity_index_measure(triggered[None], clean[None], data_range=1.0).item()
+answer = faint_corner
 
-# %% wrong 05-ssim: it differs from the windowed SSIM
-def ssim(clean, triggered):
-    """The lecture's sketch, unrepaired."""
-    return lecture_global_ssim(clean[None], triggered[None]).item()
+# %% wrong 05-design: below the budget
+answer = TRIGGERS["pixel 3x3 (default)"]   # effective, but its PSNR is far below 30 dB
 
 # %% answer 05-reseed
 SECRET_KEY = 42

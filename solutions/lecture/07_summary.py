@@ -8,12 +8,14 @@ answer = tpr - fpr
 # %% wrong 07-score: too low
 answer = 950 / (950 + 450)   # the precision of the flags, not TPR - FPR
 
-# %% answer 07-mitigation
-asr_reduction, ca_drop = 0.95 - 0.05, 0.900 - 0.897
-answer = asr_reduction / max(ca_drop, 0.01)
+# %% answer 07-floor
+import math
+two_se = 2 * 100 * math.sqrt(headline.clean_acc * (1 - headline.clean_acc) / 2000)   # in points: about 1.4
+answer = math.ceil(two_se * 2) / 2                                                  # 1.5 points
 
-# %% wrong 07-mitigation: too high
-answer = (0.95 - 0.05) / (0.900 - 0.897)   # the lecture's literal ratio: a 0.3-point drop inflates it
+# %% wrong 07-floor: too low
+import math
+answer = math.ceil(2 * 100 * math.sqrt(headline.clean_acc * (1 - headline.clean_acc) / 10_000) * 2) / 2  # n = 10,000
 
 # %% written 07-plan
 # 1. Prevention: provenance and label audits before training. Keep who uploaded each photo and when;
