@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -272,7 +273,8 @@ def test_a_student_fetches_validates_and_submits_in_the_assignments_tab(student_
         server = subprocess.Popen([*_student_command(student), str(python), "-m", "jupyterlab", "--no-browser",
                                    "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
                                    f"--ServerApp.root_dir={student.pw_dir}"],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=student.pw_dir)
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=student.pw_dir,
+                                  start_new_session=True)    # bwrap does not pass a signal on: stop the group
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
             assert server.poll() is None, (tmp_path / "jupyterlab.log").read_text()[-2000:]
@@ -323,11 +325,15 @@ def test_a_student_fetches_validates_and_submits_in_the_assignments_tab(student_
         assert "raise NotImplementedError()" in submitted.read_text()
     finally:
         if server is not None:
-            server.terminate()
+            os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                server.kill()
+                pass
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log.close()
         shutil.rmtree(exchange, ignore_errors=True)
 
