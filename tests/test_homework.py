@@ -888,7 +888,10 @@ def test_build_zoo_keeps_only_a_zoo_the_reference_passes_on(tmp_path, monkeypatc
     assert kept == 6 and json.loads((tmp_path / "grading" / "answer_key.json").read_text())["seed"] == 6
     assert any(line.startswith("seed 5:") and "drawing again" in line for line in lines), lines
     assert any(line.startswith("seed 6: model_1:") and "TPR" in line for line in lines), lines
+    # every try failing: no zoo is kept (the builds themselves were exercised above)
+    monkeypatch.setattr("course_lib.zoo.build_zoo", lambda *args, **kwargs: None)
     monkeypatch.setattr(hw, "check_graded_zoo", lambda folder, source: (False, ["FAILS: forced"], {}))
-    assert hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=7, tries=1, small=True)[0] is None
+    kept, lines = hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=7, tries=2, small=True)
+    assert kept is None and [line.split(":")[0] for line in lines if "drawing again" in line] == ["seed 7", "seed 8"]
     with pytest.raises(ValueError, match="tries"):
         hw.build_checked_zoo(tmp_path / "grading", tmp_path / "public", seed=7, tries=0)
