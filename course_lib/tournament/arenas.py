@@ -68,11 +68,14 @@ HOUSE_ATTACKS = {a.family: a for a in (
                 f"WaNet warp, 4x4 control grid, strength {WANET_STRENGTH}"),
     HouseAttack("corners", lambda: DistributedTrigger(), "four 3x3 patches, one per corner"),
     HouseAttack("clean_label", lambda: PatchTrigger(size=5, pattern="checkerboard"),
-                "label-consistent: 5x5 checkerboard on target images made hard by PGD (eps 32/255), labels kept"),
+                "label-consistent: 5x5 checkerboard on half the target images, made hard by PGD (eps 64/255), "
+                "labels kept"),
 )}
 HOUSE_FAMILIES = tuple(HOUSE_ATTACKS)
 CLEAN_LABEL_SHARE = 0.5        # share of the target-class training images the clean-label attack poisons
-CLEAN_LABEL_EPS = 32 / 255     # its PGD budget on the surrogate (as in the detection matrix)
+# its PGD budget on the surrogate: the detection matrix's 32/255 reaches ASR 0.751 on tournament seed 0 (below the
+# bar); 64/255 reaches 0.854 and 0.924 on seeds 0 and 1 (docs/tournament.md, "House attacks")
+CLEAN_LABEL_EPS = 64 / 255
 STEALTH_IMAGES = 200           # triggered images PSNR and SSIM are averaged over
 KEPT_MEASURE_IMAGES = 300      # triggered held-out images kept for the model-level defenses
 
