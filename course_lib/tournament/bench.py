@@ -21,6 +21,7 @@ faint to plant a backdoor). It runs the real tournament on it and prints:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -306,6 +307,20 @@ def report(results: dict, timings: dict, workers: int, students: int = 300, core
                  f"arenas x {students + 4} detectors): {full:.1f} min (target <= {budget_minutes:g}: "
                  f"{'met' if full <= budget_minutes else 'missed'})")
     fits = fitting_schedule(costs, students, cores, budget_minutes)
+    if costs.model:
+        bare = dataclasses.replace(costs, model=0.0)
+        lines.append(f"  without the model-level defenses: full matrix {projected_minutes(bare, students, cores):.1f} "
+                     f"min; " + (f"schedule {fitting_schedule(bare, students, cores, budget_minutes)} student arenas "
+                                 f"per "
+                        f"detector fits {budget_minutes:g} min"
+                        if fitting_schedule(bare, students, cores, budget_minutes) is not None else "no schedule fits"))
+        if fits is None and fitting_schedule(bare, students, cores, budget_minutes) is not None:
+            k = fitting_schedule(bare, students, cores, budget_minutes)
+            base, scheduled, here = schedule_uncertainty(results, k / students)
+            lines.append(f"  rank uncertainty that schedule costs, measured on this class ({here} of its student "
+                         f"arenas per detector instead of all): mean 90% interval width of the detectors' ranks "
+                         f"{base:.1f} -> "
+                         f"{scheduled:.1f} ranks (of {len(results['detectors'])})")
     if fits is None:
         floor = projected_minutes(costs, students, cores, 0)
         lines.append(f"no schedule fits {budget_minutes:g} min on {cores} cores: the arenas, the house cells and the "
