@@ -283,6 +283,9 @@ def test_a_student_fetches_validates_and_submits_in_the_assignments_tab(student_
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            pytest.fail(f"the student's JupyterLab did not answer within 120 s: "
+                        f"{(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
         with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
                 str(tmp_path / "chromium-profile"), executable_path=str(chromium), headless=True,
