@@ -209,13 +209,25 @@ def _take_result(pending: Path, final: Path) -> bytes | None:
 
 def perform_calls(session: Session, calls: list, inputs: Path, out: Path, key: bytes) -> dict:
     """Each call of the plan; returns {call id: signature} of those that returned in time. A
-    call's error (or hang, or death) goes to ``<id>.error.txt``."""
-    record, pending = {}, out.parent / "tmp"
+    call's error (or hang, or death) goes to ``<id>.error.txt``.
+
+    A call may carry ``"give_up_after": N``: once N calls of its function have run past their
+    limit, its remaining calls are not made (each gets an error that says so). The tournament
+    asks for this, so that a detector that hangs costs its sandbox N time limits, not one per
+    arena; the homework's plans never do."""
+    record, pending, overruns = {}, out.parent / "tmp", {}
     for call in calls:
+        function, limit = call.get("function"), call.get("give_up_after")
+        if isinstance(limit, int) and overruns.get(function, 0) >= limit:
+            (out / f"{call['id']}.error.txt").write_text(
+                f"not called: {function} ran past its time limit on {limit} calls before this one")
+            continue
         target = pending / f"result-{secrets.token_hex(16)}.safetensors"
         code = (f"__import__('course_lib.autograde.calls', fromlist=['perform']).perform("
                 f"globals(), {json.dumps(call)!r}, {str(inputs)!r}, {str(target)!r})")
         status, outputs = session.run(code, call.get("timeout", session.cell_timeout), keep=False)
+        if status in ("interrupted", "timeout"):
+            overruns[function] = overruns.get(function, 0) + 1
         digest = _take_result(target, out / f"{call['id']}.safetensors") if status == "ok" else None
         if digest is not None:
             record[call["id"]] = signature(key, call["id"], digest)

@@ -6,8 +6,10 @@ a copy of the submission in a bubblewrap sandbox with its own control group and 
 :mod:`course_lib.autograde.harvest` (training cells skipped), then one *call* per input, each
 with its own time limit, whose return value comes back as plain tensors. A call that raises,
 hangs, returns the wrong thing or kills its kernel loses only its own result (the harvest
-restarts the kernel and goes on). The sandbox sees the inputs written here and nothing else
-of the grader: not the ground truth, not other submissions, not the course folder.
+restarts the kernel and goes on); a function that ran past its limit on ``GIVE_UP_AFTER`` calls
+is not called again, and its remaining arenas are errors. The sandbox sees the inputs written
+here and nothing else of the grader: not the ground truth, not other submissions, not the
+course folder.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ CELL_TIMEOUT = 120.0        # each notebook cell (the autograder's default)
 WARMUP_SECONDS = 60.0       # a first call that only loads the call machinery (torch, safetensors) in the kernel
 MEAN_CALL_SECONDS = 10.0    # the sandbox's wall clock allows this much per call on average (a detector that hangs
                             # on every arena costs this, not the call limit, per arena)
+GIVE_UP_AFTER = 2           # a function that ran past its limit on this many calls is not called again in the sandbox:
+                            # its remaining arenas are errors (a detector that hangs costs 2 limits, not one per arena)
 WARMUP = {"id": "warmup", "function": "__tournament_warmup__", "args": [], "timeout": WARMUP_SECONDS}
 
 
@@ -89,7 +93,8 @@ def call_in_sandbox(folder: Path, notebook: str, function: str, inputs: dict, *,
             for k, value in enumerate(args):
                 save_file({"value": torch.as_tensor(value).contiguous()}, str(given / f"c{n}_{k}.safetensors"))
                 names.append({"array": f"c{n}_{k}"} if not isinstance(value, torch.Tensor) else {"tensor": f"c{n}_{k}"})
-            calls.append({"id": call_id, "function": function, "args": names, "timeout": call_timeout})
+            calls.append({"id": call_id, "function": function, "args": names, "timeout": call_timeout,
+                          "give_up_after": GIVE_UP_AFTER})
         (given / "plans.json").write_text(json.dumps({notebook: calls}))
         _stage(folder, scratch / "work", notebook)
         key = secrets.token_bytes(32)      # the harvest signs each result that a call returned in time
