@@ -21,7 +21,11 @@ from ..train import predict
 from . import arenas
 from .matches import set_threads, write_json
 
-NC_QUICK = {"steps": 200}          # the matrix's quick Neural Cleanse budget (course_lib.defenses.compare)
+# Neural Cleanse's budget on an arena: 60 steps of 24 images per label, against the detection matrix's quick
+# 200 (course_lib.defenses.compare). On 8 arenas of the tournament bench (2026-12-07, scripts/nc_budget.py,
+# one thread, beside a test run) both flagged the target on 5 and agreed on 6, in 3.3-5.9 s against
+# 11.6-19.1 s: at 200 steps Neural Cleanse alone took a class of 30 past its 10 minutes (docs/tournament.md).
+NC_QUICK = {"steps": 60}
 FINE_TUNE_EPOCHS = 2               # the quick Fine-Pruning budget
 FRR = 0.01
 
