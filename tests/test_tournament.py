@@ -52,8 +52,7 @@ def tournament(tmp_path_factory):
     root = make_course(tmp_path_factory.mktemp("course"))
     out = root / "page"
     command = [sys.executable, "-m", "course_lib", "tournament", "week4", "--course", str(root), "--out", str(out),
-               "--workers", "2", "--call-timeout", "5", "--house", "checkerboard", "--no-model-defenses",
-               "--names"]
+               "--workers", "2", "--call-timeout", "5", "--house", "checkerboard", "--names"]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -110,6 +109,22 @@ def test_entrants_arenas_and_cells(tournament):
     paragraphs = {p["name"]: p["text"] for p in results["paragraphs"]}
     assert "Your trigger evaded" in paragraphs["alice"] and "Your detector" in paragraphs["alice"]
     assert "did not enter" in paragraphs["heidi"]
+
+
+def test_model_level_defenses_meet_every_arena(tournament):
+    _, out, results, _ = tournament
+    rows = {r["arena"]: r for r in results["model_defenses"]}
+    arenas = {a["name"]: a for a in results["arenas"]}
+    assert set(rows) == set(arenas)
+    for name, row in rows.items():
+        assert row["error"] == "", row
+        assert row["nc_target_flagged"] in ("yes", "no") and all(0 <= label < 10 for label in row["nc_flagged"])
+        assert 0 <= row["strip_far"] <= 1 and row["strip_frr"] <= 0.1, row
+        assert row["fp_ca_after"] > 0.5, row         # the pruned and fine-tuned model still classifies
+    # the house checkerboard's backdoor does not survive pruning and two epochs of clean fine-tuning
+    assert rows["house:checkerboard"]["fp_asr_after"] < 0.5 < arenas["house:checkerboard"]["asr"], rows
+    page = (out / "index.html").read_text()
+    assert "Model-level defenses" in page and "60 optimization steps per label" in page
 
 
 def test_no_grade_changes_and_a_rerun_is_served_from_the_cache(tournament):

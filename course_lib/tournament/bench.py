@@ -299,8 +299,8 @@ def report(results: dict, timings: dict, workers: int, students: int = 300, core
     if sandboxes:
         costliest = max(sandboxes, key=sandboxes.get)
         lines.append(f"detector sandboxes: median {_median(list(sandboxes.values())):.0f} s, the costliest "
-                     f"{sandboxes[costliest]:.0f} s ({costliest}: a detector that hangs costs the call time limit on "
-                     f"every arena), together {sum(sandboxes.values()):.0f} s of {timings['total'] * workers:.0f} "
+                     f"{sandboxes[costliest]:.0f} s ({costliest}; a detector that hangs costs two call time limits, "
+                     f"then is not called again), together {sum(sandboxes.values()):.0f} s of {timings['total'] * workers:.0f} "
                      f"worker-seconds")
     full = projected_minutes(costs, students, cores)
     lines.append(f"projected class of {students} on {cores} cores, full matrix ({students + costs.house_arenas} "

@@ -1,4 +1,4 @@
-"""Model-level defenses on every arena, run by the grader with the lecture's quick budgets.
+"""Model-level defenses on every arena, run by the grader with quick budgets.
 
 The detectors of the matrix look at training samples; these look at the trained model, as
 the lecture's Part 2 does: **Neural Cleanse** (Wang et al. 2019: is the arena's target class
