@@ -22,9 +22,9 @@ from . import arenas
 from .matches import set_threads, write_json
 
 # Neural Cleanse's budget on an arena: 60 steps of 24 images per label, against the detection matrix's quick
-# 200 (course_lib.defenses.compare). On 8 arenas of the tournament bench (2026-12-07, scripts/nc_budget.py,
-# one thread, beside a test run) both flagged the target on 5 and agreed on 6, in 3.3-5.9 s against
-# 11.6-19.1 s: at 200 steps Neural Cleanse alone took a class of 30 past its 10 minutes (docs/tournament.md).
+# 200 (course_lib.defenses.compare). On the 29 arenas of the tournament bench of 2026-12-07 (scripts/nc_budget.py,
+# docs/benchmarks/nc-budget-c318136.jsonl) both flagged the target on 15 and agreed on 25, in 3.4-3.9 s against
+# 11.2-13.0 s (one thread): at 200 steps Neural Cleanse was a third of a class of 30's tournament.
 NC_QUICK = {"steps": 60}
 FINE_TUNE_EPOCHS = 2               # the quick Fine-Pruning budget
 FRR = 0.01
