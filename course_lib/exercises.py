@@ -374,14 +374,15 @@ def _design(trigger, lab, images: torch.Tensor, target: int, rate: float, psnr_m
 @exercise("07-floor", "the accuracy floor of the mitigation score for a test set of n images")
 def _floor(answer, accuracy: float, n: int):
     """Right when ``answer`` (in percentage points) is the smallest multiple of 0.5 at or above two standard
-    errors of an accuracy ``accuracy`` measured on ``n`` images, 2 * sqrt(p (1 - p) / n)."""
+    errors of a drop between two accuracies near ``accuracy``, each measured on its own ``n`` images:
+    2 * sqrt(2 p (1 - p) / n) (a difference of two independent estimates adds their variances)."""
     answer = _scalar(answer)
     problem = _number(answer)
     if problem:
         return problem
     if abs(answer * 2 - round(answer * 2)) > 1e-9:
         return "give the floor in percentage points, as a multiple of 0.5 (e.g. 2.5, not 0.025)"
-    need = 200 * math.sqrt(accuracy * (1 - accuracy) / n)
+    need = 200 * math.sqrt(2 * accuracy * (1 - accuracy) / n)
     right = math.ceil(need * 2 - 1e-9) / 2
     if answer < right:
         return "too low: a drop that small is within the measurement noise of this many test images"

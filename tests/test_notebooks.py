@@ -648,15 +648,15 @@ def test_the_new_exercise_checks_on_small_inputs(capsys):
     weight = torch.tensor([[0.5, -1.27], [0.2, 0.0]])
     exercises.check("04-quant", 1.27 / 254, weight=weight)
     exercises.check("04-quant", 1.27 / 127, weight=weight)
-    exercises.check("07-floor", 1.5, accuracy=0.89, n=2000)     # two standard errors: 1.40 points
-    exercises.check("07-floor", 1.0, accuracy=0.89, n=2000)
-    exercises.check("07-floor", 0.014, accuracy=0.89, n=2000)
+    exercises.check("07-floor", 2.0, accuracy=0.89, n=2000)     # two standard errors of a drop: 1.98 points
+    exercises.check("07-floor", 1.5, accuracy=0.89, n=2000)     # one accuracy's two standard errors (1.40): too low
+    exercises.check("07-floor", 0.02, accuracy=0.89, n=2000)
     shown = capsys.readouterr().out.splitlines()
     assert [line[0] for line in shown] == list("✔✘✔✘✘✘✔✘✘✔✘✔✘✘")
     assert "too low" in shown[1] and "too low" in shown[3] and "smaller whole number" in shown[4]
     assert "rate 0.1" in shown[5] and "not what this run shows" in shown[7] and "too low" in shown[8]
     assert "too high" in shown[10] and "too low" in shown[12] and "multiple of 0.5" in shown[13]
-    assert not any(answer in line for line in shown for answer in ("0.884", "0.005", "1.5 "))
+    assert not any(answer in line for line in shown for answer in ("0.884", "0.005", "2.0 "))
 
 
 def test_the_trigger_design_check_measures_stealth_before_training(capsys):

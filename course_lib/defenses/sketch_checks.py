@@ -32,7 +32,7 @@ def _fp_rank(rank_channels):
         return "it changed the activations it was given"
     if len(got) != 16 or got.min() < 0 or got.max() >= 16:
         return (f"it should return the channel indices in order (the check's test tensor has 16 channels, "
-                f"0-15, not the 64 of section 4's layer), got {len(got)} values up to "
+                f"0-15, not the 64 of section 3's layer), got {len(got)} values up to "
                 f"{int(got.max()) if len(got) else 'none'}: positions (channel x row x column) are not channels")
     if not torch.equal(got, activations.mean(dim=(0, 2, 3)).argsort()):
         return "the order is not the channels' mean activation over all images and positions, least active first"

@@ -10,12 +10,12 @@ answer = 950 / (950 + 450)   # the precision of the flags, not TPR - FPR
 
 # %% answer 07-floor
 import math
-two_se = 2 * 100 * math.sqrt(headline.clean_acc * (1 - headline.clean_acc) / 2000)   # in points: about 1.4
-answer = math.ceil(two_se * 2) / 2                                                  # 1.5 points
+two_se = 2 * 100 * math.sqrt(2 * headline.clean_acc * (1 - headline.clean_acc) / 2000)   # in points: about 2.0
+answer = math.ceil(two_se * 2) / 2    # 2.0 points: the lecture's one point is within the noise at n = 2,000
 
 # %% wrong 07-floor: too low
 import math
-answer = math.ceil(2 * 100 * math.sqrt(headline.clean_acc * (1 - headline.clean_acc) / 10_000) * 2) / 2  # n = 10,000
+answer = math.ceil(2 * 100 * math.sqrt(headline.clean_acc * (1 - headline.clean_acc) / 2000) * 2) / 2  # one accuracy's noise
 
 # %% written 07-plan
 # 1. Prevention: provenance and label audits before training. Keep who uploaded each photo and when;
