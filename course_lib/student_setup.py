@@ -3,7 +3,8 @@
 JupyterLab's *Assignments* tab (nbgrader's fetch, validate and submit buttons) needs to know
 the course and where its exchange is; without that it says "The exchange directory does not
 exist". nbgrader reads it from the student's own ``~/.jupyter/nbgrader_config.py``, which this
-command writes (the course id and, when given, the exchange). It also switches off, for this
+command writes (the course id, when given the exchange, and a cell timeout for *Validate* that
+a slow laptop can meet: ``VALIDATE_TIMEOUT_S``). It also switches off, for this
 account only, the nbgrader parts a student has no use for: the Formgrader, *Create Assignment*
 and the course list (nbgrader's documentation: "Disabling extensions"), so that a student sees
 the *Assignments* tab and the *Validate* button, not the instructor's menus.
@@ -17,13 +18,18 @@ import sys
 from pathlib import Path
 
 COURSE_ID = "adversarial-ml-week4"
+# nbgrader's Validate gives each cell 30 s by default. Part 1's validate cell runs the grader's poisoning run
+# (two small trainings): on two idle cores the whole validate takes about 40 s, and beside another job that
+# one cell ran past 30 s (2026-12-07). A student's laptop gets the autograder's own cell limit instead.
+VALIDATE_TIMEOUT_S = 120
 MARK = "# written by python -m course_lib student-setup"
 LAB_PLUGINS = ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment", "@jupyter/nbgrader:course-list")
 SERVER_EXTENSIONS = ("nbgrader.server_extensions.formgrader", "nbgrader.server_extensions.course_list")
 
 
 def config_text(course_id: str, exchange: str | None) -> str:
-    lines = [MARK, "c = get_config()  # noqa: F821", f"c.CourseDirectory.course_id = {course_id!r}"]
+    lines = [MARK, "c = get_config()  # noqa: F821", f"c.CourseDirectory.course_id = {course_id!r}",
+             f"c.Execute.timeout = {VALIDATE_TIMEOUT_S}  # seconds per cell when validating (nbgrader's default: 30)"]
     if exchange:
         lines.append(f"c.Exchange.root = {exchange!r}")
     return "\n".join(lines) + "\n"

@@ -345,6 +345,7 @@ def test_student_setup_never_overwrites_a_config_of_the_students_own(tmp_path):
     from course_lib import student_setup
     path = student_setup.write_config(tmp_path, exchange="/srv/nbgrader/exchange")
     assert "c.Exchange.root = '/srv/nbgrader/exchange'" in path.read_text()
+    assert f"c.Execute.timeout = {student_setup.VALIDATE_TIMEOUT_S}" in path.read_text()
     path.write_text("c = get_config()\nc.Exchange.root = '/mine'\n")
     with pytest.raises(ValueError, match="was not written by this command"):
         student_setup.write_config(tmp_path)

@@ -35,6 +35,7 @@ import nbformat
 import pytest
 from nbgrader.api import Gradebook
 
+from course_lib import student_setup
 from course_lib.autograde import steps
 from course_lib.autograde.classroom import table
 from test_browser import CHROMIUM_ARGS, SHOTS, _ensure_chromium, _free_port
@@ -42,7 +43,7 @@ from test_homework import edit_cell, hw
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "instructor_guide.md"
-VALIDATE_TIMEOUT_S = 30      # nbgrader's default cell timeout for validate
+VALIDATE_TIMEOUT_S = student_setup.VALIDATE_TIMEOUT_S   # the cell timeout student-setup gives Validate
 RANDOM_STRONG_TRIGGER = '''
 
 def trigger_custom(images):
