@@ -50,7 +50,7 @@ def plot_activation_clusters(result: ActivationClusteringResult, poisoned=None, 
             ax.scatter(split.view[:, 0], split.view[:, 1], c=colors, s=2, cmap="coolwarm", vmin=0, vmax=1)
         trusted = "-" if split.trusted_share is None else f"{split.trusted_share[split.suspect]:.2f}"
         top.set_title(f"{_name(classes, split.label, 18)}{' - FLAGGED' if split.label in flagged else ''}\n"
-                      f"smaller cluster {split.relative_size:.0%}, trusted ratio {trusted}", fontsize=8)
+                      f"smaller cluster {split.relative_size:.0%}\ntrusted ratio {trusted}", fontsize=7)
         if i % columns == 0:
             top.set_ylabel("2-means clusters\n(red: the one tested;\nsuspect if FLAGGED)", fontsize=8)
             bottom.set_ylabel("ground truth\n(red: poisoned)", fontsize=8)
