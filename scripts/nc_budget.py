@@ -6,8 +6,8 @@ measures what a smaller budget changes, one thread, on arenas a tournament alrea
     python scripts/nc_budget.py CACHE 60x24,200x24 [--arenas NAME,NAME] [--seed S]
 
 CACHE is a tournament's cache (``<course>/.autograde/week4/tournament``, e.g. the bench's),
-``--seed`` the tournament's seed (default 0); each budget is STEPSxBATCH. One JSON line per arena and budget: the labels flagged, whether the
-target is among them, the seconds. The tournament's own defend() call is repeated exactly, with
+``--seed`` the tournament's seed (default 0); each budget is STEPSxBATCH. One JSON line per
+arena and budget: the labels flagged, whether the target is among them, the seconds. The tournament's own defend() call is repeated exactly, with
 only ``steps`` and ``batch_size`` changed.
 """
 from __future__ import annotations
@@ -33,7 +33,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     if not (args.cache / "arenas").is_dir():
         parser.error(f"cache {args.cache} holds no arenas/ folder")
-    budgets = [tuple(int(n) for n in b.split("x")) for b in args.budgets.split(",")]
+    try:
+        budgets = [(int(steps), int(batch)) for steps, batch in (b.split("x") for b in args.budgets.split(","))]
+    except ValueError:
+        parser.error(f"budgets must be STEPSxBATCH pairs separated by commas (e.g. 60x24,200x24), got {args.budgets!r}")
+    if any(steps < 1 or batch < 1 for steps, batch in budgets):
+        parser.error(f"budgets must be positive STEPSxBATCH pairs, got {args.budgets!r}")
     wanted = set(filter(None, args.arenas.split(",")))
     for folder in sorted((args.cache / "arenas").iterdir()):
         summary = json.loads((folder / "summary.json").read_text())
@@ -41,7 +46,7 @@ def main(argv=None) -> None:
             continue
         loaded = arenas.load(folder)
         target, seed = loaded.info["target"], loaded.info["seed"]
-        setting = matches.Setting(str(args.cache), "fashion-mnist", args.seed, target, 5.0, 1)
+        setting = matches.Setting(str(args.cache), loaded.data.name, args.seed, target, 5.0, 1)
         holdout = setting.pool(summary.get("rate")).holdout
         half = len(holdout) // 2
         for steps, batch in budgets:

@@ -24,7 +24,7 @@ from .matches import set_threads, write_json
 # Neural Cleanse's budget on an arena: 60 steps of 24 images per label, against the detection matrix's quick
 # 200 (course_lib.defenses.compare). On the 29 arenas of the tournament bench of 2026-12-07 (scripts/nc_budget.py,
 # docs/benchmarks/nc-budget-c318136.jsonl) both flagged the target on 15 and agreed on 25, in 3.4-3.9 s against
-# 11.2-13.0 s (one thread): at 200 steps Neural Cleanse was a third of a class of 30's tournament.
+# 11.2-13.0 s (one thread, beside a notebook run; 3.4-4.3 s in the idle tournament itself).
 NC_QUICK = {"steps": 60}
 FINE_TUNE_EPOCHS = 2               # the quick Fine-Pruning budget
 FRR = 0.01
@@ -46,7 +46,7 @@ def defend(setting, arena: dict) -> dict:
     try:
         found = neural_cleanse(loaded.model, defender, n_images=half // 3, n_heldout=half // 3,
                                seed=seed, progress=False, **NC_QUICK)
-        row["nc_flagged"] = [int(x) for x in found.flagged]
+        row["nc_flagged"], row["nc_steps"] = [int(x) for x in found.flagged], NC_QUICK["steps"]
         row["nc_target_flagged"] = "yes" if target in row["nc_flagged"] else "no"
     except Exception as err:
         errors.append(f"Neural Cleanse: {type(err).__name__}: {err}")

@@ -120,8 +120,10 @@ def render(results: dict, shown, out: Path) -> Path:
     parts += [f"<div class='ex'><img src='examples/{a['file']}' alt='example of {show(a['name'])}'><br>"
               f"{show(a['name'])}</div>" for a in results["arenas"]]
     if results.get("model_defenses"):
+        steps = sorted({m["nc_steps"] for m in results["model_defenses"] if "nc_steps" in m})
         parts.append("<h2>Model-level defenses</h2><p>Run by the grader on each arena's model with quick "
-                     "budgets: Neural Cleanse (60 optimization steps per label: is the target class flagged?), STRIP (false acceptance rate "
+                     f"budgets: Neural Cleanse ({' or '.join(map(str, steps)) or 'a quick search of'} optimization "
+                     "steps per label: is the target class flagged?), STRIP (false acceptance rate "
                      "of triggered inputs at 1% false rejections), Fine-Pruning (ASR after, and the lecture's "
                      "Mitigation Score).</p>")
         parts.append(_table(["attack", "NC flags target", "STRIP FAR", "FP ASR after", "FP CA after",
