@@ -235,6 +235,7 @@ def check_02(r):
 def check_03(r):
     assert r["badnets"]["asr"] >= 0.9 and r["badnets"]["clean_acc"] >= 0.85
     assert r["badnets"]["lecture_draw_noops"] > 0
+    assert r["badnets"]["same_draw"]        # the BadNets row pairs the poisoned set shown with the victim trained on it
     assert r["label_consistent"]["asr"] >= 0.5
     # the takeaway: the trigger alone already planted a backdoor, and the PGD hardening added to it
     assert 0.5 <= r["label_consistent"]["control_asr"] < r["label_consistent"]["asr"]
