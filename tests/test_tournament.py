@@ -119,12 +119,16 @@ def test_model_level_defenses_meet_every_arena(tournament):
     for name, row in rows.items():
         assert row["error"] == "", row
         assert row["nc_target_flagged"] in ("yes", "no") and all(0 <= label < 10 for label in row["nc_flagged"])
+        # the false alarms are the flagged labels other than the target: all of them, and nothing else
+        assert set(row["nc_false_alarms"]) <= set(row["nc_flagged"])
+        assert len(row["nc_false_alarms"]) == len(row["nc_flagged"]) - (row["nc_target_flagged"] == "yes"), row
         assert 0 <= row["strip_far"] <= 1 and row["strip_frr"] <= 0.1, row
         assert row["fp_ca_after"] > 0.5, row         # the pruned and fine-tuned model still classifies
     # the house checkerboard's backdoor does not survive pruning and two epochs of clean fine-tuning
     assert rows["house:checkerboard"]["fp_asr_after"] < 0.5 < arenas["house:checkerboard"]["asr"], rows
     page = (out / "index.html").read_text()
     assert "Model-level defenses" in page and "60 optimization steps per label" in page
+    assert "<th>NC false alarms</th>" in page
 
 
 def test_no_grade_changes_and_a_rerun_is_served_from_the_cache(tournament):

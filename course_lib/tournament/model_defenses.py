@@ -48,6 +48,7 @@ def defend(setting, arena: dict) -> dict:
                                seed=seed, progress=False, **NC_QUICK)
         row["nc_flagged"], row["nc_steps"] = [int(x) for x in found.flagged], NC_QUICK["steps"]
         row["nc_target_flagged"] = "yes" if target in row["nc_flagged"] else "no"
+        row["nc_false_alarms"] = [label for label in row["nc_flagged"] if label != target]   # clean labels flagged
     except Exception as err:
         errors.append(f"Neural Cleanse: {type(err).__name__}: {err}")
     row["nc_seconds"], clock = round(time.perf_counter() - clock, 2), time.perf_counter()

@@ -123,12 +123,15 @@ def render(results: dict, shown, out: Path) -> Path:
         steps = sorted({m["nc_steps"] for m in results["model_defenses"] if "nc_steps" in m})
         parts.append("<h2>Model-level defenses</h2><p>Run by the grader on each arena's model with quick "
                      f"budgets: Neural Cleanse ({' or '.join(map(str, steps)) or 'a quick search of'} optimization "
-                     "steps per label: is the target class flagged?), STRIP (false acceptance rate "
+                     "steps per label: is the target class flagged, and which clean labels are flagged too, its "
+                     "false alarms?), STRIP (false acceptance rate "
                      "of triggered inputs at 1% false rejections), Fine-Pruning (ASR after, and the lecture's "
                      "Mitigation Score).</p>")
-        parts.append(_table(["attack", "NC flags target", "STRIP FAR", "FP ASR after", "FP CA after",
+        parts.append(_table(["attack", "NC flags target", "NC false alarms", "STRIP FAR", "FP ASR after", "FP CA after",
                              "Mitigation Score", "note"],
-                            [[shown(m["arena"]), m.get("nc_target_flagged", "-"), _fmt(m.get("strip_far")),
+                            [[shown(m["arena"]), m.get("nc_target_flagged", "-"),
+                              (", ".join(map(str, m["nc_false_alarms"])) or "none") if "nc_false_alarms" in m else "-",
+                              _fmt(m.get("strip_far")),
                               _fmt(m.get("fp_asr_after")), _fmt(m.get("fp_ca_after")),
                               _fmt(m.get("mitigation_score")), m.get("error", "")]
                              for m in results["model_defenses"]]))
