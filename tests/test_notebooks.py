@@ -305,6 +305,8 @@ def check_06(r):
     # "the clean labels' masks differ by factors"
     assert max(nc["clean_norms"]) / min(nc["clean_norms"]) >= 2
     assert 0.15 < nc["chance_false_alarm_rate"] < 0.5, "the MAD rule's chance rate with 10 labels, as simulated"
+    # the unlearning's control: the same fine-tuning without the reversed-trigger stamps leaves the backdoor
+    assert nc["unlearning_control"]["asr"] >= 0.9 and nc["unlearning_control"]["ca"] > 0.85
     fp = r["fine_pruning"]
     before, pruned, _ = fp["val_acc"]
     assert pruned >= before - 0.10, "the stated stopping rule: within 10 points of the unpruned model"
@@ -320,6 +322,8 @@ def check_06(r):
         assert row["paper"] == compare.PAPERS[row["defense"]] and "cpu_seconds" in row
         assert row["ca_after"] is not None and row["asr_after"] is not None, f"{row['defense']} has an empty row"
     by_name = {row["defense"]: row for row in rows}
+    # section 2's printed verdict: the stamps, not the fine-tuning alone, removed the backdoor
+    assert nc["unlearning_control"]["asr"] - by_name["neural_cleanse"]["asr_after"] > 0.5
     # section 5: the lecture's batch noise ruins the model
     assert by_name["lecture_batch_noise"]["ca_after"] < 0.5
     # section 7: the lecture's chain, stage by stage, with its controls (each stage alone) from the same runners
