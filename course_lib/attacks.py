@@ -57,7 +57,8 @@ def badnets(data: ImageDataset, *, trigger, target: int, rate: float, seed: int 
 
     ``rate`` in (0, 1] is the poisoned fraction of the *whole* training set. The images
     are drawn only from classes other than ``target``: relabeling a target-class image as
-    the target is a no-op that silently lowers the real poisoning rate (erratum 9).
+    the target changes nothing, so the lecture's draw relabels fewer images than the rate
+    says (erratum 9).
     The trigger is applied in one batched call.
     """
     _check_attack_args(data, trigger, target, rate)

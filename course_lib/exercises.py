@@ -168,9 +168,10 @@ def _flip(flip, labels: torch.Tensor, rate: float = 0.2, num_classes: int = 10):
     return None
 
 
-@exercise("03-noops", "repair the lecture's choice of images to poison so that no poisoned image is a no-op")
+@exercise("03-noops", "repair the lecture's choice of images to poison so that every chosen image is relabelled")
 def _noops(choose, labels: torch.Tensor, rate: float = 0.05, target: int = 0):
-    """Erratum 9: an image already in the target class, relabelled as the target, teaches nothing."""
+    """Erratum 9: an image already in the target class keeps its label when "relabelled" as the target,
+    so fewer images than the rate says are dirty-label poisons (it still gets the trigger)."""
     labels = torch.as_tensor(labels)
     chosen = torch.as_tensor(np.asarray(choose(labels, rate, target, seed=0))).long().flatten()
     if len(chosen) != round(rate * len(labels)):

@@ -51,7 +51,7 @@ def test_badnets_poisons_non_target_images_and_relabels_them(toy):
     assert isinstance(result, PoisonResult) and result.target == 2 and result.trigger is TRIGGER
     assert len(idx) == 60  # 10% of the whole training set
     assert_valid_indices(idx, len(toy))
-    assert (toy.labels[idx] != 2).all()  # never a (no-op) target-class image
+    assert (toy.labels[idx] != 2).all()  # never a target-class image (its "relabelling" would change nothing)
     assert (result.dataset.labels[idx] == 2).all()
     assert torch.equal(result.dataset.images[idx], TRIGGER(toy.images[idx]))
     rest = torch.ones(len(toy), dtype=torch.bool)

@@ -289,6 +289,9 @@ def check_05(r):
     # the takeaway: triggers that work on clean copies can fail after a rotation or a crop (the trigger's share)
     assert any(e["asr"] > 0.9 and min(net[name][t] for t in ("rotate+15", "rotate-15", "crop_resize")) <= 0.8
                for name, e in r["effectiveness"].items())
+    # section 5's third question: no trigger, strong or faint, passes all four robustness columns of the checklist
+    groups = (("rotate+15", "rotate-15"), ("brightness+20%", "brightness-20%"), ("crop_resize",), ("jpeg75",))
+    assert all(min(net[n][t] for group in groups for t in group) <= 0.8 for n in net)
 
 
 def check_06(r):
