@@ -315,6 +315,8 @@ def check_06(r):
     assert pruned >= before - 0.10, "the stated stopping rule: within 10 points of the unpruned model"
     assert fp["tuned_images"] == fp["trusted_images"] - round(0.2 * fp["trusted_images"]), "20% held out"
     assert fp["asr"] < 0.5 and r["dp_sgd"]["epsilon"] > 0
+    # section 5's control, DP-SGD without the noise on the same budget, trains a working model
+    assert r["dp_sgd"]["control_no_noise"]["ca"] > 0.5 and 0 <= r["dp_sgd"]["control_no_noise"]["asr"] <= 1
     # "the reason is the pruning curve": within a 4-point budget, before fine-tuning, much of the backdoor is left
     curve = fp["curve"]
     within_4 = max(i for i, a in enumerate(curve["clean_acc"]) if a >= curve["clean_acc"][0] - 0.04)
