@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,15 @@ def test_dp_sgd_reports_a_finite_epsilon(lab):
     more_noise = train_dp_sgd(data, epochs=1, batch_size=200, noise_multiplier=2.0, progress=False)
     assert more_noise.epsilon < result.epsilon  # more noise, more privacy
     assert lecture_batch_noise_training(data, epochs=1, batch_size=200, progress=False).epsilon is None
+
+
+def test_dp_sgd_without_noise_states_no_guarantee_and_no_warning(lab):
+    """Notebook 6's control (sigma = 0): epsilon is infinite, and the accountant's warning stays out of the output."""
+    data = lab["runs"]["checkerboard"].poison.dataset.subset(range(1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = train_dp_sgd(data, epochs=1, batch_size=200, noise_multiplier=0.0, progress=False)
+    assert result.epsilon == math.inf and clean_accuracy(result.model, lab["eval"]) > 0.2
 
 
 # --- scoring, the runners, the comparison table -------------------------------------------------

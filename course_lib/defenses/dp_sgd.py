@@ -98,7 +98,8 @@ def train_dp_sgd(data: ImageDataset, *, epochs: int = 2, batch_size: int = 256, 
                 total, seen = total + loss.item() * len(y), seen + len(y)
             result.loss.append(total / max(seen, 1))
     result.seconds = time.perf_counter() - start
-    result.epsilon = float(engine.get_epsilon(delta))
+    # without noise there is no guarantee: epsilon is infinite (the accountant would only warn and say so)
+    result.epsilon = float(engine.get_epsilon(delta)) if noise_multiplier > 0 else float("inf")
     result.model = model._module.eval()  # the plain model, without Opacus's wrapper
     return result
 
