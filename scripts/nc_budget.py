@@ -7,8 +7,9 @@ measures what a smaller budget changes, one thread, on arenas a tournament alrea
 
 CACHE is a tournament's cache (``<course>/.autograde/week4/tournament``, e.g. the bench's),
 ``--seed`` the tournament's seed (default 0); each budget is STEPSxBATCH. One JSON line per
-arena and budget: the labels flagged, whether the target is among them, the seconds. The tournament's own defend() call is repeated exactly, with
-only ``steps`` and ``batch_size`` changed.
+arena and budget: the labels flagged, whether the target is among them, the seconds. The
+tournament's own defend() call is repeated exactly, with only ``steps`` and ``batch_size``
+changed.
 """
 from __future__ import annotations
 

@@ -335,6 +335,8 @@ def check_06(r):
     chain = r["lecture_chain"]
     assert chain["ca_before"] == by_name["dp_sgd"]["ca_before"] and chain["epsilon"] > 0
     assert chain["pruned"] == bool(chain["flagged"]) and chain["target_flagged"] == (0 in chain["flagged"])
+    # section 7's takeaway: stages 1-2 together (sanitize, then DP-SGD) beat either defense alone in this run
+    assert chain["asr_trained"] < min(by_name["lecture_transform_sanitization"]["asr_after"], by_name["dp_sgd"]["asr_after"])
     if not chain["pruned"]:
         assert (chain["ca_after"], chain["asr_after"]) == (chain["ca_trained"], chain["asr_trained"])
     assert chain["seconds"] == pytest.approx(chain["seconds_train"] + chain["seconds_detect"] + chain["seconds_prune"], abs=0.11)

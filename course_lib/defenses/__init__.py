@@ -39,7 +39,7 @@ from .activations import extract_features
 from .base import InputDetector, LabelDetection, Mitigation, SampleDetection
 from .fine_pruning import fine_prune, prune, pruning_curve, pruning_order
 from .neural_cleanse import (NeuralCleanseResult, anomaly_index, chance_false_alarm_rate, flag_small_outliers,
-                             neural_cleanse, unlearn)
+                             neural_cleanse, unlearn, UNLEARN_LR)
 from .retraining import remove, retrain_without
 from .sanitization import isolation_forest_outliers, lecture_transform_sanitize, pixel_statistics
 from .scoring import detection_scores, format_cell, mitigation_scores
@@ -66,6 +66,6 @@ __all__ = [
     "spectral_signatures", "SpectralSignaturesResult", "isolation_forest_outliers", "pixel_statistics",
     "neural_cleanse", "NeuralCleanseResult", "anomaly_index", "flag_small_outliers", "chance_false_alarm_rate",
     "fit_strip", "StripDetector", "strip_entropy", "strip_rates",
-    "remove", "retrain_without", "unlearn", "fine_prune", "prune", "pruning_order", "pruning_curve",
+    "remove", "retrain_without", "unlearn", "UNLEARN_LR", "fine_prune", "prune", "pruning_order", "pruning_curve",
     "lecture_transform_sanitize", "detection_scores", "mitigation_scores", "format_cell", *_LAZY,
 ]

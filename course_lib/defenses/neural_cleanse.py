@@ -332,8 +332,11 @@ def _success_rate(model, images, mask, pattern, label: int) -> torch.Tensor:
     return torch.tensor(_hits_until(model, images, mask, pattern, label, allowed=len(images)) / len(images))
 
 
+UNLEARN_LR = 0.02   # unlearning's peak learning rate (notebook 6 trains its control, no stamps, with the same)
+
+
 def unlearn(model, result: NeuralCleanseResult, clean_data: ImageDataset, *, labels=None,
-            stamp_fraction: float = 0.2, epochs: int = 5, lr: float = 0.02, seed: int = 0,
+            stamp_fraction: float = 0.2, epochs: int = 5, lr: float = UNLEARN_LR, seed: int = 0,
             device=None, progress: bool = True) -> Mitigation:
     """A copy of ``model`` fine-tuned to ignore the reversed triggers (Wang et al. Sec. VI-C).
 
